@@ -1,0 +1,116 @@
+"""Regenerate gen/ (Python stubs, .pyi and the Envoy descriptor set) from proto/, or check it is fresh."""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import google.api
+import grpc_tools
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTO_DIR = ROOT / "proto"
+GEN_DIR = ROOT / "gen"
+PROTODEPS = ROOT / ".build" / "protodeps"
+
+# The google protos the contracts import, taken from the installed googleapis-common-protos.
+GOOGLE_PROTOS = [
+    "google/api/annotations.proto",
+    "google/api/field_behavior.proto",
+    "google/api/http.proto",
+    "google/api/httpbody.proto",
+    "google/rpc/code.proto",
+    "google/rpc/error_details.proto",
+    "google/rpc/status.proto",
+]
+
+
+def stage_protodeps() -> Path:
+    """Copy the google/api and google/rpc protos out of site-packages, where buf and protoc find them."""
+    site = Path(google.api.__path__[0]).parent.parent
+    for rel in GOOGLE_PROTOS:
+        dest = PROTODEPS / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(site / rel, dest)
+    return PROTODEPS
+
+
+def proto_files() -> list[str]:
+    return sorted(str(p.relative_to(PROTO_DIR)) for p in PROTO_DIR.rglob("*.proto"))
+
+
+def generate(out: Path) -> None:
+    """Write the whole of gen/ into `out`."""
+    deps = stage_protodeps()
+    python_out = out / "python"
+    python_out.mkdir(parents=True, exist_ok=True)
+    wkt = Path(grpc_tools.__path__[0]) / "_proto"
+    files = proto_files()
+    base = [sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO_DIR}", f"-I{deps}", f"-I{wkt}"]
+    bindir = Path(sys.executable).parent
+    subprocess.run(
+        [
+            *base,
+            f"--plugin=protoc-gen-mypy={bindir / 'protoc-gen-mypy'}",
+            f"--plugin=protoc-gen-mypy_grpc={bindir / 'protoc-gen-mypy_grpc'}",
+            f"--python_out={python_out}",
+            f"--grpc_python_out={python_out}",
+            f"--mypy_out=quiet:{python_out}",
+            f"--mypy_grpc_out=quiet:{python_out}",
+            *files,
+        ],
+        check=True,
+    )
+    # Envoy's grpc_json_transcoder needs every imported file in the set.
+    subprocess.run(
+        [*base, "--include_imports", f"--descriptor_set_out={out / 'descriptors.binpb'}", *files],
+        check=True,
+    )
+    for pkg_dir in [python_out / "servegrid", *(p for p in (python_out / "servegrid").rglob("*") if p.is_dir())]:
+        (pkg_dir / "__init__.py").touch()
+
+
+def diff_trees(a: Path, b: Path) -> list[str]:
+    """Relative paths that differ between two trees (missing on either side, or different bytes)."""
+    def files(root: Path) -> set[str]:
+        return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+
+    fa, fb = files(a), files(b)
+    changed = sorted(fa ^ fb)
+    changed += sorted(f for f in fa & fb if not filecmp.cmp(a / f, b / f, shallow=False))
+    return changed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--check", action="store_true", help="fail when gen/ differs from what proto/ produces")
+    args = parser.parse_args()
+    if not args.check:
+        tmp = Path(tempfile.mkdtemp(prefix="servegrid-gen-"))
+        try:
+            generate(tmp)
+            shutil.rmtree(GEN_DIR, ignore_errors=True)
+            shutil.copytree(tmp, GEN_DIR)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        print(f"generated {len(proto_files())} protos into gen/")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="servegrid-gen-") as tmp:
+        generate(Path(tmp))
+        stale = diff_trees(Path(tmp), GEN_DIR)
+    if stale:
+        print("gen/ is stale; run `make gen` and commit the result. Differences:", file=sys.stderr)
+        for path in stale:
+            print(f"  gen/{path}", file=sys.stderr)
+        return 1
+    print("gen/ is up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
