@@ -77,6 +77,7 @@ def generate(out: Path) -> None:
 
 def diff_trees(a: Path, b: Path) -> list[str]:
     """Relative paths that differ between two trees (missing on either side, or different bytes)."""
+
     def files(root: Path) -> set[str]:
         return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
 
@@ -100,9 +101,9 @@ def main() -> int:
             shutil.rmtree(tmp, ignore_errors=True)
         print(f"generated {len(proto_files())} protos into gen/")
         return 0
-    with tempfile.TemporaryDirectory(prefix="servegrid-gen-") as tmp:
-        generate(Path(tmp))
-        stale = diff_trees(Path(tmp), GEN_DIR)
+    with tempfile.TemporaryDirectory(prefix="servegrid-gen-") as fresh:
+        generate(Path(fresh))
+        stale = diff_trees(Path(fresh), GEN_DIR)
     if stale:
         print("gen/ is stale; run `make gen` and commit the result. Differences:", file=sys.stderr)
         for path in stale:

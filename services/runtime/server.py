@@ -1,0 +1,159 @@
+"""The grpc.aio server every service runs on: health, reflection, metrics, tracing, graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.runtime.health import HealthReporter
+from services.runtime.interceptors import ServiceInterceptor
+from services.runtime.logs import setup_logging
+from services.runtime.metrics import serve_metrics
+from services.runtime.settings import ServiceSettings
+from services.runtime.tracing import server_interceptors, setup_tracing, shutdown_tracing
+
+log = logging.getLogger(__name__)
+
+AddServicer = Callable[[Any, grpc.aio.Server], None]
+Hook = Callable[[], Awaitable[object]]
+
+
+class ServiceApp:
+    """Composes one servegrid service process.
+
+    A service's `server.py` builds its core objects, registers its servicers and health checks
+    here, then calls `run()`:
+
+        app = ServiceApp("registry", settings)
+        app.add_servicer(add_RegistryServiceServicer_to_server, servicer, "servegrid.registry.v1.RegistryService")
+        app.health.add_component("database", store.ping)
+        app.on_shutdown(store.close)
+        app.run()
+    """
+
+    def __init__(
+        self,
+        name: str,
+        settings: ServiceSettings,
+        *,
+        extra_interceptors: list[grpc.aio.ServerInterceptor] | None = None,
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.health = HealthReporter([], interval_s=settings.health_interval_s)
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._servicers: list[tuple[AddServicer, Any, str]] = []
+        self._generic_handlers: list[grpc.GenericRpcHandler] = []
+        self._extra_interceptors = extra_interceptors or []
+        self._startup: list[Hook] = []
+        self._shutdown: list[Hook] = []
+        self._server: grpc.aio.Server | None = None
+        self._stopping: asyncio.Event | None = None
+
+    def add_servicer(self, add: AddServicer, servicer: Any, full_name: str) -> None:
+        """Register a generated `add_XServicer_to_server` with its servicer and full service name."""
+        self._servicers.append((add, servicer, full_name))
+        self.health.service_names.append(full_name)
+
+    def add_generic_handler(self, handler: grpc.GenericRpcHandler, full_name: str) -> None:
+        """Register a hand-made handler (for example one that forwards raw bytes)."""
+        self._generic_handlers.append(handler)
+        self.health.service_names.append(full_name)
+
+    def on_startup(self, hook: Hook) -> None:
+        """Run before the port opens (connect pools, run migrations)."""
+        self._startup.append(hook)
+
+    def on_shutdown(self, hook: Hook) -> None:
+        """Run after calls have drained (close pools, flush producers), in reverse order."""
+        self._shutdown.append(hook)
+
+    async def start(self) -> int:
+        """Start serving; returns the bound port."""
+        s = self.settings
+        setup_tracing(f"servegrid-{self.name}")
+        for hook in self._startup:
+            await hook()
+        options = [
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(
+            interceptors=[*server_interceptors(), ServiceInterceptor(), *self._extra_interceptors],
+            options=options,
+        )
+        for add, servicer, _ in self._servicers:
+            add(servicer, server)
+        if self._generic_handlers:
+            server.add_generic_rpc_handlers(tuple(self._generic_handlers))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        names = [full for *_, full in self._servicers] + self.health.service_names[1:]
+        reflection.enable_server_reflection(
+            sorted({*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME}),
+            server,
+        )
+        self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {s.host}:{s.port}")
+        await self.health.refresh()
+        self.health.start()
+        await server.start()
+        self._server = server
+        if s.metrics_port is not None:
+            self.metrics_port = serve_metrics(s.host, s.metrics_port)
+        log.info("%s serving", self.name, extra={"port": self.port, "metrics_port": self.metrics_port})
+        if s.ready_file:
+            s.ready_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = s.ready_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port, "pid": os.getpid()}))
+            tmp.replace(s.ready_file)
+        return self.port
+
+    async def stop(self) -> None:
+        """Graceful drain: NOT_SERVING, optional delay, refuse new calls, let calls in flight finish."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        log.info("%s draining", self.name, extra={"grace_period_s": self.settings.grace_period_s})
+        await self.health.enter_graceful_shutdown()
+        if self.settings.shutdown_delay_s:
+            await asyncio.sleep(self.settings.shutdown_delay_s)
+        await server.stop(self.settings.grace_period_s)
+        for hook in reversed(self._shutdown):
+            try:
+                await hook()
+            except Exception:
+                log.exception("shutdown hook failed")
+        shutdown_tracing()
+        log.info("%s stopped", self.name)
+
+    async def serve(self) -> None:
+        """Start, wait for SIGTERM or SIGINT, then drain and stop."""
+        self._stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        await self.start()
+        await self._stopping.wait()
+        await self.stop()
+
+    def run(self) -> None:
+        """Process entry point: logging, the event loop (uvloop when enabled), serve until signalled."""
+        setup_logging(self.name, self.settings.log_level, self.settings.log_format)
+        if self.settings.use_uvloop:
+            import uvloop
+
+            uvloop.run(self.serve())
+        else:
+            asyncio.run(self.serve())

@@ -1,0 +1,39 @@
+"""Typed service settings read from environment variables with a per-service prefix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    """What every servegrid service can be told. Subclasses set `env_prefix`, e.g. SERVEGRID_REGISTRY_."""
+
+    model_config = SettingsConfigDict(env_prefix="SERVEGRID_", extra="ignore", frozen=True)
+
+    host: str = Field("127.0.0.1", description="Interface the gRPC server binds; 0.0.0.0 in containers.")
+    port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one (see ready_file).")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Prometheus /metrics port; 0 picks a free one, unset disables."
+    )
+    grace_period_s: float = Field(
+        10.0, ge=0, description="On SIGTERM, how long calls in flight may take to finish before they are cut."
+    )
+    shutdown_delay_s: float = Field(
+        0.0,
+        ge=0,
+        description="On SIGTERM, how long to report NOT_SERVING while still serving, so balancers notice first.",
+    )
+    health_interval_s: float = Field(2.0, gt=0, description="How often component health checks run.")
+    log_level: str = Field("INFO", description="Log level: DEBUG, INFO, WARNING, ERROR.")
+    log_format: Literal["json", "text"] = Field("json", description="json for machines, text for people.")
+    ready_file: Path | None = Field(
+        None, description="Once serving, write {'port', 'metrics_port', 'pid'} as JSON to this file."
+    )
+    use_uvloop: bool = Field(True, description="Run the event loop on uvloop (a few percent more throughput).")
+    max_message_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, description="Largest gRPC message accepted or sent, in bytes."
+    )
