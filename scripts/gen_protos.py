@@ -14,9 +14,6 @@ import google.api
 import grpc_tools
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTO_DIR = ROOT / "proto"
-GEN_DIR = ROOT / "gen"
-PROTODEPS = ROOT / ".build" / "protodeps"
 
 # The google protos the contracts import, taken from the installed googleapis-common-protos.
 GOOGLE_PROTOS = [
@@ -30,28 +27,30 @@ GOOGLE_PROTOS = [
 ]
 
 
-def stage_protodeps() -> Path:
+def stage_protodeps(root: Path) -> Path:
     """Copy the google/api and google/rpc protos out of site-packages, where buf and protoc find them."""
     site = Path(google.api.__path__[0]).parent.parent
+    deps = root / ".build" / "protodeps"
     for rel in GOOGLE_PROTOS:
-        dest = PROTODEPS / rel
+        dest = deps / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(site / rel, dest)
-    return PROTODEPS
+    return deps
 
 
-def proto_files() -> list[str]:
-    return sorted(str(p.relative_to(PROTO_DIR)) for p in PROTO_DIR.rglob("*.proto"))
+def proto_files(proto_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(proto_dir)) for p in proto_dir.rglob("*.proto"))
 
 
-def generate(out: Path) -> None:
-    """Write the whole of gen/ into `out`."""
-    deps = stage_protodeps()
+def generate(root: Path, out: Path) -> None:
+    """Write the whole of gen/ for the protos under `root`/proto into `out`."""
+    proto_dir = root / "proto"
+    deps = stage_protodeps(root)
     python_out = out / "python"
     python_out.mkdir(parents=True, exist_ok=True)
     wkt = Path(grpc_tools.__path__[0]) / "_proto"
-    files = proto_files()
-    base = [sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO_DIR}", f"-I{deps}", f"-I{wkt}"]
+    files = proto_files(proto_dir)
+    base = [sys.executable, "-m", "grpc_tools.protoc", f"-I{proto_dir}", f"-I{deps}", f"-I{wkt}"]
     bindir = Path(sys.executable).parent
     subprocess.run(
         [
@@ -90,20 +89,23 @@ def diff_trees(a: Path, b: Path) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--check", action="store_true", help="fail when gen/ differs from what proto/ produces")
+    parser.add_argument("--root", type=Path, default=ROOT, help="repository root (default: this checkout)")
     args = parser.parse_args()
+    root: Path = args.root.resolve()
+    gen_dir = root / "gen"
     if not args.check:
         tmp = Path(tempfile.mkdtemp(prefix="servegrid-gen-"))
         try:
-            generate(tmp)
-            shutil.rmtree(GEN_DIR, ignore_errors=True)
-            shutil.copytree(tmp, GEN_DIR)
+            generate(root, tmp)
+            shutil.rmtree(gen_dir, ignore_errors=True)
+            shutil.copytree(tmp, gen_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        print(f"generated {len(proto_files())} protos into gen/")
+        print(f"generated {len(proto_files(root / 'proto'))} protos into gen/")
         return 0
     with tempfile.TemporaryDirectory(prefix="servegrid-gen-") as fresh:
-        generate(Path(fresh))
-        stale = diff_trees(Path(fresh), GEN_DIR)
+        generate(root, Path(fresh))
+        stale = diff_trees(Path(fresh), gen_dir)
     if stale:
         print("gen/ is stale; run `make gen` and commit the result. Differences:", file=sys.stderr)
         for path in stale:

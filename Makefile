@@ -1,0 +1,64 @@
+# servegrid — the two commands are `make up` and `make test`; everything else is a building block.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: help up down status test unit integration gen check-gen lint fmt models bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet -e '.[stack,dev]'
+	$(PY) -m pip check
+	@touch $@
+
+venv: $(STAMP) ## create the virtualenv and install everything (first use only)
+
+up: $(STAMP) models ## start the local mesh and return when it is healthy
+	$(PY) -m services.stack up
+
+down: $(STAMP) ## stop everything `make up` started
+	$(PY) -m services.stack down
+
+status: $(STAMP) ## show each part's health, pid, port and log file
+	$(PY) -m services.stack status
+
+models: $(STAMP) ## build the model artifacts (skipped when already built)
+	$(PY) -m models.build
+
+gen: $(STAMP) ## regenerate gen/ from proto/
+	$(PY) scripts/gen_protos.py
+
+check-gen: $(STAMP) ## fail when gen/ differs from what proto/ produces
+	$(PY) scripts/gen_protos.py --check
+
+lint: $(STAMP) ## buf lint, ruff and mypy on hand-written code
+	$(PY) scripts/gen_protos.py --check
+	$(VENV)/bin/buf lint
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+fmt: $(STAMP) ## format hand-written code
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+unit: $(STAMP) ## unit tests only (seconds)
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test: $(STAMP) lint models ## install what is needed, then run every check and test
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP) models ## benchmarks: every servegrid path against direct Triton, same run
+	$(PY) -m bench
+
+clean: ## remove build outputs (not the virtualenv)
+	rm -rf .build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,31 @@
+"""`make check-gen` passes on the committed tree and fails once a proto changes without regenerating."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "scripts" / "gen_protos.py"
+
+
+def _check(root: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--check", "--root", str(root)], capture_output=True, text=True
+    )
+
+
+def test_check_gen_fails_after_a_proto_edit(tmp_path: Path) -> None:
+    for part in ("proto", "gen"):
+        shutil.copytree(REPO / part, tmp_path / part)
+    assert _check(tmp_path).returncode == 0, "the committed gen/ matches the committed protos"
+
+    proto = tmp_path / "proto" / "servegrid" / "gateway" / "v1" / "gateway.proto"
+    text = proto.read_text()
+    proto.write_text(text.replace("  string request_id = 5;", "  string request_id = 5;\n  // Added.\n  bool trace = 6;"))
+    result = _check(tmp_path)
+    assert result.returncode == 1
+    assert "gen/python/servegrid/gateway/v1/gateway_pb2.py" in result.stderr
+    assert "gen/descriptors.binpb" in result.stderr
