@@ -1,0 +1,96 @@
+"""The local mesh: which processes `servegrid up` starts, on which ports, and how each proves it is ready."""
+
+from __future__ import annotations
+
+import sys
+import urllib.request
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.stack.supervisor import Part
+from services.stack.triton import SHM_PREFIX, TritonDistribution, triton_command
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class StackSettings(BaseSettings):
+    """Where the local mesh keeps its state and which ports it uses (DESIGN.md's defaults)."""
+
+    model_config = SettingsConfigDict(env_prefix="SERVEGRID_STACK_", extra="ignore", frozen=True)
+
+    home: Path = Field(REPO / ".servegrid", description="State file, logs and scratch space of the local stack.")
+    host: str = Field("127.0.0.1", description="Interface every local part binds.")
+    model_repository: Path = Field(
+        REPO / "models" / "repository", description="Triton model repository `make models` renders."
+    )
+    triton_grpc_port: int = Field(8001, description="Triton's KServe v2 gRPC port.")
+    triton_http_port: int = Field(8000, description="Triton's HTTP port (health, repository API).")
+    triton_metrics_port: int = Field(8002, description="Triton's Prometheus port.")
+    ready_timeout_s: float = Field(90.0, description="How long each part may take to become ready.")
+
+
+def http_ready(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=1) as reply:
+        return bool(reply.status == 200)
+
+
+def grpc_ready(address: str) -> bool:
+    """The standard health check says SERVING for the whole service."""
+    with grpc.insecure_channel(address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def triton_part(settings: StackSettings) -> Part:
+    dist = TritonDistribution.from_pytriton()
+    scratch = settings.home / "triton"
+    shm_prefix = f"{SHM_PREFIX}sglocal_"
+    argv = triton_command(
+        dist.server,
+        model_repository=settings.model_repository,
+        backend_directory=scratch / "backends",
+        host=settings.host,
+        grpc_port=settings.triton_grpc_port,
+        http_port=settings.triton_http_port,
+        metrics_port=settings.triton_metrics_port,
+        load_models=None,
+        shm_prefix=shm_prefix,
+    )
+    env = dist.environment()
+    return Part(
+        name="triton",
+        argv=argv,
+        env={k: env[k] for k in ("PATH", "LD_LIBRARY_PATH") if k in env},
+        cwd=scratch,
+        ports={
+            "grpc": settings.triton_grpc_port,
+            "http": settings.triton_http_port,
+            "metrics": settings.triton_metrics_port,
+        },
+        ready=lambda: http_ready(f"http://{settings.host}:{settings.triton_http_port}/v2/health/ready"),
+        ready_timeout_s=settings.ready_timeout_s,
+        leftovers_glob=f"/dev/shm/{shm_prefix}*",
+        prepare=lambda: dist.prepare_backends(scratch),
+    )
+
+
+def python_service_part(name: str, module: str, port: int, env: dict[str, str], settings: StackSettings) -> Part:
+    """One of servegrid's own services, run from this interpreter's environment."""
+    return Part(
+        name=name,
+        argv=[sys.executable, "-m", module],
+        env=env,
+        cwd=REPO,
+        ports={"grpc": port},
+        ready=lambda: grpc_ready(f"{settings.host}:{port}"),
+        ready_timeout_s=settings.ready_timeout_s,
+    )
+
+
+def local_parts(settings: StackSettings) -> list[Part]:
+    """Every part, in start order (dependencies first)."""
+    return [triton_part(settings)]
