@@ -44,7 +44,7 @@ class Tensor(_message.Message):
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Shape, outermost dimension first. The product of the dimensions must equal the number of
-        elements in `data`.
+        elements in `data`. (int32, not KServe's int64, so JSON shows numbers rather than strings.)
         """
 
     @_builtins.property
