@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help up down status test unit integration gen check-gen lint fmt models bench clean
+.PHONY: help venv up down status test unit gen check-gen lint fmt models bench sdk clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -60,5 +60,8 @@ test: $(STAMP) lint models ## install what is needed, then run every check and t
 bench: $(STAMP) models ## benchmarks: every servegrid path against direct Triton, same run
 	$(PY) -m bench
 
+sdk: $(STAMP) ## build the Python SDK wheels (servegrid-api stubs, servegrid-sdk client) into dist/
+	$(PY) scripts/build_sdk.py --out dist
+
 clean: ## remove build outputs (not the virtualenv)
-	rm -rf .build .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .build dist .pytest_cache .mypy_cache .ruff_cache
