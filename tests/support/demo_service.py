@@ -25,10 +25,14 @@ class DemoSettings(ServiceSettings):
 
 
 class DemoRouterAdmin(pb_grpc.RouterAdminServiceServicer):
-    async def ListBackends(self, request: pb.ListBackendsRequest, context: grpc.aio.ServicerContext) -> pb.ListBackendsResponse:
+    async def ListBackends(
+        self, request: pb.ListBackendsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListBackendsResponse:
         return pb.ListBackendsResponse(backends=[pb.BackendStatus(backend_id="triton-a", address="127.0.0.1:8001")])
 
-    async def DrainBackend(self, request: pb.DrainBackendRequest, context: grpc.aio.ServicerContext) -> pb.DrainBackendResponse:
+    async def DrainBackend(
+        self, request: pb.DrainBackendRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DrainBackendResponse:
         if request.backend_id == "boom":
             raise RuntimeError("secret internal detail")
         if request.backend_id == "slow":

@@ -12,9 +12,7 @@ SCRIPT = REPO / "scripts" / "gen_protos.py"
 
 
 def _check(root: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), "--check", "--root", str(root)], capture_output=True, text=True
-    )
+    return subprocess.run([sys.executable, str(SCRIPT), "--check", "--root", str(root)], capture_output=True, text=True)
 
 
 def test_check_gen_fails_after_a_proto_edit(tmp_path: Path) -> None:
@@ -24,7 +22,8 @@ def test_check_gen_fails_after_a_proto_edit(tmp_path: Path) -> None:
 
     proto = tmp_path / "proto" / "servegrid" / "gateway" / "v1" / "gateway.proto"
     text = proto.read_text()
-    proto.write_text(text.replace("  string request_id = 5;", "  string request_id = 5;\n  // Added.\n  bool trace = 6;"))
+    added = "  string request_id = 5;\n  // Added.\n  bool trace = 6;"
+    proto.write_text(text.replace("  string request_id = 5;", added))
     result = _check(tmp_path)
     assert result.returncode == 1
     assert "gen/python/servegrid/gateway/v1/gateway_pb2.py" in result.stderr

@@ -35,10 +35,10 @@ def test_wheels_install_and_import_without_the_repo(tmp_path: Path) -> None:
     code = (
         "import servegrid, servegrid_sdk, numpy as np;"
         "from servegrid.gateway.v1 import gateway_pb2_grpc;"
-        "assert str(servegrid.__file__).startswith(%r), servegrid.__file__;"
+        f"assert str(servegrid.__file__).startswith({str(target)!r}), servegrid.__file__;"
         "t = servegrid_sdk.to_tensor('x', np.ones((1, 4), np.float32));"
         "print(t.datatype, list(t.shape))"
-    ) % str(target)
+    )
     run = subprocess.run(
         [sys.executable, "-S", "-c", code],
         env={"PYTHONPATH": f"{target}:{':'.join(site.getsitepackages())}"},
