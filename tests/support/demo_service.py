@@ -45,6 +45,17 @@ class DemoRouterAdmin(pb_grpc.RouterAdminServiceServicer):
         )
 
 
+    async def UndrainBackend(
+        self, request: pb.UndrainBackendRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UndrainBackendResponse:
+        return pb.UndrainBackendResponse(backend=pb.BackendStatus(backend_id=request.backend_id))
+
+    async def GetRouteTable(
+        self, request: pb.GetRouteTableRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetRouteTableResponse:
+        return pb.GetRouteTableResponse()
+
+
 def build_app(settings: ServiceSettings) -> ServiceApp:
     app = ServiceApp("demo", settings)
     app.add_servicer(pb_grpc.add_RouterAdminServiceServicer_to_server, DemoRouterAdmin(), SERVICE)
