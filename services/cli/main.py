@@ -10,10 +10,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from services.cli import models
 from services.stack.local import StackSettings, local_parts
 from services.stack.supervisor import StackError, Supervisor, log_tail, pid_alive
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="servegrid: gRPC-first inference on Triton.")
+app.add_typer(models.app, name="models")
 console = Console(stderr=True)
 
 
