@@ -135,7 +135,8 @@ async def test_sigterm_drains_in_flight_call_then_exits(tmp_path: Path) -> None:
         "SERVEGRID_DEMO_GRACE_PERIOD_S": "10",
         "SERVEGRID_DEMO_SHUTDOWN_DELAY_S": "0.3",
     }
-    proc = subprocess.Popen(
+    # Popen only spawns; the waits below are async or happen after the server has gone.
+    proc = subprocess.Popen(  # noqa: ASYNC220
         [sys.executable, "-m", "tests.support.demo_service"],
         cwd=REPO,
         env=env,

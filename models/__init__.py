@@ -1,0 +1,1 @@
+"""servegrid's Triton model repository: model recipes, config rendering and the Python-backend model files."""
