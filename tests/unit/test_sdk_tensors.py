@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from google.protobuf import json_format
+
 from servegrid_sdk import from_tensor, to_tensor
 
 

@@ -1,0 +1,91 @@
+"""The Helm chart lints, renders valid Kubernetes objects, and its values do what they say."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+from yamllint import linter
+from yamllint.config import YamlLintConfig
+
+CHART = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "servegrid"
+KUBE_VERSION = "1.30.0"
+SERVICES = ("gateway", "router", "registry", "batch", "edge")
+
+
+def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    rendered = helm.Chart.load(CHART).render(values, name="sg", namespace="ml")
+    return [doc for text in rendered.values() for doc in yaml.safe_load_all(text) if doc]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def test_chart_lints_clean_in_strict_mode() -> None:
+    report = helm.lint(CHART, strict=True, kube_version=f"v{KUBE_VERSION}")
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("values", [None, {"triton": {"gpu": {"enabled": True}}}], ids=["default", "gpu"])
+def test_rendered_manifests_are_valid_kubernetes_and_yaml(values: dict[str, Any] | None) -> None:
+    rendered = helm.Chart.load(CHART).render(values, name="sg", namespace="ml")
+    config = YamlLintConfig("extends: relaxed\nrules: {line-length: disable}")
+    for path, text in rendered.items():
+        problems = [p for p in linter.run(text, config) if p.level == "error"]
+        assert problems == [], path
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def test_every_service_gets_a_deployment_with_grpc_probes_and_a_drain_window() -> None:
+    docs = render()
+    deployments = by_kind(docs, "Deployment")
+    assert set(deployments) == {f"sg-servegrid-{name}" for name in SERVICES}
+    for name in SERVICES:
+        pod = deployments[f"sg-servegrid-{name}"]["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        env = env_of(container)
+        port = int(env[f"SERVEGRID_{name.upper()}_PORT"])
+        assert container["command"] == ["python", "-m", f"services.{name}"]
+        assert container["readinessProbe"]["grpc"]["port"] == port
+        grace = float(env[f"SERVEGRID_{name.upper()}_GRACE_PERIOD_S"])
+        delay = float(env[f"SERVEGRID_{name.upper()}_SHUTDOWN_DELAY_S"])
+        assert pod["terminationGracePeriodSeconds"] > grace + delay
+        assert env["SERVEGRID_DATABASE_URL"]["secretKeyRef"]["name"] == "sg-servegrid-connections"
+    gateway_env = env_of(deployments["sg-servegrid-gateway"]["spec"]["template"]["spec"]["containers"][0])
+    assert gateway_env["SERVEGRID_GATEWAY_ROUTER_ADDRESS"] == "sg-servegrid-router:50052"
+
+
+def test_gpu_values_request_gpus_and_tolerate_gpu_nodes() -> None:
+    cpu = by_kind(render(), "StatefulSet")["sg-servegrid-triton"]["spec"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in cpu["containers"][0]["resources"]["limits"]
+    gpu = by_kind(render({"triton": {"gpu": {"enabled": True, "count": 2}}}), "StatefulSet")["sg-servegrid-triton"]
+    spec = gpu["spec"]["template"]["spec"]
+    assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+
+
+def test_existing_secrets_replace_the_generated_one() -> None:
+    docs = render(
+        {"database": {"existingSecret": "pg", "urlKey": "uri"}, "redis": {"existingSecret": "cache", "urlKey": "url"}}
+    )
+    assert by_kind(docs, "Secret") == {}
+    env = env_of(by_kind(docs, "Deployment")["sg-servegrid-registry"]["spec"]["template"]["spec"]["containers"][0])
+    assert env["SERVEGRID_DATABASE_URL"]["secretKeyRef"] == {"name": "pg", "key": "uri"}
+
+
+def test_disabling_a_service_removes_its_objects() -> None:
+    docs = render({"services": {"batch": {"enabled": False}}, "triton": {"enabled": False}})
+    names = {d["metadata"]["name"] for d in docs}
+    assert not any("batch" in n or "triton" in n for n in names)
