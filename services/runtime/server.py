@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -54,8 +54,10 @@ class ServiceApp:
         self.metrics_port: int | None = None
         self._servicers: list[tuple[AddServicer, Any, str]] = []
         self._generic_handlers: list[grpc.GenericRpcHandler] = []
+        self._passthrough_methods: set[str] = set()
         self._extra_interceptors = extra_interceptors or []
         self._startup: list[Hook] = []
+        self._drain: list[Hook] = []
         self._shutdown: list[Hook] = []
         self._server: grpc.aio.Server | None = None
         self._stopping: asyncio.Event | None = None
@@ -65,14 +67,26 @@ class ServiceApp:
         self._servicers.append((add, servicer, full_name))
         self.health.service_names.append(full_name)
 
-    def add_generic_handler(self, handler: grpc.GenericRpcHandler, full_name: str) -> None:
-        """Register a hand-made handler (for example one that forwards raw bytes)."""
+    def add_generic_handler(
+        self, handler: grpc.GenericRpcHandler, full_name: str, *, passthrough_methods: Iterable[str] = ()
+    ) -> None:
+        """Register a hand-made handler (for example one that forwards raw bytes).
+
+        `passthrough_methods` (full names, "/pkg.Service/Method") skip the ServiceInterceptor: use it
+        only for hot paths that abort with domain statuses and record metrics themselves.
+        """
         self._generic_handlers.append(handler)
+        self._passthrough_methods.update(passthrough_methods)
         self.health.service_names.append(full_name)
 
     def on_startup(self, hook: Hook) -> None:
         """Run before the port opens (connect pools, run migrations)."""
         self._startup.append(hook)
+
+    def on_drain(self, hook: Hook) -> None:
+        """Run once new calls are refused, before waiting on calls in flight: end streams that never
+        finish on their own (watch streams), so shutdown need not wait out the whole grace period."""
+        self._drain.append(hook)
 
     def on_shutdown(self, hook: Hook) -> None:
         """Run after calls have drained (close pools, flush producers), in reverse order."""
@@ -90,7 +104,11 @@ class ServiceApp:
             ("grpc.so_reuseport", 0),
         ]
         server = grpc.aio.server(
-            interceptors=[*server_interceptors(), ServiceInterceptor(), *self._extra_interceptors],
+            interceptors=[
+                *server_interceptors(),
+                ServiceInterceptor(self._passthrough_methods),
+                *self._extra_interceptors,
+            ],
             options=options,
         )
         for add, servicer, _ in self._servicers:
@@ -129,7 +147,14 @@ class ServiceApp:
         await self.health.enter_graceful_shutdown()
         if self.settings.shutdown_delay_s:
             await asyncio.sleep(self.settings.shutdown_delay_s)
-        await server.stop(self.settings.grace_period_s)
+        stopped = asyncio.ensure_future(server.stop(self.settings.grace_period_s))
+        await asyncio.sleep(0)  # let stop() close the door to new calls before streams are ended
+        for hook in self._drain:
+            try:
+                await hook()
+            except Exception:
+                log.exception("drain hook failed")
+        await stopped
         for hook in reversed(self._shutdown):
             try:
                 await hook()

@@ -34,7 +34,7 @@ class RegistryServiceStub:
     Errors carry a google.rpc.ErrorInfo (domain "servegrid.dev") whose reason is one of:
     MODEL_NOT_FOUND, MODEL_ALREADY_EXISTS, VERSION_NOT_FOUND, BACKEND_NOT_FOUND,
     BACKEND_ALREADY_EXISTS, INVALID_STAGE_TRANSITION, ETAG_MISMATCH, INVALID_TRAFFIC_POLICY,
-    INVALID_ARGUMENT, BACKEND_LOAD_FAILED.
+    INVALID_ARGUMENT, BACKEND_LOAD_FAILED, MODEL_IN_PRODUCTION, DATABASE_UNAVAILABLE.
     """
 
     @_typing.overload
@@ -108,7 +108,7 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     Errors carry a google.rpc.ErrorInfo (domain "servegrid.dev") whose reason is one of:
     MODEL_NOT_FOUND, MODEL_ALREADY_EXISTS, VERSION_NOT_FOUND, BACKEND_NOT_FOUND,
     BACKEND_ALREADY_EXISTS, INVALID_STAGE_TRANSITION, ETAG_MISMATCH, INVALID_TRAFFIC_POLICY,
-    INVALID_ARGUMENT, BACKEND_LOAD_FAILED.
+    INVALID_ARGUMENT, BACKEND_LOAD_FAILED, MODEL_IN_PRODUCTION, DATABASE_UNAVAILABLE.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -178,7 +178,7 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     Errors carry a google.rpc.ErrorInfo (domain "servegrid.dev") whose reason is one of:
     MODEL_NOT_FOUND, MODEL_ALREADY_EXISTS, VERSION_NOT_FOUND, BACKEND_NOT_FOUND,
     BACKEND_ALREADY_EXISTS, INVALID_STAGE_TRANSITION, ETAG_MISMATCH, INVALID_TRAFFIC_POLICY,
-    INVALID_ARGUMENT, BACKEND_LOAD_FAILED.
+    INVALID_ARGUMENT, BACKEND_LOAD_FAILED, MODEL_IN_PRODUCTION, DATABASE_UNAVAILABLE.
     """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,1 @@
+"""Versioned SQL migrations for the registry schema, applied in file-name order by services.registry.migrate."""

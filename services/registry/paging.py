@@ -1,0 +1,48 @@
+"""Opaque page tokens: keyset positions bound to the query that issued them."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from typing import Any
+
+from services.runtime.errors import InvalidArgument
+
+# Bumped if the token layout changes, so old tokens fail cleanly instead of being misread.
+_TOKEN_VERSION = 1
+
+
+def _fingerprint(query: dict[str, Any]) -> str:
+    # A token is only valid for the same list with the same filters (AIP-158).
+    return hashlib.sha256(json.dumps(query, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def encode_page_token(after: str | int, query: dict[str, Any]) -> str:
+    """Token for the page after the item keyed `after`, for the list described by `query`."""
+    raw = json.dumps({"v": _TOKEN_VERSION, "a": after, "q": _fingerprint(query)}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str, query: dict[str, Any]) -> str | int | None:
+    """The key to continue after; None for the first page. Foreign or damaged tokens are INVALID_ARGUMENT."""
+    if not token:
+        return None
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        data = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        after = data["a"]
+        valid = data.get("v") == _TOKEN_VERSION and isinstance(after, str | int) and not isinstance(after, bool)
+    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
+        valid = False
+    if not valid:
+        raise InvalidArgument(
+            "page_token is not a token this list issued", field_violations=[("page_token", "invalid")]
+        )
+    if data.get("q") != _fingerprint(query):
+        raise InvalidArgument(
+            "page_token was issued for a different list or filter",
+            field_violations=[("page_token", "does not match this request's filters")],
+        )
+    return after
