@@ -44,7 +44,6 @@ class DemoRouterAdmin(pb_grpc.RouterAdminServiceServicer):
             metadata={"backend_id": request.backend_id},
         )
 
-
     async def UndrainBackend(
         self, request: pb.UndrainBackendRequest, context: grpc.aio.ServicerContext
     ) -> pb.UndrainBackendResponse:
