@@ -6,12 +6,14 @@ import time
 from pathlib import Path
 from typing import Annotated
 
+import grpc
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from services.cli import models
 from services.stack.local import StackSettings, local_parts
+from services.stack.seed import seed
 from services.stack.supervisor import StackError, Supervisor, log_tail, pid_alive
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="servegrid: gRPC-first inference on Triton.")
@@ -42,7 +44,9 @@ def up(
                 entry = sup.start(part, on_wait=waiting)
             ports = ", ".join(f"{k} {v}" for k, v in entry.ports.items())
             console.print(f"[green]✓[/] {part.name:<10} pid {entry.pid:<7} {ports}")
-    except StackError as err:
+        served = seed(f"{settings.host}:{settings.registry_port}", f"{settings.host}:{settings.triton_grpc_port}")
+        console.print(f"[green]✓[/] seeded     models {', '.join(served)} (PRODUCTION) on backend triton-local")
+    except (StackError, grpc.RpcError) as err:
         console.print(f"[red]✗ {err}[/]")
         console.print("stopping what was started…")
         sup.stop_all()

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.stack import datastores
 from services.stack.supervisor import Part
 from services.stack.triton import SHM_PREFIX, TritonDistribution, triton_command
 
@@ -31,6 +32,19 @@ class StackSettings(BaseSettings):
     triton_http_port: int = Field(8000, description="Triton's HTTP port (health, repository API).")
     triton_metrics_port: int = Field(8002, description="Triton's Prometheus port.")
     ready_timeout_s: float = Field(90.0, description="How long each part may take to become ready.")
+    database_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("SERVEGRID_DATABASE_URL", "SERVEGRID_STACK_DATABASE_URL"),
+        description="PostgreSQL to use; when unset or unreachable, an embedded one is started.",
+    )
+    redis_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("SERVEGRID_REDIS_URL", "SERVEGRID_STACK_REDIS_URL"),
+        description="Redis to use; when unset or unreachable, an embedded Valkey is started.",
+    )
+    postgres_port: int = Field(54329, description="Port of the embedded PostgreSQL, when one is started.")
+    redis_port: int = Field(63799, description="Port of the embedded Redis (Valkey), when one is started.")
+    registry_port: int = Field(50053, description="Registry gRPC port.")
 
 
 def http_ready(url: str) -> bool:
@@ -78,14 +92,20 @@ def triton_part(settings: StackSettings) -> Part:
     )
 
 
-def python_service_part(name: str, module: str, port: int, env: dict[str, str], settings: StackSettings) -> Part:
-    """One of servegrid's own services, run from this interpreter's environment."""
+def python_service_part(name: str, port: int, metrics_port: int, env: dict[str, str], settings: StackSettings) -> Part:
+    """One of servegrid's own services (`python -m services.<name>`), run from this interpreter's environment."""
+    prefix = f"SERVEGRID_{name.upper()}_"
     return Part(
         name=name,
-        argv=[sys.executable, "-m", module],
-        env=env,
+        argv=[sys.executable, "-m", f"services.{name}"],
+        env={
+            f"{prefix}HOST": settings.host,
+            f"{prefix}PORT": str(port),
+            f"{prefix}METRICS_PORT": str(metrics_port),
+            **{prefix + key: value for key, value in env.items()},
+        },
         cwd=REPO,
-        ports={"grpc": port},
+        ports={"grpc": port, "metrics": metrics_port},
         ready=lambda: grpc_ready(f"{settings.host}:{port}"),
         ready_timeout_s=settings.ready_timeout_s,
     )
@@ -93,4 +113,17 @@ def python_service_part(name: str, module: str, port: int, env: dict[str, str], 
 
 def local_parts(settings: StackSettings) -> list[Part]:
     """Every part, in start order (dependencies first)."""
-    return [triton_part(settings)]
+    stores = datastores.resolve(
+        settings.home,
+        settings.host,
+        settings.database_url,
+        settings.redis_url,
+        settings.postgres_port,
+        settings.redis_port,
+    )
+    shared = {"DATABASE_URL": stores.database_url, "REDIS_URL": stores.redis_url}
+    return [
+        *stores.parts,
+        triton_part(settings),
+        python_service_part("registry", settings.registry_port, 9153, shared, settings),
+    ]

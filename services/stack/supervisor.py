@@ -35,6 +35,8 @@ class Part:
     leftovers_glob: str | None = None
     # Work to do just before starting (copy files, make folders); never done by `status`.
     prepare: Callable[[], object] | None = None
+    # Run as this user (servers that refuse root, such as PostgreSQL).
+    user: str | None = None
 
 
 @dataclass
@@ -124,6 +126,7 @@ class Supervisor:
                 env={**os.environ, **part.env},
                 cwd=part.cwd,
                 start_new_session=True,
+                user=part.user,
             )
         # Popen returns after exec, so /proc names the real program (a venv's python resolves to its base).
         exe = _exe_of(process.pid) or part.argv[0]

