@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv up down status test unit gen check-gen lint fmt models bench sdk clean
+.PHONY: help venv up down status test unit gen check-gen lint fmt models bench sdk docs clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -40,7 +40,7 @@ gen: $(STAMP) ## regenerate gen/ from proto/
 check-gen: $(STAMP) ## fail when gen/ differs from what proto/ produces
 	$(PY) scripts/gen_protos.py --check
 
-lint: $(STAMP) ## buf lint, ruff and mypy on hand-written code
+lint: $(STAMP) ## buf lint, ruff and mypy on hand-written code; generated code is fresh
 	$(PY) scripts/gen_protos.py --check
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/ruff check .
@@ -59,6 +59,9 @@ test: $(STAMP) lint models ## install what is needed, then run every check and t
 
 bench: $(STAMP) models ## benchmarks: every servegrid path against direct Triton, same run
 	$(PY) -m bench
+
+docs: $(STAMP) ## regenerate docs/api.md (proto comments) and docs/configuration.md (settings classes)
+	$(PY) scripts/gen_docs.py
 
 sdk: $(STAMP) ## build the Python SDK wheels (servegrid-api stubs, servegrid-sdk client) into dist/
 	$(PY) scripts/build_sdk.py --out dist
