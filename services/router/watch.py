@@ -1,0 +1,100 @@
+"""WatchRoutes client: keeps the routing table in step with the registry, and survives its outages."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+
+import grpc
+from servegrid.registry.v1 import registry_pb2, registry_pb2_grpc
+
+from services.router import metrics
+from services.router.table import RouteTable
+from services.runtime.tracing import client_interceptors
+
+log = logging.getLogger(__name__)
+
+
+class RegistryWatcher:
+    """Streams the table from the registry: `reset` replaces it, later messages upsert and remove.
+
+    When the stream breaks the table stays as it was (the last-known routes keep serving) and the
+    watcher reconnects with exponential backoff and jitter; the next `reset` resynchronises.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        table: RouteTable,
+        *,
+        watcher: str = "router",
+        backoff_initial_s: float = 0.1,
+        backoff_max_s: float = 5.0,
+    ) -> None:
+        self.address = address
+        self.table = table
+        self.watcher = watcher
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.connected = False
+        self.messages = 0
+        self._channel: grpc.aio.Channel | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._channel = grpc.aio.insecure_channel(
+            self.address,
+            options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+            interceptors=client_interceptors() or None,
+        )
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="registry-watch")
+
+    async def _run(self) -> None:
+        assert self._channel is not None
+        stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
+        delay = self.backoff_initial_s
+        while True:
+            try:
+                stream = stub.WatchRoutes(registry_pb2.WatchRoutesRequest(watcher=self.watcher))
+                async for message in stream:
+                    if not self.connected:
+                        log.info("registry watch connected", extra={"registry": self.address})
+                    self._set_connected(True)
+                    delay = self.backoff_initial_s
+                    self.table.apply_watch(message)
+                    self.messages += 1
+                    metrics.TABLE_REVISION.set(self.table.revision)
+                log.warning("registry closed the route stream", extra={"registry": self.address})
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as error:
+                if self.connected:
+                    log.warning(
+                        "registry watch lost: %s; serving the last-known table",
+                        error.code().name,
+                        extra={"registry": self.address, "revision": self.table.revision},
+                    )
+            except Exception:  # a bad message must not end watching
+                log.exception("registry watch failed")
+            self._set_connected(False)
+            await asyncio.sleep(random.uniform(delay / 2, delay))
+            delay = min(self.backoff_max_s, delay * 2)
+
+    def _set_connected(self, connected: bool) -> None:
+        self.connected = connected
+        metrics.REGISTRY_CONNECTED.set(1 if connected else 0)
+
+    async def check(self) -> None:
+        """Health component (optional): a registry outage is reported, the router keeps serving."""
+        if not self.connected:
+            raise RuntimeError(f"not connected to the registry at {self.address}")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._channel is not None:
+            await self._channel.close()
