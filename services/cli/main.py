@@ -70,10 +70,12 @@ def _print_examples(settings: StackSettings) -> None:
     # Plain print: these lines are meant to be copied, so no markup and no wrapping.
     host = settings.host
     print(
-        "\nTry it (KServe v2 gRPC, straight to Triton):\n"
+        "\nTry it — any KServe v2 client through the router (model ids come from the registry):\n"
         f"  python -c \"import numpy as np, tritonclient.grpc as g; c=g.InferenceServerClient('{host}:"
-        f"{settings.triton_grpc_port}'); i=g.InferInput('x',[1,4],'FP32'); "
-        "i.set_data_from_numpy(np.ones((1,4),np.float32)); print(c.infer('affine_batched',[i]).as_numpy('y'))\"\n"
+        f"{settings.router_port}'); i=g.InferInput('x',[1,4],'FP32'); "
+        "i.set_data_from_numpy(np.ones((1,4),np.float32)); print(c.infer('affine',[i]).as_numpy('y'))\"\n"
+        f"  .venv/bin/grpcurl -plaintext {host}:{settings.registry_port} list\n"
+        "  .venv/bin/servegrid models list\n"
     )
 
 

@@ -45,6 +45,7 @@ class StackSettings(BaseSettings):
     postgres_port: int = Field(54329, description="Port of the embedded PostgreSQL, when one is started.")
     redis_port: int = Field(63799, description="Port of the embedded Redis (Valkey), when one is started.")
     registry_port: int = Field(50053, description="Registry gRPC port.")
+    router_port: int = Field(50052, description="Router gRPC port (KServe v2).")
 
 
 def http_ready(url: str) -> bool:
@@ -126,4 +127,11 @@ def local_parts(settings: StackSettings) -> list[Part]:
         *stores.parts,
         triton_part(settings),
         python_service_part("registry", settings.registry_port, 9153, shared, settings),
+        python_service_part(
+            "router",
+            settings.router_port,
+            9152,
+            {"REGISTRY_ADDRESS": f"{settings.host}:{settings.registry_port}"},
+            settings,
+        ),
     ]
