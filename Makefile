@@ -34,14 +34,17 @@ status: $(STAMP) ## show each part's health, pid, port and log file
 models: $(STAMP) ## build the model artifacts (skipped when already built)
 	$(PY) -m models.build
 
-gen: $(STAMP) ## regenerate gen/ from proto/
+gen: $(STAMP) ## regenerate gen/ from proto/, the Envoy API stubs and the rendered Envoy configs
 	$(PY) scripts/gen_protos.py
+	$(PY) -m services.edge.envoy_api.generate
+	$(PY) -m services.edge.envoy_config --write-defaults
 
-check-gen: $(STAMP) ## fail when gen/ differs from what proto/ produces
+check-gen: $(STAMP) ## fail when gen/ (or anything else generated) differs from its source
 	$(PY) scripts/gen_protos.py --check
+	$(PY) -m services.edge.envoy_api.generate --check
+	$(PY) -m services.edge.envoy_config --write-defaults --check
 
-lint: $(STAMP) ## buf lint, ruff and mypy on hand-written code; generated code is fresh
-	$(PY) scripts/gen_protos.py --check
+lint: $(STAMP) check-gen ## buf lint, ruff and mypy on hand-written code; generated code is fresh
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

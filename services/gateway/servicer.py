@@ -1,0 +1,163 @@
+"""servegrid.gateway.v1.GatewayService: protobuf in and out; the work is in tensors, catalog and upstream."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+from servegrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from tritonclient.grpc import service_pb2
+
+from services.gateway.catalog import ModelCatalog
+from services.gateway.identity import TENANT_HEADER, identity_from_metadata
+from services.gateway.tensors import TensorError, from_infer_response, to_infer_inputs
+from services.gateway.upstream import RouterClient
+from services.runtime import InvalidArgument, ServegridError, Unimplemented
+from services.runtime.errors import internal_status
+
+log = logging.getLogger(__name__)
+# Headers worth carrying to the router: the request id Envoy made, and the W3C/B3 trace context
+# (so a trace spans Envoy → gateway → router → Triton even when this process does not trace).
+_FORWARDED = ("x-request-id", "traceparent", "tracestate", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled")
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
+    """The public API."""
+
+    def __init__(
+        self, router: RouterClient, catalog: ModelCatalog, default_timeout_s: float, batch_address: str
+    ) -> None:
+        self.router = router
+        self.catalog = catalog
+        self.default_timeout_s = default_timeout_s
+        self.batch_address = batch_address
+
+    async def Infer(
+        self, request: gateway_pb2.InferRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.InferResponse:
+        # The hot path skips the runtime's interceptor (see server.py), so it maps its own errors:
+        # the same mapping, inline.
+        try:
+            return await self._infer(request, context)
+        except ServegridError as error:
+            log.info("Infer: %s %s", error.code.name, error.message, extra={"reason": error.reason})
+            status = error.to_grpc_status()
+        except Exception:
+            log.exception("Infer failed unexpectedly")
+            status = internal_status()
+        await context.abort(status.code, status.details, status.trailing_metadata)
+        raise AssertionError("unreachable: abort raises")
+
+    async def _infer(
+        self, request: gateway_pb2.InferRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.InferResponse:
+        problems: list[tuple[str, str]] = []
+        if not request.model_id:
+            problems.append(("model_id", "required: the model to run"))
+        if request.version < 0:
+            problems.append(("version", "must be >= 0 (0 follows the model's traffic policy)"))
+        try:
+            inputs, raw = to_infer_inputs(request.inputs)
+        except TensorError as error:
+            problems += error.violations
+        if problems:
+            # Rejected here, so nothing malformed ever costs a router or Triton call.
+            raise InvalidArgument(
+                "invalid request: " + "; ".join(f"{f}: {d}" for f, d in problems),
+                reason="INVALID_TENSOR" if any(f.startswith("inputs") for f, _ in problems) else "INVALID_ARGUMENT",
+                field_violations=problems,
+            )
+        request_id = request.request_id or uuid.uuid4().hex
+        infer = service_pb2.ModelInferRequest(
+            model_name=request.model_id,
+            model_version=str(request.version) if request.version else "",
+            id=request_id,
+            inputs=inputs,
+            outputs=[service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in request.output_names],
+            raw_input_contents=raw,
+        )
+        incoming = context.invocation_metadata() or ()
+        identity = identity_from_metadata(incoming)
+        metadata = [(k, v) for k, v in incoming if k in _FORWARDED and isinstance(v, str)]
+        if identity.tenant:
+            metadata.append((TENANT_HEADER, identity.tenant))
+        remaining = context.time_remaining()
+        timeout = self.default_timeout_s if remaining is None else remaining
+        response = await self.router.infer(infer, timeout, metadata)
+        try:
+            outputs = from_infer_response(response)
+        except ValueError as error:
+            log.error("unusable router response", extra={"model": request.model_id, "error": str(error)})
+            raise
+        version = int(response.model_version) if response.model_version.isdigit() else request.version
+        return gateway_pb2.InferResponse(
+            model_id=request.model_id, version=version, outputs=outputs, request_id=request_id
+        )
+
+    async def ListModels(
+        self, request: gateway_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ListModelsResponse:
+        models, token = await self.catalog.list(request.page_size, request.page_token)
+        return gateway_pb2.ListModelsResponse(models=models, next_page_token=token)
+
+    async def GetModel(
+        self, request: gateway_pb2.GetModelRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.GetModelResponse:
+        return gateway_pb2.GetModelResponse(model=await self.catalog.get(request.model_id))
+
+    def _batch_not_deployed(self) -> Unimplemented:
+        if self.batch_address:
+            return Unimplemented(
+                "batch is not deployed behind this gateway yet: forwarding to the batch service "
+                f"({self.batch_address}) lands with it; real-time Infer works",
+                reason="BATCH_NOT_DEPLOYED",
+            )
+        return Unimplemented(
+            "batch is not deployed: this gateway has no batch service configured "
+            "(SERVEGRID_GATEWAY_BATCH_ADDRESS); real-time Infer works",
+            reason="BATCH_NOT_DEPLOYED",
+        )
+
+    async def CreateBatchJob(
+        self, request: gateway_pb2.CreateBatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.CreateBatchJobResponse:
+        raise self._batch_not_deployed()
+
+    async def GetBatchJob(
+        self, request: gateway_pb2.GetBatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.GetBatchJobResponse:
+        raise self._batch_not_deployed()
+
+    async def ListBatchJobs(
+        self, request: gateway_pb2.ListBatchJobsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ListBatchJobsResponse:
+        raise self._batch_not_deployed()
+
+    async def CancelBatchJob(
+        self, request: gateway_pb2.CancelBatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.CancelBatchJobResponse:
+        raise self._batch_not_deployed()
+
+    async def RetryBatchJob(
+        self, request: gateway_pb2.RetryBatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.RetryBatchJobResponse:
+        raise self._batch_not_deployed()
+
+    async def ListBatchJobResults(
+        self, request: gateway_pb2.ListBatchJobResultsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ListBatchJobResultsResponse:
+        raise self._batch_not_deployed()
+
+    async def WatchBatchJob(
+        self, request: gateway_pb2.WatchBatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.WatchBatchJobResponse]:
+        raise self._batch_not_deployed()
+        yield  # unreachable; makes this a server-streaming handler
+
+    async def StreamBatchJobResults(
+        self, request: gateway_pb2.StreamBatchJobResultsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.StreamBatchJobResultsResponse]:
+        raise self._batch_not_deployed()
+        yield  # unreachable; makes this a server-streaming handler

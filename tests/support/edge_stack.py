@@ -1,0 +1,202 @@
+"""The front door for integration tests: edge, gateway, a stand-in registry and Envoy, as real processes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import psycopg.sql
+import redis
+
+from services.edge.devkeys import DevIssuer
+from services.edge.envoy_config import EnvoyParams
+from tests.support.envoy import EnvoyProcess, start_envoy
+from tests.support.processes import REPO, ServiceProcess, start_service
+
+DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@dataclass
+class EdgeStack:
+    """Everything one test module talks to; names are random so parallel sessions never collide."""
+
+    state_dir: Path
+    issuer: DevIssuer
+    schema: str
+    redis_prefix: str
+    tenant_limits: dict[str, int]
+    edge: ServiceProcess
+    gateway: ServiceProcess
+    registry: ServiceProcess
+    envoy: EnvoyProcess
+    params: EnvoyParams
+    extra: list[ServiceProcess | EnvoyProcess] = field(default_factory=list)
+
+    def edge_env(self, **overrides: str) -> dict[str, str]:
+        return {
+            "SERVEGRID_EDGE_DATABASE_URL": DATABASE_URL,
+            "SERVEGRID_EDGE_REDIS_URL": REDIS_URL,
+            "SERVEGRID_EDGE_DB_SCHEMA": self.schema,
+            "SERVEGRID_EDGE_REDIS_PREFIX": self.redis_prefix,
+            "SERVEGRID_EDGE_TENANT_LIMITS": json.dumps(self.tenant_limits),
+            # Tests share tenants across many calls; the production default (100/minute) is
+            # asserted in a unit test, and the limits that must bite are set per tenant above.
+            "SERVEGRID_EDGE_DEFAULT_LIMIT": "100000",
+            "SERVEGRID_EDGE_USE_UVLOOP": "false",
+            **overrides,
+        }
+
+    def start_edge(self, name: str, **env: str) -> ServiceProcess:
+        process = start_service(name, "services.edge", "SERVEGRID_EDGE_", self.state_dir, self.edge_env(**env))
+        self.extra.append(process)
+        return process
+
+    def start_envoy(self, name: str, edge: ServiceProcess, **overrides: Any) -> EnvoyProcess:
+        envoy = start_envoy(self.state_dir / name, self.params, edge=edge.address, **overrides)
+        self.extra.append(envoy)
+        return envoy
+
+    def keys_cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`python -m services.edge.keys ...` against this stack's schema and Redis prefix."""
+        import os
+
+        env = {
+            **os.environ,
+            **self.edge_env(),
+            "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "gen" / "python")]),
+        }
+        return subprocess.run(
+            [sys.executable, "-m", "services.edge.keys", *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    def create_key(self, tenant: str, *roles: str) -> tuple[str, str]:
+        """(key_id, api_key) made through the CLI, exactly as an operator would."""
+        role_args = [arg for role in roles for arg in ("--role", role)]
+        result = self.keys_cli("create", "--tenant", tenant, *role_args)
+        assert result.returncode == 0, result.stderr
+        record = json.loads(result.stdout)
+        return record["key_id"], record["api_key"]
+
+    def counter_keys(self, tenant: str) -> list[str]:
+        client = redis.Redis.from_url(REDIS_URL)
+        try:
+            return [k.decode() for k in client.scan_iter(f"{self.redis_prefix}rl:*:t={tenant}:*")]
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        for process in reversed(self.extra):
+            process.stop()
+        for process in (self.envoy, self.gateway, self.registry, self.edge):
+            process.stop()
+        with contextlib.suppress(Exception), psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+            conn.execute(
+                psycopg.sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(psycopg.sql.Identifier(self.schema))
+            )
+        client = redis.Redis.from_url(REDIS_URL)
+        try:
+            for key in client.scan_iter(f"{self.redis_prefix}*"):
+                client.delete(key)
+        finally:
+            client.close()
+
+
+@contextlib.contextmanager
+def edge_stack(state_dir: Path, router_address: str, tenant_limits: dict[str, int]) -> Iterator[EdgeStack]:
+    """Start edge, stand-in registry, gateway (routing to `router_address`) and Envoy; stop them all."""
+    token = secrets.token_hex(4)
+    issuer = DevIssuer.generate()
+    jwks = issuer.write(state_dir / "jwt")
+    started: list[ServiceProcess | EnvoyProcess] = []
+    stack: EdgeStack | None = None
+    try:
+        stack = EdgeStack(
+            state_dir=state_dir,
+            issuer=issuer,
+            schema=f"servegrid_edge_{token}",
+            redis_prefix=f"servegrid:edgetest:{token}:",
+            tenant_limits=tenant_limits,
+            edge=None,  # type: ignore[arg-type]
+            gateway=None,  # type: ignore[arg-type]
+            registry=None,  # type: ignore[arg-type]
+            envoy=None,  # type: ignore[arg-type]
+            params=EnvoyParams.for_profile("local", jwks_file=str(jwks)),
+        )
+        stack.edge = start_service("edge", "services.edge", "SERVEGRID_EDGE_", state_dir, stack.edge_env())
+        started.append(stack.edge)
+        stack.registry = start_service(
+            "registry", "tests.support.fake_registry", "SERVEGRID_FAKE_REGISTRY_", state_dir, {}
+        )
+        started.append(stack.registry)
+        stack.gateway = start_service(
+            "gateway",
+            "services.gateway",
+            "SERVEGRID_GATEWAY_",
+            state_dir,
+            {
+                "SERVEGRID_GATEWAY_ROUTER_ADDRESS": router_address,
+                "SERVEGRID_GATEWAY_REGISTRY_ADDRESS": stack.registry.address,
+            },
+        )
+        started.append(stack.gateway)
+        stack.params = EnvoyParams.for_profile(
+            "local",
+            # Generous: other suites share this box's two cores, and a timed-out RLS call would
+            # fail open (uncounted) and a timed-out key check closed (503), both flaky here.
+            ratelimit_timeout_s=5.0,
+            ext_authz_timeout_s=5.0,
+            jwks_file=str(jwks),
+            gateway=stack.gateway.address,
+            router=router_address,
+            registry=stack.registry.address,
+            edge=stack.edge.address,
+        )
+        stack.envoy = start_envoy(state_dir / "envoy", stack.params)
+        started.append(stack.envoy)
+        yield stack
+    finally:
+        if stack is not None and stack.envoy is not None:
+            stack.stop()
+        else:
+            for process in reversed(started):
+                process.stop()
+
+
+@dataclass(frozen=True)
+class HttpReply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def http(method: str, url: str, body: object | bytes | None = None, headers: dict[str, str] | None = None) -> HttpReply:
+    """One HTTP/1.1 request (as curl would send it); errors come back as replies, not exceptions."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    if data is not None and "content-type" not in {k.lower() for k in (headers or {})}:
+        request.add_header("content-type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return HttpReply(reply.status, {k.lower(): v for k, v in reply.headers.items()}, reply.read())
+    except urllib.error.HTTPError as error:
+        return HttpReply(error.code, {k.lower(): v for k, v in error.headers.items()}, error.read())
