@@ -60,8 +60,9 @@ unit: $(STAMP) ## unit tests only (seconds)
 test: $(STAMP) lint models ## install what is needed, then run every check and test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: $(STAMP) models ## benchmarks: every servegrid path against direct Triton, same run
-	$(PY) -m bench
+BENCH ?=
+bench: $(STAMP) models ## benchmarks against direct Triton in the same run (BENCH="router edge" for some)
+	$(PY) -m bench $(BENCH)
 
 docs: $(STAMP) ## regenerate docs/api.md (proto comments) and docs/configuration.md (settings classes)
 	$(PY) scripts/gen_docs.py

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from services.cli import access, models
+from services.cli import access, batch, models
 from services.cli.infer import infer
 from services.stack.local import StackSettings, dev_issuer, local_parts
 from services.stack.seed import seed
@@ -20,6 +20,7 @@ from services.stack.supervisor import StackError, Supervisor, log_tail, pid_aliv
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="servegrid: gRPC-first inference on Triton.")
 app.add_typer(models.app, name="models")
 app.add_typer(access.keys_app, name="keys")
+app.add_typer(batch.app, name="batch")
 app.command()(access.token)
 app.command()(infer)
 console = Console(stderr=True)

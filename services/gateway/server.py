@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 from servegrid.gateway.v1 import gateway_pb2
 
+from services.gateway.batch import BatchForwarder
 from services.gateway.catalog import ModelCatalog
 from services.gateway.servicer import GatewayServicer
 from services.gateway.settings import GatewaySettings
@@ -22,11 +23,13 @@ def build_app(settings: GatewaySettings) -> ServiceApp:
         router = RouterClient(settings.router_address)
         registry = RegistryClient(settings.registry_address, settings.registry_timeout_s)
         catalog = ModelCatalog(registry, router, settings.max_page_size, settings.registry_timeout_s)
-        GatewayServicer.__init__(servicer, router, catalog, settings.default_timeout_s, settings.batch_address)
+        batch = BatchForwarder(settings.batch_address, settings.default_timeout_s)
+        GatewayServicer.__init__(servicer, router, catalog, settings.default_timeout_s, batch)
 
         async def close() -> None:
             await router.close()
             await registry.close()
+            await batch.close()
 
         app.on_shutdown(close)
 

@@ -7,14 +7,17 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
+from servegrid.batch.v1 import batch_pb2
 from servegrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from tritonclient.grpc import service_pb2
 
+from services.gateway import batch
+from services.gateway.batch import BatchForwarder
 from services.gateway.catalog import ModelCatalog
 from services.gateway.identity import TENANT_HEADER, identity_from_metadata
 from services.gateway.tensors import TensorError, from_infer_response, to_infer_inputs
 from services.gateway.upstream import RouterClient
-from services.runtime import InvalidArgument, ServegridError, Unimplemented
+from services.runtime import InvalidArgument, ServegridError
 from services.runtime.errors import internal_status
 
 log = logging.getLogger(__name__)
@@ -27,12 +30,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     """The public API."""
 
     def __init__(
-        self, router: RouterClient, catalog: ModelCatalog, default_timeout_s: float, batch_address: str
+        self, router: RouterClient, catalog: ModelCatalog, default_timeout_s: float, batch: BatchForwarder
     ) -> None:
         self.router = router
         self.catalog = catalog
         self.default_timeout_s = default_timeout_s
-        self.batch_address = batch_address
+        self.batch = batch
 
     async def Infer(
         self, request: gateway_pb2.InferRequest, context: grpc.aio.ServicerContext
@@ -107,57 +110,67 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     ) -> gateway_pb2.GetModelResponse:
         return gateway_pb2.GetModelResponse(model=await self.catalog.get(request.model_id))
 
-    def _batch_not_deployed(self) -> Unimplemented:
-        if self.batch_address:
-            return Unimplemented(
-                "batch is not deployed behind this gateway yet: forwarding to the batch service "
-                f"({self.batch_address}) lands with it; real-time Infer works",
-                reason="BATCH_NOT_DEPLOYED",
-            )
-        return Unimplemented(
-            "batch is not deployed: this gateway has no batch service configured "
-            "(SERVEGRID_GATEWAY_BATCH_ADDRESS); real-time Infer works",
-            reason="BATCH_NOT_DEPLOYED",
-        )
-
     async def CreateBatchJob(
         self, request: gateway_pb2.CreateBatchJobRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.CreateBatchJobResponse:
-        raise self._batch_not_deployed()
+        forwarded = batch.create_request(batch.tenant_of(context), request)
+        reply: batch_pb2.CreateBatchJobResponse = await batch.unary(self.batch, context, "CreateBatchJob", forwarded)
+        return gateway_pb2.CreateBatchJobResponse(job=reply.job, created=reply.created)
 
     async def GetBatchJob(
         self, request: gateway_pb2.GetBatchJobRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.GetBatchJobResponse:
-        raise self._batch_not_deployed()
+        forwarded = batch_pb2.GetBatchJobRequest(tenant=batch.tenant_of(context), job_id=request.job_id)
+        reply: batch_pb2.GetBatchJobResponse = await batch.unary(self.batch, context, "GetBatchJob", forwarded)
+        return gateway_pb2.GetBatchJobResponse(progress=reply.progress)
 
     async def ListBatchJobs(
         self, request: gateway_pb2.ListBatchJobsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ListBatchJobsResponse:
-        raise self._batch_not_deployed()
+        forwarded = batch_pb2.ListBatchJobsRequest(
+            tenant=batch.tenant_of(context), page_size=request.page_size, page_token=request.page_token
+        )
+        reply: batch_pb2.ListBatchJobsResponse = await batch.unary(self.batch, context, "ListBatchJobs", forwarded)
+        return gateway_pb2.ListBatchJobsResponse(jobs=reply.jobs, next_page_token=reply.next_page_token)
 
     async def CancelBatchJob(
         self, request: gateway_pb2.CancelBatchJobRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.CancelBatchJobResponse:
-        raise self._batch_not_deployed()
+        forwarded = batch_pb2.CancelBatchJobRequest(tenant=batch.tenant_of(context), job_id=request.job_id)
+        reply: batch_pb2.CancelBatchJobResponse = await batch.unary(self.batch, context, "CancelBatchJob", forwarded)
+        return gateway_pb2.CancelBatchJobResponse(job=reply.job)
 
     async def RetryBatchJob(
         self, request: gateway_pb2.RetryBatchJobRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.RetryBatchJobResponse:
-        raise self._batch_not_deployed()
+        forwarded = batch_pb2.RetryBatchJobRequest(tenant=batch.tenant_of(context), job_id=request.job_id)
+        reply: batch_pb2.RetryBatchJobResponse = await batch.unary(self.batch, context, "RetryBatchJob", forwarded)
+        return gateway_pb2.RetryBatchJobResponse(job=reply.job, requeued_items=reply.requeued_items)
 
     async def ListBatchJobResults(
         self, request: gateway_pb2.ListBatchJobResultsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ListBatchJobResultsResponse:
-        raise self._batch_not_deployed()
+        forwarded = batch_pb2.ListBatchJobResultsRequest(
+            tenant=batch.tenant_of(context),
+            job_id=request.job_id,
+            page_size=request.page_size,
+            page_token=request.page_token,
+            state=request.state,
+        )
+        reply: batch_pb2.ListBatchJobResultsResponse = await batch.unary(
+            self.batch, context, "ListBatchJobResults", forwarded
+        )
+        return gateway_pb2.ListBatchJobResultsResponse(results=reply.results, next_page_token=reply.next_page_token)
 
     async def WatchBatchJob(
         self, request: gateway_pb2.WatchBatchJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.WatchBatchJobResponse]:
-        raise self._batch_not_deployed()
-        yield  # unreachable; makes this a server-streaming handler
+        async for progress in batch.watch(self.batch, context, batch.tenant_of(context), request.job_id):
+            yield gateway_pb2.WatchBatchJobResponse(progress=progress)
 
     async def StreamBatchJobResults(
         self, request: gateway_pb2.StreamBatchJobResultsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.StreamBatchJobResultsResponse]:
-        raise self._batch_not_deployed()
-        yield  # unreachable; makes this a server-streaming handler
+        tenant = batch.tenant_of(context)
+        async for result in batch.results(self.batch, context, tenant, request.job_id, request.state):
+            yield gateway_pb2.StreamBatchJobResultsResponse(result=result)

@@ -15,7 +15,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from services.edge.devkeys import DevIssuer
 from services.edge.envoy_config import EnvoyParams, render_yaml
 from services.stack import datastores
-from services.stack.supervisor import Part
+from services.stack.kafka import broker_command, tansu_binary
+from services.stack.supervisor import Part, port_in_use
 from services.stack.triton import SHM_PREFIX, TritonDistribution, triton_command
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,6 +51,8 @@ class StackSettings(BaseSettings):
     registry_port: int = Field(50053, description="Registry gRPC port.")
     router_port: int = Field(50052, description="Router gRPC port (KServe v2).")
     gateway_port: int = Field(50051, description="Gateway gRPC port (public API behind Envoy).")
+    batch_port: int = Field(50054, description="Batch service gRPC port (internal, behind the gateway).")
+    kafka_port: int = Field(9092, description="Port of the Kafka-protocol broker (tansu).")
     edge_port: int = Field(50055, description="Edge gRPC port (Envoy's rate limit and API-key checks).")
     envoy_port: int = Field(8080, description="Envoy's listener: REST and gRPC, the one port clients use.")
     envoy_admin_port: int = Field(9901, description="Envoy's admin port (stats, /ready).")
@@ -179,6 +182,19 @@ def envoy_part(settings: StackSettings) -> Part:
     )
 
 
+def broker_part(settings: StackSettings) -> Part:
+    """tansu speaks the Kafka protocol and keeps nothing across a restart (the batch reconciler copes)."""
+    host, port = settings.host, settings.kafka_port
+    return Part(
+        name="kafka",
+        argv=broker_command(tansu_binary(), host, port),
+        ready=lambda: port_in_use(port, host),
+        ports={"kafka": port},
+        cwd=settings.home,
+        ready_timeout_s=settings.ready_timeout_s,
+    )
+
+
 def local_parts(settings: StackSettings) -> list[Part]:
     """Every part, in start order (dependencies first)."""
     stores = datastores.resolve(
@@ -208,6 +224,18 @@ def local_parts(settings: StackSettings) -> list[Part]:
         python_service_part(
             "router", settings.router_port, 9152, {"REGISTRY_ADDRESS": f"{host}:{settings.registry_port}"}, settings
         ),
+        broker_part(settings),
+        python_service_part(
+            "batch",
+            settings.batch_port,
+            9154,
+            {
+                **shared,
+                "KAFKA_BOOTSTRAP": f"{host}:{settings.kafka_port}",
+                "ROUTER_ADDRESS": f"{host}:{settings.router_port}",
+            },
+            settings,
+        ),
         python_service_part("edge", settings.edge_port, 9155, shared, settings),
         python_service_part(
             "gateway",
@@ -216,6 +244,7 @@ def local_parts(settings: StackSettings) -> list[Part]:
             {
                 "ROUTER_ADDRESS": f"{host}:{settings.router_port}",
                 "REGISTRY_ADDRESS": f"{host}:{settings.registry_port}",
+                "BATCH_ADDRESS": f"{host}:{settings.batch_port}",
             },
             settings,
         ),

@@ -1,0 +1,279 @@
+"""WorkerPool: Kafka consumer-group workers that pack items into inference calls and write each result once.
+
+Runs inside the batch service (`workers` setting) and as its own process: `python -m services.batch.worker`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from google.rpc import code_pb2
+from tritonclient.grpc import service_pb2
+
+from services.batch.inference import InferenceFailure, RouterClient
+from services.batch.metrics import (
+    CONSUMER_LAG,
+    DUPLICATES_DROPPED,
+    INFER_REQUESTS,
+    ITEM_RETRIES,
+    ITEMS_DONE,
+    JOB_DURATION,
+    PACK_SIZE,
+)
+from services.batch.settings import BatchSettings
+from services.batch.store import BatchStore, Outcomes, PendingItem
+from services.batch.tensors import ModelShape, Pack, make_packs, unpack_response
+
+log = logging.getLogger(__name__)
+
+_JOB_STATE_NAMES = {3: "succeeded", 4: "failed", 6: "cancelled"}
+
+
+def decode_chunk(value: bytes) -> tuple[uuid.UUID, list[int]]:
+    body = json.loads(value)
+    return uuid.UUID(body["job_id"]), [int(i) for i in body["items"]]
+
+
+def _reason(code: grpc.StatusCode) -> str:
+    return {grpc.StatusCode.INVALID_ARGUMENT: "INVALID_ITEM", grpc.StatusCode.NOT_FOUND: "MODEL_NOT_FOUND"}.get(
+        code, "INFERENCE_FAILED"
+    )
+
+
+def _rpc_code(code: grpc.StatusCode) -> int:
+    return int(code.value[0]) if isinstance(code.value, tuple) else code_pb2.UNKNOWN
+
+
+@dataclass
+class _JobWork:
+    model_id: str
+    version: str
+    items: list[tuple[int, service_pb2.ModelInferRequest]]
+
+
+class WorkerPool:
+    """`consumers` group members in this process. Each round: fetch messages, load the items that still
+    want a result, infer in packs, write every outcome in one transaction per job, THEN commit offsets.
+    A crash anywhere before the commit redelivers the round; the writes are idempotent, so that is safe."""
+
+    def __init__(self, settings: BatchSettings, store: BatchStore, router: RouterClient, consumers: int) -> None:
+        self._settings = settings
+        self._store = store
+        self._router = router
+        self._consumers = consumers
+        self._infer_slots = asyncio.Semaphore(settings.worker_concurrency * max(1, consumers))
+        self._tasks: list[asyncio.Task[None]] = []
+        self._lag: dict[int, int] = {}
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._run_consumer(n), name=f"batch-worker-{n}") for n in range(self._consumers)
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    def _consumer(self, n: int) -> AIOKafkaConsumer:
+        s = self._settings
+        return AIOKafkaConsumer(
+            s.items_topic,
+            bootstrap_servers=s.kafka_bootstrap,
+            group_id=s.consumer_group,
+            client_id=f"{s.consumer_group}-{n}",
+            enable_auto_commit=False,
+            # Offsets lost with a broker's state: start at the beginning; already-done items are skipped.
+            auto_offset_reset="earliest",
+            session_timeout_ms=s.kafka_session_timeout_ms,
+            heartbeat_interval_ms=max(100, s.kafka_session_timeout_ms // 5),
+            metadata_max_age_ms=5_000,
+            fetch_max_wait_ms=100,
+            max_poll_interval_ms=max(300_000, int(s.request_timeout_s * 4000)),
+        )
+
+    async def _run_consumer(self, n: int) -> None:
+        max_records = self._settings.worker_concurrency * 2
+        while True:
+            consumer = self._consumer(n)
+            try:
+                await consumer.start()
+                while True:
+                    batch = await consumer.getmany(timeout_ms=200, max_records=max_records)
+                    if not batch:
+                        continue
+                    await self.process([m for messages in batch.values() for m in messages])
+                    await self._commit(consumer, batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                # Rejoining from the committed offsets redelivers the round that failed; nothing is lost.
+                log.warning("worker round failed; rejoining", extra={"error": f"{type(error).__name__}: {error}"})
+                await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
+
+    async def _commit(self, consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        offsets = {tp: messages[-1].offset + 1 for tp, messages in batch.items()}
+        try:
+            await consumer.commit(offsets)
+        except Exception as error:
+            # Partitions moved to another member mid-round: it redelivers them and finds the results written.
+            log.info("offset commit refused", extra={"error": f"{type(error).__name__}: {error}"})
+        lag = 0
+        for tp, next_offset in offsets.items():
+            highwater = consumer.highwater(tp)
+            if highwater is not None:
+                lag += max(0, highwater - next_offset)
+        self._lag[id(consumer)] = lag
+        CONSUMER_LAG.set(sum(self._lag.values()))
+
+    async def process(self, messages: Sequence[ConsumerRecord]) -> None:
+        """Handle one round of messages; returns once every outcome is durable."""
+        keys: dict[tuple[uuid.UUID, int], None] = {}
+        for message in messages:
+            try:
+                job_id, indices = decode_chunk(message.value)
+            except (ValueError, KeyError, TypeError):
+                log.error("dropping undecodable message", extra={"offset": message.offset})
+                continue
+            for index in indices:
+                keys[(job_id, index)] = None
+        if not keys:
+            return
+        pending = await self._store.load_pending(list(keys))
+        if dropped := len(keys) - len(pending):
+            DUPLICATES_DROPPED.inc(dropped)
+        jobs: dict[uuid.UUID, _JobWork] = {}
+        for item in pending:
+            work = jobs.setdefault(item.job_id, _JobWork(item.model_id, _version(item), []))
+            work.items.append((item.item_index, service_pb2.ModelInferRequest.FromString(item.request)))
+        results = await asyncio.gather(*(self._infer_job(work) for work in jobs.values()))
+        for job_id, outcomes in zip(jobs, results, strict=True):
+            await self._record(job_id, outcomes)
+
+    async def _record(self, job_id: uuid.UUID, outcomes: Outcomes) -> None:
+        s = self._settings
+        written = await self._store.record(
+            job_id,
+            outcomes,
+            max_attempts=s.max_attempts,
+            backoff_s=s.retry_backoff_s,
+            backoff_max_s=s.retry_backoff_max_s,
+        )
+        ITEMS_DONE.labels("succeeded").inc(written.succeeded)
+        ITEMS_DONE.labels("failed").inc(written.failed)
+        ITEM_RETRIES.inc(written.retried)
+        if written.ended and written.duration_s is not None:
+            JOB_DURATION.labels(_JOB_STATE_NAMES.get(written.job_state, "other")).observe(written.duration_s)
+            log.info("job ended", extra={"job_id": str(job_id), "state": written.job_state})
+
+    async def _infer_job(self, work: _JobWork) -> Outcomes:
+        outcomes = Outcomes()
+        try:
+            shape = await self._router.model_shape(work.model_id, work.version)
+        except InferenceFailure as failure:
+            outcomes.transient.extend((i, _rpc_code(failure.code), failure.message) for i, _ in work.items)
+            return outcomes
+        originals = dict(work.items)
+        packs = make_packs(work.items, shape, self._settings.pack_size)
+        await asyncio.gather(*(self._infer_pack(work, pack, originals, shape, outcomes) for pack in packs))
+        return outcomes
+
+    async def _infer_pack(
+        self,
+        work: _JobWork,
+        pack: Pack,
+        originals: dict[int, service_pb2.ModelInferRequest],
+        shape: ModelShape,
+        outcomes: Outcomes,
+    ) -> None:
+        async with self._infer_slots:
+            try:
+                response = await self._router.infer(work.model_id, work.version, pack.request)
+                INFER_REQUESTS.labels("OK").inc()
+                PACK_SIZE.observe(len(pack.indices))
+            except InferenceFailure as failure:
+                INFER_REQUESTS.labels(failure.code.name).inc()
+                response = None
+                error = failure
+        if response is not None:
+            try:
+                per_item = unpack_response(pack, response)
+            except ValueError as bad:
+                error = InferenceFailure(grpc.StatusCode.INTERNAL, str(bad))
+            else:
+                outcomes.succeeded.extend(
+                    (i, r.SerializeToString()) for i, r in zip(pack.indices, per_item, strict=True)
+                )
+                return
+        if error.permanent and pack.packed and len(pack.indices) > 1:
+            # One bad item must not fail its neighbours: try each alone to find which one the model rejects.
+            singles = [Pack([i], originals[i], [False], packed=False) for i in pack.indices]
+            await asyncio.gather(*(self._infer_pack(work, p, originals, shape, outcomes) for p in singles))
+            return
+        for index in pack.indices:
+            if error.permanent:
+                outcomes.failed.append((index, _rpc_code(error.code), _reason(error.code), error.message))
+            else:
+                outcomes.transient.append((index, _rpc_code(error.code), str(error)))
+
+
+def _version(item: PendingItem) -> str:
+    return str(item.version) if item.version else ""
+
+
+async def run_worker_process(settings: BatchSettings) -> None:
+    """A standalone worker: its own pool connections and consumers, until SIGTERM or SIGINT."""
+    store = BatchStore(settings.database_url, settings.db_schema, max_size=settings.db_pool_max)
+    await store.open()
+    await store.migrate()
+    router = RouterClient(
+        settings.router_address, timeout_s=settings.request_timeout_s, config_ttl_s=settings.model_config_ttl_s
+    )
+    pool = WorkerPool(settings, store, router, consumers=max(1, settings.workers))
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await pool.start()
+    log.info("batch worker running", extra={"consumers": max(1, settings.workers), "router": settings.router_address})
+    try:
+        await stopping.wait()
+    finally:
+        await pool.stop()
+        await router.close()
+        await store.close()
+
+
+def main() -> None:
+    from services.runtime.logs import setup_logging
+    from services.runtime.metrics import serve_metrics
+
+    settings = BatchSettings()
+    setup_logging("batch-worker", settings.log_level, settings.log_format)
+    if settings.worker_metrics_port is not None:
+        serve_metrics(settings.host, settings.worker_metrics_port)
+    if settings.use_uvloop:
+        import uvloop
+
+        uvloop.run(run_worker_process(settings))
+    else:
+        asyncio.run(run_worker_process(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""`servegrid batch submit|watch|results|list|cancel`: batch jobs through Envoy, with live progress."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import grpc
+import typer
+from google.protobuf import json_format
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from servegrid.batch.v1 import batch_pb2
+from servegrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+from services.cli.errors import exit_on_rpc_error
+from services.stack.local import StackSettings, dev_issuer
+
+app = typer.Typer(no_args_is_help=True, help="Batch jobs: submit a JSONL file, watch it, fetch the results.")
+err = Console(stderr=True)
+
+TargetOpt = Annotated[str, typer.Option(envvar="SERVEGRID_TARGET", help="Envoy's address (default: the local one).")]
+TokenOpt = Annotated[str, typer.Option(envvar="SERVEGRID_TOKEN", help="JWT; default: a dev token.")]
+_ENDED = {batch_pb2.BATCH_JOB_STATE_SUCCEEDED, batch_pb2.BATCH_JOB_STATE_FAILED, batch_pb2.BATCH_JOB_STATE_CANCELLED}
+
+
+@contextmanager
+def _gateway(target: str, token: str) -> Iterator[tuple[gateway_pb2_grpc.GatewayServiceStub, list[tuple[str, str]]]]:
+    settings = StackSettings()
+    address = target or f"{settings.host}:{settings.envoy_port}"
+    metadata = [("authorization", f"Bearer {token or dev_issuer(settings).token(settings.dev_tenant)}")]
+    options = [("grpc.max_send_message_length", 256 << 20)]
+    with grpc.insecure_channel(address, options=options) as channel, exit_on_rpc_error():
+        yield gateway_pb2_grpc.GatewayServiceStub(channel), metadata
+
+
+def _state(job: batch_pb2.BatchJob) -> str:
+    return batch_pb2.BatchJobState.Name(job.state).removeprefix("BATCH_JOB_STATE_")
+
+
+def _watch(stub: gateway_pb2_grpc.GatewayServiceStub, metadata: list[tuple[str, str]], job_id: str) -> str:
+    """Show a progress bar fed by WatchBatchJob until the job ends; returns its final state."""
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:>8.0f} items/s  eta {task.fields[eta]}  failed {task.fields[failed]}"),
+        TimeElapsedColumn(),
+    )
+    state = "UNKNOWN"
+    with Progress(*columns, console=err) as bar:
+        task = bar.add_task(job_id[:8], total=None, rate=0.0, eta="?", failed=0)
+        for update in stub.WatchBatchJob(gateway_pb2.WatchBatchJobRequest(job_id=job_id), metadata=metadata):
+            job = update.progress.job
+            done = job.succeeded_items + job.failed_items + job.cancelled_items
+            eta = f"{update.progress.eta_seconds:.0f}s" if update.progress.eta_seconds >= 0 else "?"
+            bar.update(
+                task,
+                total=job.total_items,
+                completed=done,
+                rate=update.progress.items_per_second,
+                eta=eta,
+                failed=job.failed_items,
+            )
+            state = _state(job)
+            if job.state in _ENDED:
+                break
+    return state
+
+
+@app.command()
+def submit(
+    file: Annotated[
+        Path, typer.Argument(help='JSONL: one item per line, {"item_id": "...", "inputs": [tensor, ...]}.')
+    ],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model id.")],
+    version: Annotated[int, typer.Option(help="A specific version; 0 follows the traffic policy.")] = 0,
+    priority: Annotated[int, typer.Option(help="0..9, higher first.")] = 0,
+    idempotency_key: Annotated[
+        str, typer.Option(help="Default: a hash of the file and model, so resubmitting returns the same job.")
+    ] = "",
+    wait: Annotated[bool, typer.Option(help="Show live progress until the job ends.")] = True,
+    target: TargetOpt = "",
+    token: TokenOpt = "",
+) -> None:
+    """Submit a batch job from a JSONL file."""
+    data = file.read_bytes()
+    key = idempotency_key or hashlib.sha256(data + f"\0{model}\0{version}".encode()).hexdigest()[:32]
+    request = gateway_pb2.CreateBatchJobRequest(
+        model_id=model, version=version, priority=priority, idempotency_key=key, items_ndjson=data
+    )
+    with _gateway(target, token) as (stub, metadata):
+        reply = stub.CreateBatchJob(request, metadata=metadata, timeout=300)
+        job = reply.job
+        verb = "submitted" if reply.created else "already submitted (same idempotency key)"
+        err.print(f"{verb}: job {job.job_id} · {job.total_items} items · model {job.model_id}")
+        print(job.job_id)
+        if wait:
+            state = _watch(stub, metadata, job.job_id)
+            err.print(f"job {job.job_id} {state}")
+            if state != "SUCCEEDED":
+                raise typer.Exit(1)
+
+
+@app.command()
+def watch(job_id: str, target: TargetOpt = "", token: TokenOpt = "") -> None:
+    """Live progress of a job until it ends."""
+    with _gateway(target, token) as (stub, metadata):
+        err.print(f"job {job_id} {_watch(stub, metadata, job_id)}")
+
+
+@app.command()
+def results(
+    job_id: str,
+    output: Annotated[Path, typer.Option("--output", "-o", help="JSONL file to write; - for stdout.")] = Path("-"),
+    target: TargetOpt = "",
+    token: TokenOpt = "",
+) -> None:
+    """Write every result of a job as JSONL, in item order."""
+    with _gateway(target, token) as (stub, metadata):
+        sink = sys.stdout if str(output) == "-" else output.open("w")
+        count = 0
+        try:
+            request = gateway_pb2.StreamBatchJobResultsRequest(job_id=job_id)
+            for reply in stub.StreamBatchJobResults(request, metadata=metadata):
+                sink.write(json.dumps(json_format.MessageToDict(reply.result)) + "\n")
+                count += 1
+        finally:
+            if sink is not sys.stdout:
+                sink.close()
+        err.print(f"{count} results" + ("" if str(output) == "-" else f" written to {output}"))
+
+
+@app.command("list")
+def list_jobs(target: TargetOpt = "", token: TokenOpt = "") -> None:
+    """The caller's jobs, newest first."""
+    with _gateway(target, token) as (stub, metadata):
+        reply = stub.ListBatchJobs(gateway_pb2.ListBatchJobsRequest(page_size=50), metadata=metadata)
+        table = Table("job", "model", "state", "done", "failed", "total", "created")
+        for job in reply.jobs:
+            table.add_row(
+                job.job_id,
+                job.model_id,
+                _state(job),
+                str(job.succeeded_items),
+                str(job.failed_items),
+                str(job.total_items),
+                job.create_time.ToJsonString(),
+            )
+        Console().print(table)
+
+
+@app.command()
+def cancel(job_id: str, target: TargetOpt = "", token: TokenOpt = "") -> None:
+    """Cancel a job: no new items start."""
+    with _gateway(target, token) as (stub, metadata):
+        job = stub.CancelBatchJob(gateway_pb2.CancelBatchJobRequest(job_id=job_id), metadata=metadata).job
+        err.print(f"job {job_id} {_state(job)}")
