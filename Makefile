@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv up down status test unit gen check-gen lint fmt models bench sdk docs clean
+.PHONY: help venv up down status test unit gen check-gen lint fmt models bench smoke sdk docs clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -61,6 +61,10 @@ test: $(STAMP) lint models ## install what is needed, then run every check and t
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 BENCH ?=
+smoke: $(STAMP) models ## on the default ports: make up, the README's examples as written, status, make down
+	$(PY) -m services.stack up
+	$(PY) scripts/smoke.py; rc=$$?; $(PY) -m services.stack status; $(PY) -m services.stack down; exit $$rc
+
 bench: $(STAMP) models ## benchmarks against direct Triton in the same run (BENCH="router edge" for some)
 	$(PY) -m bench $(BENCH)
 

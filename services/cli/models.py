@@ -94,6 +94,34 @@ def create(
         out.print(f"created {model_id} with version {version.version} (DRAFT)")
 
 
+@app.command("add-version")
+def add_version(
+    model_id: str,
+    triton_model: Annotated[str, typer.Option(help="Name in the Triton model repository.")],
+    triton_version: Annotated[int, typer.Option(help="Version in the Triton repository; 0 for its latest.")] = 0,
+    artifact_uri: str = "",
+    description: str = "",
+    registry: RegistryOpt = "127.0.0.1:50053",
+) -> None:
+    """Register a new version of a model (DRAFT); the registry numbers it."""
+    with _registry(registry) as stub:
+        version = stub.CreateModelVersion(
+            pb.CreateModelVersionRequest(
+                model_id=model_id,
+                version=pb.ModelVersion(
+                    triton_model_name=triton_model,
+                    triton_model_version=triton_version,
+                    artifact_uri=artifact_uri,
+                    description=description,
+                ),
+            ),
+            timeout=10,
+            metadata=_md(),
+        ).version
+        Console(stderr=True).print(f"{model_id} v{version.version} registered (DRAFT)")
+        print(version.version)
+
+
 @app.command()
 def promote(
     model_id: str,

@@ -29,6 +29,7 @@ from google.rpc import error_details_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
 DESCRIPTORS = ROOT / "gen" / "descriptors.binpb"
+HELM_CHART_COPY = ROOT / "deploy" / "helm" / "servegrid" / "files" / "envoy.yaml"
 RENDERED_DIR = ROOT / "envoy"
 
 TENANT_HEADER = "x-servegrid-tenant"
@@ -637,9 +638,12 @@ def render_yaml(params: EnvoyParams) -> str:
 
 
 def rendered_defaults() -> dict[Path, str]:
-    """envoy/envoy.<profile>.yaml as the default parameters render them."""
+    """envoy/envoy.<profile>.yaml as the default parameters render them, and the Helm chart's copy of
+    the Kubernetes one (a chart can only read files inside itself)."""
     profiles: tuple[Profile, ...] = ("local", "kubernetes")
-    return {RENDERED_DIR / f"envoy.{p}.yaml": render_yaml(EnvoyParams.for_profile(p)) for p in profiles}
+    rendered = {RENDERED_DIR / f"envoy.{p}.yaml": render_yaml(EnvoyParams.for_profile(p)) for p in profiles}
+    rendered[HELM_CHART_COPY] = rendered[RENDERED_DIR / "envoy.kubernetes.yaml"]
+    return rendered
 
 
 def write_defaults(check: bool) -> int:

@@ -57,6 +57,9 @@ class StackSettings(BaseSettings):
     envoy_port: int = Field(8080, description="Envoy's listener: REST and gRPC, the one port clients use.")
     envoy_admin_port: int = Field(9901, description="Envoy's admin port (stats, /ready).")
     dev_tenant: str = Field("dev", description="Tenant of the dev token `servegrid up` prints.")
+    metrics_port_base: int = Field(
+        9150, description="Services' Prometheus ports are base+1 (gateway) … base+5 (edge), as in DESIGN.md."
+    )
 
 
 def http_ready(url: str) -> bool:
@@ -215,20 +218,24 @@ def local_parts(settings: StackSettings) -> list[Part]:
             json.dumps({"database_url": stores.database_url, "redis_url": stores.redis_url}, indent=2)
         )
 
-    registry = python_service_part("registry", settings.registry_port, 9153, shared, settings)
+    registry = python_service_part("registry", settings.registry_port, settings.metrics_port_base + 3, shared, settings)
     registry.prepare = record_endpoints
     return [
         *stores.parts,
         triton_part(settings),
         registry,
         python_service_part(
-            "router", settings.router_port, 9152, {"REGISTRY_ADDRESS": f"{host}:{settings.registry_port}"}, settings
+            "router",
+            settings.router_port,
+            settings.metrics_port_base + 2,
+            {"REGISTRY_ADDRESS": f"{host}:{settings.registry_port}"},
+            settings,
         ),
         broker_part(settings),
         python_service_part(
             "batch",
             settings.batch_port,
-            9154,
+            settings.metrics_port_base + 4,
             {
                 **shared,
                 "KAFKA_BOOTSTRAP": f"{host}:{settings.kafka_port}",
@@ -236,11 +243,11 @@ def local_parts(settings: StackSettings) -> list[Part]:
             },
             settings,
         ),
-        python_service_part("edge", settings.edge_port, 9155, shared, settings),
+        python_service_part("edge", settings.edge_port, settings.metrics_port_base + 5, shared, settings),
         python_service_part(
             "gateway",
             settings.gateway_port,
-            9151,
+            settings.metrics_port_base + 1,
             {
                 "ROUTER_ADDRESS": f"{host}:{settings.router_port}",
                 "REGISTRY_ADDRESS": f"{host}:{settings.registry_port}",

