@@ -57,6 +57,14 @@ def _free_block(size: int) -> int:
     raise RuntimeError("no free port block")
 
 
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped by whoever inherited it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _in_use(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
@@ -87,7 +95,7 @@ def stack() -> Iterator[dict[str, str]]:
         down = subprocess.run([*SERVEGRID, "down"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         shutil.rmtree(home, ignore_errors=True)
         assert down.returncode == 0, down.stderr
-        alive = [name for name, entry in state.items() if Path(f"/proc/{entry['pid']}").exists()]
+        alive = [name for name, entry in state.items() if _running(entry["pid"])]
         assert alive == [], f"still running after down: {alive}"
 
 
