@@ -44,7 +44,8 @@ check-gen: $(STAMP) ## fail when gen/ (or anything else generated) differs from 
 	$(PY) -m services.edge.envoy_api.generate --check
 	$(PY) -m services.edge.envoy_config --write-defaults --check
 
-lint: $(STAMP) check-gen ## buf lint, ruff and mypy on hand-written code; generated code is fresh
+lint: $(STAMP) check-gen ## buf lint, ruff and mypy on hand-written code; generated code and docs are fresh
+	$(PY) scripts/gen_docs.py --check
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

@@ -26,13 +26,16 @@ class BatchForwarder:
         self._channel: grpc.aio.Channel | None = None
         self._stub: batch_pb2_grpc.BatchServiceStub | None = None
 
-    def stub(self) -> batch_pb2_grpc.BatchServiceStub:
+    def require(self) -> None:
         if not self.address:
             raise Unimplemented(
                 "batch is not deployed: this gateway has no batch service configured "
                 "(SERVEGRID_GATEWAY_BATCH_ADDRESS); real-time Infer works",
                 reason="BATCH_NOT_DEPLOYED",
             )
+
+    def stub(self) -> batch_pb2_grpc.BatchServiceStub:
+        self.require()
         if self._stub is None:
             self._channel = grpc.aio.insecure_channel(self.address, interceptors=client_interceptors())
             self._stub = batch_pb2_grpc.BatchServiceStub(self._channel)
@@ -47,8 +50,10 @@ class BatchForwarder:
         return self.default_timeout_s if remaining is None else max(0.001, remaining)
 
 
-def tenant_of(context: grpc.aio.ServicerContext) -> str:
-    """Jobs belong to a tenant, so a call without a verified one cannot name any job."""
+def tenant_of(forwarder: BatchForwarder, context: grpc.aio.ServicerContext) -> str:
+    """Jobs belong to a tenant, so a call without a verified one cannot name any job. (Whether batch
+    is deployed at all is said first: no credential would help.)"""
+    forwarder.require()
     identity = identity_from_metadata(context.invocation_metadata())
     if identity.anonymous:
         raise Unauthenticated(

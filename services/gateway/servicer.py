@@ -113,14 +113,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def CreateBatchJob(
         self, request: gateway_pb2.CreateBatchJobRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.CreateBatchJobResponse:
-        forwarded = batch.create_request(batch.tenant_of(context), request)
+        forwarded = batch.create_request(batch.tenant_of(self.batch, context), request)
         reply: batch_pb2.CreateBatchJobResponse = await batch.unary(self.batch, context, "CreateBatchJob", forwarded)
         return gateway_pb2.CreateBatchJobResponse(job=reply.job, created=reply.created)
 
     async def GetBatchJob(
         self, request: gateway_pb2.GetBatchJobRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.GetBatchJobResponse:
-        forwarded = batch_pb2.GetBatchJobRequest(tenant=batch.tenant_of(context), job_id=request.job_id)
+        forwarded = batch_pb2.GetBatchJobRequest(tenant=batch.tenant_of(self.batch, context), job_id=request.job_id)
         reply: batch_pb2.GetBatchJobResponse = await batch.unary(self.batch, context, "GetBatchJob", forwarded)
         return gateway_pb2.GetBatchJobResponse(progress=reply.progress)
 
@@ -128,7 +128,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self, request: gateway_pb2.ListBatchJobsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ListBatchJobsResponse:
         forwarded = batch_pb2.ListBatchJobsRequest(
-            tenant=batch.tenant_of(context), page_size=request.page_size, page_token=request.page_token
+            tenant=batch.tenant_of(self.batch, context), page_size=request.page_size, page_token=request.page_token
         )
         reply: batch_pb2.ListBatchJobsResponse = await batch.unary(self.batch, context, "ListBatchJobs", forwarded)
         return gateway_pb2.ListBatchJobsResponse(jobs=reply.jobs, next_page_token=reply.next_page_token)
@@ -136,14 +136,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def CancelBatchJob(
         self, request: gateway_pb2.CancelBatchJobRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.CancelBatchJobResponse:
-        forwarded = batch_pb2.CancelBatchJobRequest(tenant=batch.tenant_of(context), job_id=request.job_id)
+        forwarded = batch_pb2.CancelBatchJobRequest(tenant=batch.tenant_of(self.batch, context), job_id=request.job_id)
         reply: batch_pb2.CancelBatchJobResponse = await batch.unary(self.batch, context, "CancelBatchJob", forwarded)
         return gateway_pb2.CancelBatchJobResponse(job=reply.job)
 
     async def RetryBatchJob(
         self, request: gateway_pb2.RetryBatchJobRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.RetryBatchJobResponse:
-        forwarded = batch_pb2.RetryBatchJobRequest(tenant=batch.tenant_of(context), job_id=request.job_id)
+        forwarded = batch_pb2.RetryBatchJobRequest(tenant=batch.tenant_of(self.batch, context), job_id=request.job_id)
         reply: batch_pb2.RetryBatchJobResponse = await batch.unary(self.batch, context, "RetryBatchJob", forwarded)
         return gateway_pb2.RetryBatchJobResponse(job=reply.job, requeued_items=reply.requeued_items)
 
@@ -151,7 +151,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self, request: gateway_pb2.ListBatchJobResultsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ListBatchJobResultsResponse:
         forwarded = batch_pb2.ListBatchJobResultsRequest(
-            tenant=batch.tenant_of(context),
+            tenant=batch.tenant_of(self.batch, context),
             job_id=request.job_id,
             page_size=request.page_size,
             page_token=request.page_token,
@@ -165,12 +165,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def WatchBatchJob(
         self, request: gateway_pb2.WatchBatchJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.WatchBatchJobResponse]:
-        async for progress in batch.watch(self.batch, context, batch.tenant_of(context), request.job_id):
+        async for progress in batch.watch(self.batch, context, batch.tenant_of(self.batch, context), request.job_id):
             yield gateway_pb2.WatchBatchJobResponse(progress=progress)
 
     async def StreamBatchJobResults(
         self, request: gateway_pb2.StreamBatchJobResultsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.StreamBatchJobResultsResponse]:
-        tenant = batch.tenant_of(context)
+        tenant = batch.tenant_of(self.batch, context)
         async for result in batch.results(self.batch, context, tenant, request.job_id, request.state):
             yield gateway_pb2.StreamBatchJobResultsResponse(result=result)
