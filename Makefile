@@ -22,6 +22,14 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## create the virtualenv and install everything (first use only)
 
+# The TypeScript SDK's npm dependencies (ts-proto generates its sources). Skipped, with a note, where
+# Node.js/npm are missing: then gen/check-gen leave the TypeScript sources alone.
+TS_STAMP := sdk/typescript/node_modules/.installed
+$(TS_STAMP): sdk/typescript/package-lock.json
+	@if command -v npm >/dev/null; then \
+		cd sdk/typescript && npm ci --no-audit --no-fund --loglevel=error && touch node_modules/.installed; \
+	else echo "note: npm not found; the TypeScript SDK is skipped"; fi
+
 up: $(STAMP) models ## start the local mesh and return when it is healthy
 	$(PY) -m services.stack up
 
@@ -34,12 +42,12 @@ status: $(STAMP) ## show each part's health, pid, port and log file
 models: $(STAMP) ## build the model artifacts (skipped when already built)
 	$(PY) -m models.build
 
-gen: $(STAMP) ## regenerate gen/ from proto/, the Envoy API stubs and the rendered Envoy configs
+gen: $(STAMP) $(TS_STAMP) ## regenerate gen/ from proto/, the Envoy API stubs and the rendered Envoy configs
 	$(PY) scripts/gen_protos.py
 	$(PY) -m services.edge.envoy_api.generate
 	$(PY) -m services.edge.envoy_config --write-defaults
 
-check-gen: $(STAMP) ## fail when gen/ (or anything else generated) differs from its source
+check-gen: $(STAMP) $(TS_STAMP) ## fail when gen/ (or anything else generated) differs from its source
 	$(PY) scripts/gen_protos.py --check
 	$(PY) -m services.edge.envoy_api.generate --check
 	$(PY) -m services.edge.envoy_config --write-defaults --check
@@ -58,7 +66,7 @@ fmt: $(STAMP) ## format hand-written code
 unit: $(STAMP) ## unit tests only (seconds)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
-test: $(STAMP) lint models ## install what is needed, then run every check and test
+test: $(STAMP) $(TS_STAMP) lint models ## install what is needed, then run every check and test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 BENCH ?=
@@ -72,8 +80,9 @@ bench: $(STAMP) models ## benchmarks against direct Triton in the same run (BENC
 docs: $(STAMP) ## regenerate docs/api.md (proto comments) and docs/configuration.md (settings classes)
 	$(PY) scripts/gen_docs.py
 
-sdk: $(STAMP) ## build the Python SDK wheels (servegrid-api stubs, servegrid-sdk client) into dist/
+sdk: $(STAMP) $(TS_STAMP) ## build the SDKs: Python wheels into dist/, the TypeScript package into sdk/typescript/dist
 	$(PY) scripts/build_sdk.py --out dist
+	cd sdk/typescript && npm run --silent build
 
 clean: ## remove build outputs (not the virtualenv)
 	rm -rf .build dist .pytest_cache .mypy_cache .ruff_cache

@@ -42,15 +42,21 @@ def proto_files(proto_dir: Path) -> list[str]:
     return sorted(str(p.relative_to(proto_dir)) for p in proto_dir.rglob("*.proto"))
 
 
-def generate(root: Path, out: Path) -> None:
-    """Write the whole of gen/ for the protos under `root`/proto into `out`."""
+def _protoc(root: Path) -> tuple[list[str], list[str]]:
+    """protoc's command with the include paths, and the proto files to compile."""
     proto_dir = root / "proto"
     deps = stage_protodeps(root)
+    wkt = Path(grpc_tools.__path__[0]) / "_proto"
+    return [sys.executable, "-m", "grpc_tools.protoc", f"-I{proto_dir}", f"-I{deps}", f"-I{wkt}"], proto_files(
+        proto_dir
+    )
+
+
+def generate(root: Path, out: Path) -> None:
+    """Write the whole of gen/ for the protos under `root`/proto into `out`."""
     python_out = out / "python"
     python_out.mkdir(parents=True, exist_ok=True)
-    wkt = Path(grpc_tools.__path__[0]) / "_proto"
-    files = proto_files(proto_dir)
-    base = [sys.executable, "-m", "grpc_tools.protoc", f"-I{proto_dir}", f"-I{deps}", f"-I{wkt}"]
+    base, files = _protoc(root)
     bindir = Path(sys.executable).parent
     subprocess.run(
         [
@@ -72,6 +78,38 @@ def generate(root: Path, out: Path) -> None:
     )
     for pkg_dir in [python_out / "servegrid", *(p for p in (python_out / "servegrid").rglob("*") if p.is_dir())]:
         (pkg_dir / "__init__.py").touch()
+
+
+def generate_typescript(root: Path, ts_out: Path) -> bool:
+    """The TypeScript SDK's generated sources (they live inside that npm package); False without npm deps."""
+    plugin = ts_plugin(root)
+    if plugin is None:
+        return False
+    base, files = _protoc(root)
+    ts_out.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [
+            *base,
+            f"--plugin=protoc-gen-ts_proto={plugin}",
+            f"--ts_proto_out={ts_out}",
+            f"--ts_proto_opt={TS_PROTO_OPTIONS}",
+            *files,
+        ],
+        check=True,
+    )
+    return True
+
+
+# Inside the npm package, so its imports resolve against the package's own node_modules.
+TS_GEN = "sdk/typescript/src/gen"
+# ts-proto: grpc-js clients, plain numbers for 64-bit ints (ids and counts stay far below 2^53).
+TS_PROTO_OPTIONS = "outputServices=grpc-js,esModuleInterop=true,env=node,forceLong=number"
+
+
+def ts_plugin(root: Path) -> Path | None:
+    """ts-proto's protoc plugin, once `npm ci` ran in sdk/typescript (the Makefile does); else None."""
+    plugin = root / "sdk" / "typescript" / "node_modules" / ".bin" / "protoc-gen-ts_proto"
+    return plugin if plugin.exists() else None
 
 
 def diff_trees(a: Path, b: Path) -> list[str]:
@@ -102,14 +140,26 @@ def main() -> int:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         print(f"generated {len(proto_files(root / 'proto'))} protos into gen/")
+        with tempfile.TemporaryDirectory(prefix="servegrid-gen-ts-") as fresh:
+            if generate_typescript(root, Path(fresh)):
+                shutil.rmtree(root / TS_GEN, ignore_errors=True)
+                shutil.copytree(fresh, root / TS_GEN)
+                print(f"generated the TypeScript SDK sources into {TS_GEN}/")
+            else:
+                print("skipped the TypeScript SDK sources: run `npm ci` in sdk/typescript (needs Node.js and npm)")
         return 0
+    ts_dir = root / TS_GEN
     with tempfile.TemporaryDirectory(prefix="servegrid-gen-") as fresh:
-        generate(root, Path(fresh))
-        stale = diff_trees(Path(fresh), gen_dir)
+        generate(root, Path(fresh) / "gen")
+        stale = [f"gen/{path}" for path in diff_trees(Path(fresh) / "gen", gen_dir)]
+        if generate_typescript(root, Path(fresh) / "ts"):
+            stale += [f"{TS_GEN}/{path}" for path in diff_trees(Path(fresh) / "ts", ts_dir)]
+        else:
+            print("note: TypeScript SDK sources not checked (sdk/typescript needs `npm ci`: Node.js and npm)")
     if stale:
         print("gen/ is stale; run `make gen` and commit the result. Differences:", file=sys.stderr)
         for path in stale:
-            print(f"  gen/{path}", file=sys.stderr)
+            print(f"  {path}", file=sys.stderr)
         return 1
     print("gen/ is up to date")
     return 0

@@ -134,3 +134,22 @@ def test_canary_through_the_cli(stack: dict[str, str]) -> None:
         timeout=60,
     )
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
+
+
+def test_typescript_sdk_through_envoy(stack: dict[str, str]) -> None:
+    """The TypeScript SDK, generated from the same protos, calls the gateway through Envoy."""
+    sdk = REPO / "sdk" / "typescript"
+    if shutil.which("node") is None or not (sdk / "node_modules").is_dir():
+        pytest.skip("Node.js and `npm ci` in sdk/typescript are needed (make test runs it where npm exists)")
+    subprocess.run([str(sdk / "node_modules" / ".bin" / "tsc"), "-p", str(sdk)], check=True, timeout=180)
+    token = subprocess.run(
+        [*SERVEGRID, "token", "--tenant", "ts"], cwd=REPO, env=stack, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    done = subprocess.run(
+        ["node", str(sdk / "dist" / "examples" / "infer.js"), stack["_ENVOY"], token],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"model": "affine", "version": 1, "y": [3, 5, 7, 9]}
