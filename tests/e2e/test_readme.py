@@ -9,13 +9,13 @@ import shutil
 import socket
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from scripts.smoke import examples, run
+from services.stack.datastores import postgres_data_dir
 
 pytestmark = pytest.mark.e2e
 
@@ -71,10 +71,8 @@ def _in_use(port: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def stack() -> Iterator[dict[str, str]]:
-    # Under the repo (not /tmp/pytest-of-root, which is 0700): the embedded PostgreSQL runs as an
-    # unprivileged user when the tests run as root, and must reach its data directory.
-    home = REPO / ".build" / f"e2e-{uuid.uuid4().hex[:8]}"
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    home = tmp_path_factory.mktemp("stack-home")
     ports = dict(zip(PORTS, _free_ports(len(PORTS)), strict=True))
     env = {
         **{k: v for k, v in os.environ.items() if k not in ("SERVEGRID_DATABASE_URL", "SERVEGRID_REDIS_URL")},
@@ -93,6 +91,7 @@ def stack() -> Iterator[dict[str, str]]:
     finally:
         state = json.loads((home / "state.json").read_text()) if (home / "state.json").exists() else {}
         down = subprocess.run([*SERVEGRID, "down"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        shutil.rmtree(postgres_data_dir(home), ignore_errors=True)
         shutil.rmtree(home, ignore_errors=True)
         assert down.returncode == 0, down.stderr
         alive = [name for name, entry in state.items() if _running(entry["pid"])]
