@@ -5,12 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
-import grpc
 import typer
 from google.protobuf import json_format
 from rich.console import Console
@@ -19,32 +16,19 @@ from rich.table import Table
 from servegrid.batch.v1 import batch_pb2
 from servegrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from services.cli.errors import exit_on_rpc_error
-from services.stack.local import StackSettings, dev_issuer
+from services.cli.gateway import Metadata, TargetOpt, TokenOpt, gateway
 
 app = typer.Typer(no_args_is_help=True, help="Batch jobs: submit a JSONL file, watch it, fetch the results.")
 err = Console(stderr=True)
 
-TargetOpt = Annotated[str, typer.Option(envvar="SERVEGRID_TARGET", help="Envoy's address (default: the local one).")]
-TokenOpt = Annotated[str, typer.Option(envvar="SERVEGRID_TOKEN", help="JWT; default: a dev token.")]
 _ENDED = {batch_pb2.BATCH_JOB_STATE_SUCCEEDED, batch_pb2.BATCH_JOB_STATE_FAILED, batch_pb2.BATCH_JOB_STATE_CANCELLED}
-
-
-@contextmanager
-def _gateway(target: str, token: str) -> Iterator[tuple[gateway_pb2_grpc.GatewayServiceStub, list[tuple[str, str]]]]:
-    settings = StackSettings()
-    address = target or f"{settings.host}:{settings.envoy_port}"
-    metadata = [("authorization", f"Bearer {token or dev_issuer(settings).token(settings.dev_tenant)}")]
-    options = [("grpc.max_send_message_length", 256 << 20)]
-    with grpc.insecure_channel(address, options=options) as channel, exit_on_rpc_error():
-        yield gateway_pb2_grpc.GatewayServiceStub(channel), metadata
 
 
 def _state(job: batch_pb2.BatchJob) -> str:
     return batch_pb2.BatchJobState.Name(job.state).removeprefix("BATCH_JOB_STATE_")
 
 
-def _watch(stub: gateway_pb2_grpc.GatewayServiceStub, metadata: list[tuple[str, str]], job_id: str) -> str:
+def _watch(stub: gateway_pb2_grpc.GatewayServiceStub, metadata: Metadata, job_id: str) -> str:
     """Show a progress bar fed by WatchBatchJob until the job ends; returns its final state."""
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -95,7 +79,7 @@ def submit(
     request = gateway_pb2.CreateBatchJobRequest(
         model_id=model, version=version, priority=priority, idempotency_key=key, items_ndjson=data
     )
-    with _gateway(target, token) as (stub, metadata):
+    with gateway(target, token) as (stub, metadata):
         reply = stub.CreateBatchJob(request, metadata=metadata, timeout=300)
         job = reply.job
         verb = "submitted" if reply.created else "already submitted (same idempotency key)"
@@ -111,7 +95,7 @@ def submit(
 @app.command()
 def watch(job_id: str, target: TargetOpt = "", token: TokenOpt = "") -> None:
     """Live progress of a job until it ends."""
-    with _gateway(target, token) as (stub, metadata):
+    with gateway(target, token) as (stub, metadata):
         err.print(f"job {job_id} {_watch(stub, metadata, job_id)}")
 
 
@@ -123,7 +107,7 @@ def results(
     token: TokenOpt = "",
 ) -> None:
     """Write every result of a job as JSONL, in item order."""
-    with _gateway(target, token) as (stub, metadata):
+    with gateway(target, token) as (stub, metadata):
         sink = sys.stdout if str(output) == "-" else output.open("w")
         count = 0
         try:
@@ -140,7 +124,7 @@ def results(
 @app.command("list")
 def list_jobs(target: TargetOpt = "", token: TokenOpt = "") -> None:
     """The caller's jobs, newest first."""
-    with _gateway(target, token) as (stub, metadata):
+    with gateway(target, token) as (stub, metadata):
         reply = stub.ListBatchJobs(gateway_pb2.ListBatchJobsRequest(page_size=50), metadata=metadata)
         table = Table("job", "model", "state", "done", "failed", "total", "created")
         for job in reply.jobs:
@@ -159,6 +143,6 @@ def list_jobs(target: TargetOpt = "", token: TokenOpt = "") -> None:
 @app.command()
 def cancel(job_id: str, target: TargetOpt = "", token: TokenOpt = "") -> None:
     """Cancel a job: no new items start."""
-    with _gateway(target, token) as (stub, metadata):
+    with gateway(target, token) as (stub, metadata):
         job = stub.CancelBatchJob(gateway_pb2.CancelBatchJobRequest(job_id=job_id), metadata=metadata).job
         err.print(f"job {job_id} {_state(job)}")

