@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -168,6 +169,7 @@ async def bench(
     finally:
         triton.stop()
         broker.stop()
+        shutil.rmtree(work, ignore_errors=True)
         with psycopg.connect(database_url, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
     report["resnet_ratio_vs_direct_best"] = (

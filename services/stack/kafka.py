@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -69,6 +70,8 @@ class KafkaBroker:
     log_path: Path
     binary: Path = field(default_factory=tansu_binary)
     process: subprocess.Popen[bytes] | None = None
+    # A scratch folder start_broker made for the log; removed when the context manager exits.
+    scratch: Path | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -142,6 +145,8 @@ class KafkaBroker:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 def start_broker(
@@ -152,6 +157,9 @@ def start_broker(
     ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
 ) -> KafkaBroker:
     """Start tansu on `port` (0 picks a free one) and return it once it accepts connections."""
-    log = log_path or Path(tempfile.mkdtemp(prefix="servegrid-kafka-")) / "tansu.log"
-    broker = KafkaBroker(host=host, port=port or free_port(host), log_path=log)
+    scratch = None
+    if log_path is None:
+        scratch = Path(tempfile.mkdtemp(prefix="servegrid-kafka-"))
+        log_path = scratch / "tansu.log"
+    broker = KafkaBroker(host=host, port=port or free_port(host), log_path=log_path, scratch=scratch)
     return broker.start(ready_timeout_s)
