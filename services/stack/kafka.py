@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+
+from services.stack.ports import free_port, port_open
 
 DEFAULT_READY_TIMEOUT_S = 30.0
 DEFAULT_STOP_GRACE_S = 10.0
@@ -34,12 +34,6 @@ def tansu_binary() -> Path:
     return binary
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 def broker_command(binary: Path, host: str, port: int) -> list[str]:
     """tansu's argv: one in-memory broker, advertising the address clients dial."""
     url = f"tcp://{host}:{port}"
@@ -53,12 +47,6 @@ def broker_command(binary: Path, host: str, port: int) -> list[str]:
         "--storage-engine",
         "memory://tansu/",
     ]
-
-
-def _port_open(host: str, port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
-        return True
-    return False
 
 
 @dataclass
@@ -103,7 +91,7 @@ class KafkaBroker:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise BrokerStartError(f"tansu exited with {self.process.returncode}:\n{self.log_tail()}")
-            if _port_open(self.host, self.port):
+            if port_open(self.port, self.host):
                 return self
             time.sleep(0.05)
         self.stop()
@@ -123,7 +111,7 @@ class KafkaBroker:
                 process.wait()
         # A restart on the same port must not race the old listener's socket.
         deadline = time.monotonic() + grace_s
-        while _port_open(self.host, self.port) and time.monotonic() < deadline:
+        while port_open(self.port, self.host) and time.monotonic() < deadline:
             time.sleep(0.05)
         return process.returncode
 

@@ -16,7 +16,8 @@ from services.edge.devkeys import DevIssuer
 from services.edge.envoy_config import EnvoyParams, render_yaml
 from services.stack import datastores
 from services.stack.kafka import broker_command, tansu_binary
-from services.stack.supervisor import Part, port_in_use
+from services.stack.ports import port_open
+from services.stack.supervisor import Part
 from services.stack.triton import SHM_PREFIX, TritonDistribution, triton_command
 
 REPO = Path(__file__).resolve().parents[2]
@@ -191,7 +192,7 @@ def broker_part(settings: StackSettings) -> Part:
     return Part(
         name="kafka",
         argv=broker_command(tansu_binary(), host, port),
-        ready=lambda: port_in_use(port, host),
+        ready=lambda: port_open(port, host),
         ports={"kafka": port},
         cwd=settings.home,
         ready_timeout_s=settings.ready_timeout_s,

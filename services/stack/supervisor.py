@@ -6,12 +6,13 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from services.stack.ports import port_open
 
 ReadyCheck = Callable[[], bool]
 
@@ -65,12 +66,6 @@ def pid_alive(entry: Running) -> bool:
     return exe is not None and Path(exe).name == Path(entry.exe).name
 
 
-def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.2)
-        return sock.connect_ex((host, port)) == 0
-
-
 def log_tail(path: Path, lines: int = 25) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -106,7 +101,7 @@ class Supervisor:
         if current and pid_alive(current):
             return current
         for port_name, port in part.ports.items():
-            if port and port_in_use(port):
+            if port and port_open(port, timeout_s=0.2):
                 raise StackError(
                     f"{part.name}: port {port} ({port_name}) is already in use by another process; "
                     "stop it or choose another port (see `servegrid up --help`)"

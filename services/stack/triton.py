@@ -8,7 +8,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -21,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+
+from services.stack.ports import free_port, port_open
 
 SHM_DIR = Path("/dev/shm")
 # The Python backend's own default prefix; ours appends a per-instance token so cleanup can tell
@@ -264,13 +265,6 @@ def _group_alive(process_group: int) -> bool:
     return False
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS just reported free; a race with other processes is retried by start_triton."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 def start_triton(
     model_repository: Path | str,
     *,
@@ -375,16 +369,10 @@ def _wait_ready(instance: TritonInstance, timeout_s: float) -> None:
             contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError),
             urllib.request.urlopen(url, timeout=1.0) as response,
         ):
-            if response.status == 200 and _port_open(instance._client_host, instance.grpc_port):
+            if response.status == 200 and port_open(instance.grpc_port, instance._client_host, timeout_s=1.0):
                 return
         time.sleep(0.2)
     raise TritonStartError(f"tritonserver was not ready within {timeout_s:.0f}s")
-
-
-def _port_open(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(1.0)
-        return sock.connect_ex((host, port)) == 0
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -16,6 +16,7 @@ import pytest
 
 from scripts.smoke import examples, run
 from services.stack.datastores import postgres_data_dir
+from services.stack.ports import port_open
 
 pytestmark = pytest.mark.e2e
 
@@ -52,7 +53,7 @@ def _free_ports(count: int) -> list[int]:
 def _free_block(size: int) -> int:
     """A base port whose next `size` ports are free (the services' metrics ports)."""
     for base in range(20000, 60000, 97):
-        if all(not _in_use(base + i) for i in range(1, size + 1)):
+        if all(not port_open(base + i) for i in range(1, size + 1)):
             return base
     raise RuntimeError("no free port block")
 
@@ -63,11 +64,6 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
-
-
-def _in_use(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 @pytest.fixture(scope="module")

