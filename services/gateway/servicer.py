@@ -18,7 +18,7 @@ from services.gateway.identity import TENANT_HEADER, identity_from_metadata
 from services.gateway.tensors import TensorError, from_infer_response, to_infer_inputs
 from services.gateway.upstream import RouterClient
 from services.runtime import InvalidArgument, ServegridError
-from services.runtime.errors import internal_status
+from services.runtime.errors import abort_with, internal_status
 
 log = logging.getLogger(__name__)
 # Headers worth carrying to the router: the request id Envoy made, and the W3C/B3 trace context
@@ -50,8 +50,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         except Exception:
             log.exception("Infer failed unexpectedly")
             status = internal_status()
-        await context.abort(status.code, status.details, status.trailing_metadata)
-        raise AssertionError("unreachable: abort raises")
+        await abort_with(context, status)
 
     async def _infer(
         self, request: gateway_pb2.InferRequest, context: grpc.aio.ServicerContext

@@ -25,6 +25,7 @@ from services.runtime.errors import (
     InvalidArgument,
     ServegridError,
     Unavailable,
+    abort_with,
     internal_status,
 )
 
@@ -417,9 +418,7 @@ def _deadline(model_id: str) -> DeadlineExceeded:
 
 async def _abort(context: grpc.aio.ServicerContext, error: ServegridError) -> NoReturn:
     """Abort with the status and its ErrorInfo ourselves: this handler must not rely on an interceptor."""
-    status = error.to_grpc_status()
-    await context.abort(status.code, status.details, status.trailing_metadata)
-    raise AssertionError("abort returns only by raising")
+    await abort_with(context, error.to_grpc_status())
 
 
 async def _abort_backend(context: grpc.aio.ServicerContext, failure: BackendError) -> NoReturn:
@@ -429,6 +428,4 @@ async def _abort_backend(context: grpc.aio.ServicerContext, failure: BackendErro
 
 
 async def _abort_internal(context: grpc.aio.ServicerContext) -> NoReturn:
-    status = internal_status()
-    await context.abort(status.code, status.details, status.trailing_metadata)
-    raise AssertionError("abort returns only by raising")
+    await abort_with(context, internal_status())

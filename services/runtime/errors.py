@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from typing import ClassVar, NoReturn
 
 import grpc
 from google.protobuf import any_pb2
@@ -124,6 +124,12 @@ def internal_status() -> grpc.Status:
         details=[_pack(error_details_pb2.ErrorInfo(reason="INTERNAL", domain=DOMAIN))],
     )
     return rpc_status.to_status(status)
+
+
+async def abort_with(context: grpc.aio.ServicerContext, status: grpc.Status) -> NoReturn:
+    """End the call with `status`: its code, message and details (ErrorInfo) in trailing metadata."""
+    await context.abort(status.code, status.details, status.trailing_metadata)
+    raise AssertionError("abort returns only by raising")
 
 
 def status_details(

@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from services.runtime.errors import ServegridError, internal_status
+from services.runtime.errors import ServegridError, abort_with, internal_status
 from services.runtime.metrics import RPC_IN_FLIGHT, RPC_LATENCY, RPC_REQUESTS
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 code, status = _classify(exc, context, service, name)
                 if status is None:
                     raise
-                await context.abort(status.code, status.details, status.trailing_metadata)
+                await abort_with(context, status)
             finally:
                 in_flight.dec()
                 _record(service, name, code, started)
@@ -124,7 +124,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 code, status = _classify(exc, context, service, name)
                 if status is None:
                     raise
-                await context.abort(status.code, status.details, status.trailing_metadata)
+                await abort_with(context, status)
             finally:
                 in_flight.dec()
                 _record(service, name, code, started)
