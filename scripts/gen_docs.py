@@ -9,14 +9,13 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-import grpc_tools
 from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scripts.gen_protos import proto_files, stage_protodeps  # noqa: E402
+from scripts.gen_protos import protoc_command  # noqa: E402
 
 API_DOC = ROOT / "docs" / "api.md"
 CONFIG_DOC = ROOT / "docs" / "configuration.md"
@@ -35,25 +34,10 @@ SETTINGS = [
 
 
 def _descriptors() -> descriptor_pb2.FileDescriptorSet:
-    proto_dir = ROOT / "proto"
-    deps = stage_protodeps(ROOT)
-    wkt = Path(grpc_tools.__path__[0]) / "_proto"
+    base, files = protoc_command(ROOT)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "set.binpb"
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "grpc_tools.protoc",
-                f"-I{proto_dir}",
-                f"-I{deps}",
-                f"-I{wkt}",
-                "--include_source_info",
-                f"--descriptor_set_out={out}",
-                *proto_files(proto_dir),
-            ],
-            check=True,
-        )
+        subprocess.run([*base, "--include_source_info", f"--descriptor_set_out={out}", *files], check=True)
         return descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
 
 

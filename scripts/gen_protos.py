@@ -42,7 +42,7 @@ def proto_files(proto_dir: Path) -> list[str]:
     return sorted(str(p.relative_to(proto_dir)) for p in proto_dir.rglob("*.proto"))
 
 
-def _protoc(root: Path) -> tuple[list[str], list[str]]:
+def protoc_command(root: Path) -> tuple[list[str], list[str]]:
     """protoc's command with the include paths, and the proto files to compile."""
     proto_dir = root / "proto"
     deps = stage_protodeps(root)
@@ -56,7 +56,7 @@ def generate(root: Path, out: Path) -> None:
     """Write the whole of gen/ for the protos under `root`/proto into `out`."""
     python_out = out / "python"
     python_out.mkdir(parents=True, exist_ok=True)
-    base, files = _protoc(root)
+    base, files = protoc_command(root)
     bindir = Path(sys.executable).parent
     subprocess.run(
         [
@@ -85,7 +85,7 @@ def generate_typescript(root: Path, ts_out: Path) -> bool:
     plugin = ts_plugin(root)
     if plugin is None:
         return False
-    base, files = _protoc(root)
+    base, files = protoc_command(root)
     ts_out.mkdir(parents=True, exist_ok=True)
     subprocess.run(
         [
