@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from services.edge.settings import EdgeSettings
 from services.stack.local import StackSettings, dev_issuer, stack_endpoints
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys: create (shown once), list, revoke.")
@@ -28,9 +29,7 @@ def token(
     print(issuer.token(tenant, subject=subject, roles=role or ["user"], ttl_s=ttl_s))
 
 
-def _edge_settings() -> object:
-    from services.edge.settings import EdgeSettings
-
+def _edge_settings() -> EdgeSettings:
     endpoints = stack_endpoints(StackSettings())
     if endpoints is None:
         err.print("[red]the local stack is not up; run `servegrid up` (or `make up`) first[/]")
@@ -48,7 +47,7 @@ def create_key(
     from services.edge.keys import KeyAdmin
 
     async def run() -> None:
-        async with KeyAdmin.connect(_edge_settings()) as admin:  # type: ignore[arg-type]
+        async with KeyAdmin.connect(_edge_settings()) as admin:
             record, key = await admin.create(tenant, role or ["user"], description)
             print(json.dumps({"key_id": record.key_id, "tenant": tenant, "roles": list(record.roles), "api_key": key}))
             err.print("the api_key is shown only once: store it now (send it as the x-api-key header)")
@@ -62,7 +61,7 @@ def list_keys(tenant: Annotated[str | None, typer.Option(help="Only this tenant'
     from services.edge.keys import KeyAdmin
 
     async def run() -> None:
-        async with KeyAdmin.connect(_edge_settings()) as admin:  # type: ignore[arg-type]
+        async with KeyAdmin.connect(_edge_settings()) as admin:
             table = Table("key id", "tenant", "roles", "created", "revoked")
             for record in await admin.list(tenant):
                 table.add_row(
@@ -83,7 +82,7 @@ def revoke_key(key_id: str) -> None:
     from services.edge.keys import KeyAdmin
 
     async def run() -> bool:
-        async with KeyAdmin.connect(_edge_settings()) as admin:  # type: ignore[arg-type]
+        async with KeyAdmin.connect(_edge_settings()) as admin:
             return await admin.revoke(key_id)
 
     if not asyncio.run(run()):
