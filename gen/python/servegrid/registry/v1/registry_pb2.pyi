@@ -386,6 +386,7 @@ class Backend(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    HTTP_ADDRESS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, "backends/{backend_id}"."""
     backend_id: _builtins.str
@@ -396,6 +397,10 @@ class Backend(_message.Message):
     """Relative weight for LOAD_BALANCING_WEIGHTED, default 1."""
     etag: _builtins.str
     """Changes on every write."""
+    http_address: _builtins.str
+    """KServe v2 HTTP/REST address, "host:port"; empty when the backend serves gRPC only (the
+    data plane then answers `/v2/...` REST calls for its models with 503).
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Labels, for example {"zone": "a", "accelerator": "cpu"}."""
@@ -424,10 +429,11 @@ class Backend(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         etag: _builtins.str = ...,
+        http_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backend_id", b"backend_id", "create_time", b"create_time", "etag", b"etag", "labels", b"labels", "name", b"name", "triton_models", b"triton_models", "update_time", b"update_time", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backend_id", b"backend_id", "create_time", b"create_time", "etag", b"etag", "http_address", b"http_address", "labels", b"labels", "name", b"name", "triton_models", b"triton_models", "update_time", b"update_time", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -530,22 +536,26 @@ class RouteBackend(_message.Message):
     BACKEND_ID_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
     WEIGHT_FIELD_NUMBER: _builtins.int
+    HTTP_ADDRESS_FIELD_NUMBER: _builtins.int
     backend_id: _builtins.str
     """Backend id."""
     address: _builtins.str
     """gRPC address, "host:port"."""
     weight: _builtins.int
     """Relative weight for weighted balancing."""
+    http_address: _builtins.str
+    """KServe v2 HTTP/REST address, "host:port"; empty when it serves gRPC only."""
     def __init__(
         self,
         *,
         backend_id: _builtins.str = ...,
         address: _builtins.str = ...,
         weight: _builtins.int = ...,
+        http_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backend_id", b"backend_id", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backend_id", b"backend_id", "http_address", b"http_address", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

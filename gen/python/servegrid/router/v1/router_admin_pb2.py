@@ -28,17 +28,31 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from servegrid.registry.v1 import registry_pb2 as servegrid_dot_registry_dot_v1_dot_registry__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&servegrid/router/v1/router_admin.proto\x12\x13servegrid.router.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a$servegrid/registry/v1/registry.proto\"\xd9\x02\n\rBackendStatus\x12\x12\n\nbackend_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x32\n\x06health\x18\x03 \x01(\x0e\x32\".servegrid.router.v1.BackendHealth\x12\x38\n\rbreaker_state\x18\x04 \x01(\x0e\x32!.servegrid.router.v1.BreakerState\x12\x0f\n\x07\x64rained\x18\x05 \x01(\x08\x12\x11\n\tin_flight\x18\x06 \x01(\x05\x12\x17\n\x0f\x65wma_latency_ms\x18\x07 \x01(\x01\x12\x16\n\x0erequests_total\x18\x08 \x01(\x03\x12\x16\n\x0e\x66\x61ilures_total\x18\t \x01(\x03\x12\x31\n\rejected_until\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rtriton_models\x18\x0b \x03(\t\"<\n\x13ListBackendsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"e\n\x14ListBackendsResponse\x12\x34\n\x08\x62\x61\x63kends\x18\x01 \x03(\x0b\x32\".servegrid.router.v1.BackendStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"/\n\x13\x44rainBackendRequest\x12\x18\n\nbackend_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"K\n\x14\x44rainBackendResponse\x12\x33\n\x07\x62\x61\x63kend\x18\x01 \x01(\x0b\x32\".servegrid.router.v1.BackendStatus\"1\n\x15UndrainBackendRequest\x12\x18\n\nbackend_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"M\n\x16UndrainBackendResponse\x12\x33\n\x07\x62\x61\x63kend\x18\x01 \x01(\x0b\x32\".servegrid.router.v1.BackendStatus\"\x16\n\x14GetRouteTableRequest\"\xa4\x01\n\x15GetRouteTableResponse\x12,\n\x06routes\x18\x01 \x03(\x0b\x32\x1c.servegrid.registry.v1.Route\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x1a\n\x12registry_connected\x18\x03 \x01(\x08\x12/\n\x0bupdate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*i\n\rBackendHealth\x12\x1e\n\x1a\x42\x41\x43KEND_HEALTH_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x42\x41\x43KEND_HEALTH_HEALTHY\x10\x01\x12\x1c\n\x18\x42\x41\x43KEND_HEALTH_UNHEALTHY\x10\x02*|\n\x0c\x42reakerState\x12\x1d\n\x19\x42REAKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42REAKER_STATE_CLOSED\x10\x01\x12\x16\n\x12\x42REAKER_STATE_OPEN\x10\x02\x12\x1b\n\x17\x42REAKER_STATE_HALF_OPEN\x10\x03\x32\xd5\x04\n\x12RouterAdminService\x12\x80\x01\n\x0cListBackends\x12(.servegrid.router.v1.ListBackendsRequest\x1a).servegrid.router.v1.ListBackendsResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/router/backends\x12\x96\x01\n\x0c\x44rainBackend\x12(.servegrid.router.v1.DrainBackendRequest\x1a).servegrid.router.v1.DrainBackendResponse\"1\x82\xd3\xe4\x93\x02+\"&/v1/router/backends/{backend_id}:drain:\x01*\x12\x9e\x01\n\x0eUndrainBackend\x12*.servegrid.router.v1.UndrainBackendRequest\x1a+.servegrid.router.v1.UndrainBackendResponse\"3\x82\xd3\xe4\x93\x02-\"(/v1/router/backends/{backend_id}:undrain:\x01*\x12\x81\x01\n\rGetRouteTable\x12).servegrid.router.v1.GetRouteTableRequest\x1a*.servegrid.router.v1.GetRouteTableResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/router/routesb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&servegrid/router/v1/router_admin.proto\x12\x13servegrid.router.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a$servegrid/registry/v1/registry.proto\"\xe2\x03\n\rBackendStatus\x12\x12\n\nbackend_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x32\n\x06health\x18\x03 \x01(\x0e\x32\".servegrid.router.v1.BackendHealth\x12<\n\rbreaker_state\x18\x04 \x01(\x0e\x32!.servegrid.router.v1.BreakerStateB\x02\x18\x01\x12\x0f\n\x07\x64rained\x18\x05 \x01(\x08\x12\x15\n\tin_flight\x18\x06 \x01(\x05\x42\x02\x18\x01\x12\x1b\n\x0f\x65wma_latency_ms\x18\x07 \x01(\x01\x42\x02\x18\x01\x12\x1a\n\x0erequests_total\x18\x08 \x01(\x03\x42\x02\x18\x01\x12\x1a\n\x0e\x66\x61ilures_total\x18\t \x01(\x03\x42\x02\x18\x01\x12\x35\n\rejected_until\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x02\x18\x01\x12\x15\n\rtriton_models\x18\x0b \x03(\t\x12:\n\x0e\x65ndpoint_state\x18\x0c \x01(\x0e\x32\".servegrid.router.v1.EndpointState\x12\x1d\n\x15unready_triton_models\x18\r \x03(\t\x12\x14\n\x0chttp_address\x18\x0e \x01(\t\"<\n\x13ListBackendsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"e\n\x14ListBackendsResponse\x12\x34\n\x08\x62\x61\x63kends\x18\x01 \x03(\x0b\x32\".servegrid.router.v1.BackendStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"/\n\x13\x44rainBackendRequest\x12\x18\n\nbackend_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"K\n\x14\x44rainBackendResponse\x12\x33\n\x07\x62\x61\x63kend\x18\x01 \x01(\x0b\x32\".servegrid.router.v1.BackendStatus\"1\n\x15UndrainBackendRequest\x12\x18\n\nbackend_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"M\n\x16UndrainBackendResponse\x12\x33\n\x07\x62\x61\x63kend\x18\x01 \x01(\x0b\x32\".servegrid.router.v1.BackendStatus\"\x16\n\x14GetRouteTableRequest\"\xa9\x02\n\x15GetRouteTableResponse\x12,\n\x06routes\x18\x01 \x03(\x0b\x32\x1c.servegrid.registry.v1.Route\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x1a\n\x12registry_connected\x18\x03 \x01(\x08\x12/\n\x0bupdate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10snapshot_version\x18\x05 \x01(\t\x12.\n\x06\x65nvoys\x18\x06 \x03(\x0b\x32\x1e.servegrid.router.v1.EnvoyNode\x12\x39\n\x0elast_rejection\x18\x07 \x01(\x0b\x32!.servegrid.router.v1.XdsRejection\"\xf6\x01\n\tEnvoyNode\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0cnode_cluster\x18\x02 \x01(\t\x12I\n\x0e\x61\x63ked_versions\x18\x03 \x03(\x0b\x32\x31.servegrid.router.v1.EnvoyNode.AckedVersionsEntry\x12\x0f\n\x07in_sync\x18\x04 \x01(\x08\x12\x30\n\x0c\x63onnect_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a\x34\n\x12\x41\x63kedVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x82\x01\n\x0cXdsRejection\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x15\n\rresource_type\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*i\n\rBackendHealth\x12\x1e\n\x1a\x42\x41\x43KEND_HEALTH_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x42\x41\x43KEND_HEALTH_HEALTHY\x10\x01\x12\x1c\n\x18\x42\x41\x43KEND_HEALTH_UNHEALTHY\x10\x02*\x86\x01\n\rEndpointState\x12\x1e\n\x1a\x45NDPOINT_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x45NDPOINT_STATE_HEALTHY\x10\x01\x12\x1c\n\x18\x45NDPOINT_STATE_UNHEALTHY\x10\x02\x12\x1b\n\x17\x45NDPOINT_STATE_DRAINING\x10\x03*|\n\x0c\x42reakerState\x12\x1d\n\x19\x42REAKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42REAKER_STATE_CLOSED\x10\x01\x12\x16\n\x12\x42REAKER_STATE_OPEN\x10\x02\x12\x1b\n\x17\x42REAKER_STATE_HALF_OPEN\x10\x03\x32\xd5\x04\n\x12RouterAdminService\x12\x80\x01\n\x0cListBackends\x12(.servegrid.router.v1.ListBackendsRequest\x1a).servegrid.router.v1.ListBackendsResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/router/backends\x12\x96\x01\n\x0c\x44rainBackend\x12(.servegrid.router.v1.DrainBackendRequest\x1a).servegrid.router.v1.DrainBackendResponse\"1\x82\xd3\xe4\x93\x02+\"&/v1/router/backends/{backend_id}:drain:\x01*\x12\x9e\x01\n\x0eUndrainBackend\x12*.servegrid.router.v1.UndrainBackendRequest\x1a+.servegrid.router.v1.UndrainBackendResponse\"3\x82\xd3\xe4\x93\x02-\"(/v1/router/backends/{backend_id}:undrain:\x01*\x12\x81\x01\n\rGetRouteTable\x12).servegrid.router.v1.GetRouteTableRequest\x1a*.servegrid.router.v1.GetRouteTableResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/router/routesb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'servegrid.router.v1.router_admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_BACKENDSTATUS'].fields_by_name['breaker_state']._loaded_options = None
+  _globals['_BACKENDSTATUS'].fields_by_name['breaker_state']._serialized_options = b'\030\001'
+  _globals['_BACKENDSTATUS'].fields_by_name['in_flight']._loaded_options = None
+  _globals['_BACKENDSTATUS'].fields_by_name['in_flight']._serialized_options = b'\030\001'
+  _globals['_BACKENDSTATUS'].fields_by_name['ewma_latency_ms']._loaded_options = None
+  _globals['_BACKENDSTATUS'].fields_by_name['ewma_latency_ms']._serialized_options = b'\030\001'
+  _globals['_BACKENDSTATUS'].fields_by_name['requests_total']._loaded_options = None
+  _globals['_BACKENDSTATUS'].fields_by_name['requests_total']._serialized_options = b'\030\001'
+  _globals['_BACKENDSTATUS'].fields_by_name['failures_total']._loaded_options = None
+  _globals['_BACKENDSTATUS'].fields_by_name['failures_total']._serialized_options = b'\030\001'
+  _globals['_BACKENDSTATUS'].fields_by_name['ejected_until']._loaded_options = None
+  _globals['_BACKENDSTATUS'].fields_by_name['ejected_until']._serialized_options = b'\030\001'
   _globals['_DRAINBACKENDREQUEST'].fields_by_name['backend_id']._loaded_options = None
   _globals['_DRAINBACKENDREQUEST'].fields_by_name['backend_id']._serialized_options = b'\342A\001\002'
   _globals['_UNDRAINBACKENDREQUEST'].fields_by_name['backend_id']._loaded_options = None
   _globals['_UNDRAINBACKENDREQUEST'].fields_by_name['backend_id']._serialized_options = b'\342A\001\002'
+  _globals['_ENVOYNODE_ACKEDVERSIONSENTRY']._loaded_options = None
+  _globals['_ENVOYNODE_ACKEDVERSIONSENTRY']._serialized_options = b'8\001'
   _globals['_ROUTERADMINSERVICE'].methods_by_name['ListBackends']._loaded_options = None
   _globals['_ROUTERADMINSERVICE'].methods_by_name['ListBackends']._serialized_options = b'\202\323\344\223\002\025\022\023/v1/router/backends'
   _globals['_ROUTERADMINSERVICE'].methods_by_name['DrainBackend']._loaded_options = None
@@ -47,28 +61,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTERADMINSERVICE'].methods_by_name['UndrainBackend']._serialized_options = b'\202\323\344\223\002-\"(/v1/router/backends/{backend_id}:undrain:\001*'
   _globals['_ROUTERADMINSERVICE'].methods_by_name['GetRouteTable']._loaded_options = None
   _globals['_ROUTERADMINSERVICE'].methods_by_name['GetRouteTable']._serialized_options = b'\202\323\344\223\002\023\022\021/v1/router/routes'
-  _globals['_BACKENDHEALTH']._serialized_start=1157
-  _globals['_BACKENDHEALTH']._serialized_end=1262
-  _globals['_BREAKERSTATE']._serialized_start=1264
-  _globals['_BREAKERSTATE']._serialized_end=1388
+  _globals['_BACKENDHEALTH']._serialized_start=1809
+  _globals['_BACKENDHEALTH']._serialized_end=1914
+  _globals['_ENDPOINTSTATE']._serialized_start=1917
+  _globals['_ENDPOINTSTATE']._serialized_end=2051
+  _globals['_BREAKERSTATE']._serialized_start=2053
+  _globals['_BREAKERSTATE']._serialized_end=2177
   _globals['_BACKENDSTATUS']._serialized_start=198
-  _globals['_BACKENDSTATUS']._serialized_end=543
-  _globals['_LISTBACKENDSREQUEST']._serialized_start=545
-  _globals['_LISTBACKENDSREQUEST']._serialized_end=605
-  _globals['_LISTBACKENDSRESPONSE']._serialized_start=607
-  _globals['_LISTBACKENDSRESPONSE']._serialized_end=708
-  _globals['_DRAINBACKENDREQUEST']._serialized_start=710
-  _globals['_DRAINBACKENDREQUEST']._serialized_end=757
-  _globals['_DRAINBACKENDRESPONSE']._serialized_start=759
-  _globals['_DRAINBACKENDRESPONSE']._serialized_end=834
-  _globals['_UNDRAINBACKENDREQUEST']._serialized_start=836
-  _globals['_UNDRAINBACKENDREQUEST']._serialized_end=885
-  _globals['_UNDRAINBACKENDRESPONSE']._serialized_start=887
-  _globals['_UNDRAINBACKENDRESPONSE']._serialized_end=964
-  _globals['_GETROUTETABLEREQUEST']._serialized_start=966
-  _globals['_GETROUTETABLEREQUEST']._serialized_end=988
-  _globals['_GETROUTETABLERESPONSE']._serialized_start=991
-  _globals['_GETROUTETABLERESPONSE']._serialized_end=1155
-  _globals['_ROUTERADMINSERVICE']._serialized_start=1391
-  _globals['_ROUTERADMINSERVICE']._serialized_end=1988
+  _globals['_BACKENDSTATUS']._serialized_end=680
+  _globals['_LISTBACKENDSREQUEST']._serialized_start=682
+  _globals['_LISTBACKENDSREQUEST']._serialized_end=742
+  _globals['_LISTBACKENDSRESPONSE']._serialized_start=744
+  _globals['_LISTBACKENDSRESPONSE']._serialized_end=845
+  _globals['_DRAINBACKENDREQUEST']._serialized_start=847
+  _globals['_DRAINBACKENDREQUEST']._serialized_end=894
+  _globals['_DRAINBACKENDRESPONSE']._serialized_start=896
+  _globals['_DRAINBACKENDRESPONSE']._serialized_end=971
+  _globals['_UNDRAINBACKENDREQUEST']._serialized_start=973
+  _globals['_UNDRAINBACKENDREQUEST']._serialized_end=1022
+  _globals['_UNDRAINBACKENDRESPONSE']._serialized_start=1024
+  _globals['_UNDRAINBACKENDRESPONSE']._serialized_end=1101
+  _globals['_GETROUTETABLEREQUEST']._serialized_start=1103
+  _globals['_GETROUTETABLEREQUEST']._serialized_end=1125
+  _globals['_GETROUTETABLERESPONSE']._serialized_start=1128
+  _globals['_GETROUTETABLERESPONSE']._serialized_end=1425
+  _globals['_ENVOYNODE']._serialized_start=1428
+  _globals['_ENVOYNODE']._serialized_end=1674
+  _globals['_ENVOYNODE_ACKEDVERSIONSENTRY']._serialized_start=1622
+  _globals['_ENVOYNODE_ACKEDVERSIONSENTRY']._serialized_end=1674
+  _globals['_XDSREJECTION']._serialized_start=1677
+  _globals['_XDSREJECTION']._serialized_end=1807
+  _globals['_ROUTERADMINSERVICE']._serialized_start=2180
+  _globals['_ROUTERADMINSERVICE']._serialized_end=2777
 # @@protoc_insertion_point(module_scope)

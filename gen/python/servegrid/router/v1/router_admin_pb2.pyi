@@ -19,6 +19,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class _BackendHealth:
@@ -32,7 +37,7 @@ class _BackendHealthEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Backend
     BACKEND_HEALTH_HEALTHY: _BackendHealth.ValueType  # 1
     """Probes pass."""
     BACKEND_HEALTH_UNHEALTHY: _BackendHealth.ValueType  # 2
-    """Probes fail or the backend was ejected for errors."""
+    """Probes fail."""
 
 class BackendHealth(_BackendHealth, metaclass=_BackendHealthEnumTypeWrapper):
     """BackendHealth is what the router's probes and outlier detection think of a backend."""
@@ -42,8 +47,36 @@ BACKEND_HEALTH_UNSPECIFIED: BackendHealth.ValueType  # 0
 BACKEND_HEALTH_HEALTHY: BackendHealth.ValueType  # 1
 """Probes pass."""
 BACKEND_HEALTH_UNHEALTHY: BackendHealth.ValueType  # 2
-"""Probes fail or the backend was ejected for errors."""
+"""Probes fail."""
 Global___BackendHealth: _TypeAlias = BackendHealth  # noqa: Y015
+
+class _EndpointState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EndpointStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EndpointState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ENDPOINT_STATE_UNSPECIFIED: _EndpointState.ValueType  # 0
+    """Not told yet."""
+    ENDPOINT_STATE_HEALTHY: _EndpointState.ValueType  # 1
+    """Envoy may send it requests."""
+    ENDPOINT_STATE_UNHEALTHY: _EndpointState.ValueType  # 2
+    """Envoy sends it nothing: probes fail, or the model is not loaded on it."""
+    ENDPOINT_STATE_DRAINING: _EndpointState.ValueType  # 3
+    """Drained by an operator: no new requests, those in flight finish."""
+
+class EndpointState(_EndpointState, metaclass=_EndpointStateEnumTypeWrapper):
+    """EndpointState is what the router tells Envoy about a backend (the EDS health status)."""
+
+ENDPOINT_STATE_UNSPECIFIED: EndpointState.ValueType  # 0
+"""Not told yet."""
+ENDPOINT_STATE_HEALTHY: EndpointState.ValueType  # 1
+"""Envoy may send it requests."""
+ENDPOINT_STATE_UNHEALTHY: EndpointState.ValueType  # 2
+"""Envoy sends it nothing: probes fail, or the model is not loaded on it."""
+ENDPOINT_STATE_DRAINING: EndpointState.ValueType  # 3
+"""Drained by an operator: no new requests, those in flight finish."""
+Global___EndpointState: _TypeAlias = EndpointState  # noqa: Y015
 
 class _BreakerState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -61,7 +94,9 @@ class _BreakerStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BreakerS
     """Cool-down over: a few trial requests decide whether to close or open again."""
 
 class BreakerState(_BreakerState, metaclass=_BreakerStateEnumTypeWrapper):
-    """BreakerState is the state of a backend's circuit breaker."""
+    """BreakerState was the state of the router's own circuit breaker. Deprecated: breakers and outlier
+    ejection now live in Envoy (see Envoy's `/clusters` admin page); kept for wire compatibility.
+    """
 
 BREAKER_STATE_UNSPECIFIED: BreakerState.ValueType  # 0
 """Not set."""
@@ -90,31 +125,83 @@ class BackendStatus(_message.Message):
     FAILURES_TOTAL_FIELD_NUMBER: _builtins.int
     EJECTED_UNTIL_FIELD_NUMBER: _builtins.int
     TRITON_MODELS_FIELD_NUMBER: _builtins.int
+    ENDPOINT_STATE_FIELD_NUMBER: _builtins.int
+    UNREADY_TRITON_MODELS_FIELD_NUMBER: _builtins.int
+    HTTP_ADDRESS_FIELD_NUMBER: _builtins.int
     backend_id: _builtins.str
     """Backend id."""
     address: _builtins.str
     """gRPC address."""
     health: Global___BackendHealth.ValueType
     """Probe verdict."""
-    breaker_state: Global___BreakerState.ValueType
-    """Circuit breaker state."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def breaker_state(self) -> Global___BreakerState.ValueType:
+        """Deprecated: breakers live in Envoy now; always unset."""
+
+    @breaker_state.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def breaker_state(self, value: Global___BreakerState.ValueType) -> None:
+        """Deprecated: breakers live in Envoy now; always unset."""
+
     drained: _builtins.bool
     """True while drained by an operator."""
-    in_flight: _builtins.int
-    """Requests in flight now."""
-    ewma_latency_ms: _builtins.float
-    """Exponentially weighted moving average of latency, in milliseconds."""
-    requests_total: _builtins.int
-    """Requests sent since the router started."""
-    failures_total: _builtins.int
-    """Requests that failed since the router started."""
     @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def in_flight(self) -> _builtins.int:
+        """Deprecated: the router no longer carries requests; always 0 (Envoy's cluster stats have it)."""
+
+    @in_flight.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def in_flight(self, value: _builtins.int) -> None:
+        """Deprecated: the router no longer carries requests; always 0 (Envoy's cluster stats have it)."""
+
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def ewma_latency_ms(self) -> _builtins.float:
+        """Deprecated: always 0 (Envoy's cluster stats have latency)."""
+
+    @ewma_latency_ms.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def ewma_latency_ms(self, value: _builtins.float) -> None:
+        """Deprecated: always 0 (Envoy's cluster stats have latency)."""
+
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def requests_total(self) -> _builtins.int:
+        """Deprecated: always 0 (Envoy's `upstream_rq_total`)."""
+
+    @requests_total.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def requests_total(self, value: _builtins.int) -> None:
+        """Deprecated: always 0 (Envoy's `upstream_rq_total`)."""
+
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def failures_total(self) -> _builtins.int:
+        """Deprecated: always 0 (Envoy's `upstream_rq_5xx`)."""
+
+    @failures_total.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def failures_total(self, value: _builtins.int) -> None:
+        """Deprecated: always 0 (Envoy's `upstream_rq_5xx`)."""
+
+    endpoint_state: Global___EndpointState.ValueType
+    """What Envoy is told about this backend, for the Triton models it serves."""
+    http_address: _builtins.str
+    """KServe v2 HTTP address, "host:port"; empty when unknown."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
     def ejected_until(self) -> _timestamp_pb2.Timestamp:
-        """When an outlier ejection ends, if ejected."""
+        """Deprecated: outlier ejection lives in Envoy now; always unset."""
 
     @_builtins.property
     def triton_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Triton model names this backend serves in the routing table."""
+
+    @_builtins.property
+    def unready_triton_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Triton models the probes found not ready on this backend (Envoy gets no traffic for them here)."""
 
     def __init__(
         self,
@@ -130,10 +217,13 @@ class BackendStatus(_message.Message):
         failures_total: _builtins.int = ...,
         ejected_until: _timestamp_pb2.Timestamp | None = ...,
         triton_models: _abc.Iterable[_builtins.str] | None = ...,
+        endpoint_state: Global___EndpointState.ValueType = ...,
+        unready_triton_models: _abc.Iterable[_builtins.str] | None = ...,
+        http_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ejected_until", b"ejected_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backend_id", b"backend_id", "breaker_state", b"breaker_state", "drained", b"drained", "ejected_until", b"ejected_until", "ewma_latency_ms", b"ewma_latency_ms", "failures_total", b"failures_total", "health", b"health", "in_flight", b"in_flight", "requests_total", b"requests_total", "triton_models", b"triton_models"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backend_id", b"backend_id", "breaker_state", b"breaker_state", "drained", b"drained", "ejected_until", b"ejected_until", "endpoint_state", b"endpoint_state", "ewma_latency_ms", b"ewma_latency_ms", "failures_total", b"failures_total", "health", b"health", "http_address", b"http_address", "in_flight", b"in_flight", "requests_total", b"requests_total", "triton_models", b"triton_models", "unready_triton_models", b"unready_triton_models"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -312,11 +402,18 @@ class GetRouteTableResponse(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     REGISTRY_CONNECTED_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_VERSION_FIELD_NUMBER: _builtins.int
+    ENVOYS_FIELD_NUMBER: _builtins.int
+    LAST_REJECTION_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     """Revision of the table, as the registry numbered it."""
     registry_connected: _builtins.bool
     """True while the WatchRoutes stream to the registry is up; false means the router serves its
     last-known table.
+    """
+    snapshot_version: _builtins.str
+    """Version of the xDS snapshot this replica serves now (derived from `revision`, so every
+    replica serving the same table and health names it the same).
     """
     @_builtins.property
     def routes(self) -> _containers.RepeatedCompositeFieldContainer[_registry_pb2.Route]:
@@ -326,6 +423,14 @@ class GetRouteTableResponse(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When the table last changed."""
 
+    @_builtins.property
+    def envoys(self) -> _containers.RepeatedCompositeFieldContainer[Global___EnvoyNode]:
+        """Every Envoy connected to this replica, with what it accepted."""
+
+    @_builtins.property
+    def last_rejection(self) -> Global___XdsRejection:
+        """The last snapshot an Envoy rejected, if any (it keeps serving the one before)."""
+
     def __init__(
         self,
         *,
@@ -333,11 +438,118 @@ class GetRouteTableResponse(_message.Message):
         revision: _builtins.int = ...,
         registry_connected: _builtins.bool = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        snapshot_version: _builtins.str = ...,
+        envoys: _abc.Iterable[Global___EnvoyNode] | None = ...,
+        last_rejection: Global___XdsRejection | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_rejection", b"last_rejection", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["registry_connected", b"registry_connected", "revision", b"revision", "routes", b"routes", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["envoys", b"envoys", "last_rejection", b"last_rejection", "registry_connected", b"registry_connected", "revision", b"revision", "routes", b"routes", "snapshot_version", b"snapshot_version", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetRouteTableResponse: _TypeAlias = GetRouteTableResponse  # noqa: Y015
+
+@_typing.final
+class EnvoyNode(_message.Message):
+    """EnvoyNode is one Envoy connected to this router's ADS stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class AckedVersionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    NODE_CLUSTER_FIELD_NUMBER: _builtins.int
+    ACKED_VERSIONS_FIELD_NUMBER: _builtins.int
+    IN_SYNC_FIELD_NUMBER: _builtins.int
+    CONNECT_TIME_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    """The Envoy's node id (`--service-node` or its bootstrap `node.id`)."""
+    node_cluster: _builtins.str
+    """The Envoy's node cluster."""
+    in_sync: _builtins.bool
+    """True while the last snapshot sent to this Envoy has been accepted for every type."""
+    @_builtins.property
+    def acked_versions(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Version accepted (ACKed) for each resource type, by short name: "clusters", "endpoints",
+        "listeners", "routes".
+        """
+
+    @_builtins.property
+    def connect_time(self) -> _timestamp_pb2.Timestamp:
+        """When the stream opened."""
+
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        node_cluster: _builtins.str = ...,
+        acked_versions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        in_sync: _builtins.bool = ...,
+        connect_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connect_time", b"connect_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_versions", b"acked_versions", "connect_time", b"connect_time", "in_sync", b"in_sync", "node_cluster", b"node_cluster", "node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnvoyNode: _TypeAlias = EnvoyNode  # noqa: Y015
+
+@_typing.final
+class XdsRejection(_message.Message):
+    """XdsRejection is a snapshot an Envoy refused (a NACK)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    RESOURCE_TYPE_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    """The Envoy that refused it."""
+    resource_type: _builtins.str
+    """Resource type, by short name ("clusters", "routes", …)."""
+    version: _builtins.str
+    """The version refused."""
+    message: _builtins.str
+    """Envoy's error message."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When it was refused."""
+
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        resource_type: _builtins.str = ...,
+        version: _builtins.str = ...,
+        message: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "node_id", b"node_id", "resource_type", b"resource_type", "time", b"time", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___XdsRejection: _TypeAlias = XdsRejection  # noqa: Y015

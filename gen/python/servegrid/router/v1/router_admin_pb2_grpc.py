@@ -26,12 +26,14 @@ if _version_not_supported:
 
 
 class RouterAdminServiceStub:
-    """RouterAdminService lets operators see and steer a router replica: backend health, circuit
-    breakers, draining, and the routing table it holds.
+    """RouterAdminService lets operators see and steer a router replica: backend health, draining,
+    the routing table it holds and the configuration each Envoy has accepted.
 
-    The router's data plane is not here: it serves the KServe v2 `inference.GRPCInferenceService`
-    (the protocol of Triton and tritonclient) unchanged, using the generated module that
-    tritonclient ships, so any KServe v2 client works through it.
+    The router is the data plane's control plane: it turns the registry's routes and its own
+    readiness probes into xDS snapshots and serves them to every Envoy over the Aggregated Discovery
+    Service (`envoy.service.discovery.v3.AggregatedDiscoveryService`) on the same port. Inference
+    (KServe v2 `inference.GRPCInferenceService`, gRPC and REST) flows through Envoy, never through
+    the router.
     """
 
     def __init__(self, channel):
@@ -63,12 +65,14 @@ class RouterAdminServiceStub:
 
 
 class RouterAdminServiceServicer:
-    """RouterAdminService lets operators see and steer a router replica: backend health, circuit
-    breakers, draining, and the routing table it holds.
+    """RouterAdminService lets operators see and steer a router replica: backend health, draining,
+    the routing table it holds and the configuration each Envoy has accepted.
 
-    The router's data plane is not here: it serves the KServe v2 `inference.GRPCInferenceService`
-    (the protocol of Triton and tritonclient) unchanged, using the generated module that
-    tritonclient ships, so any KServe v2 client works through it.
+    The router is the data plane's control plane: it turns the registry's routes and its own
+    readiness probes into xDS snapshots and serves them to every Envoy over the Aggregated Discovery
+    Service (`envoy.service.discovery.v3.AggregatedDiscoveryService`) on the same port. Inference
+    (KServe v2 `inference.GRPCInferenceService`, gRPC and REST) flows through Envoy, never through
+    the router.
     """
 
     def ListBackends(self, request, context):
@@ -79,7 +83,8 @@ class RouterAdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DrainBackend(self, request, context):
-        """Stops sending new requests to a backend; requests in flight finish.
+        """Stops sending new requests to a backend: Envoy is told the endpoint is DRAINING; requests in
+        flight finish.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -93,7 +98,8 @@ class RouterAdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetRouteTable(self, request, context):
-        """Returns the routing table this router holds and how fresh it is.
+        """Returns the routing table this router holds, how fresh it is, the xDS snapshot it serves and
+        the version each connected Envoy has accepted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -131,12 +137,14 @@ def add_RouterAdminServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class RouterAdminService:
-    """RouterAdminService lets operators see and steer a router replica: backend health, circuit
-    breakers, draining, and the routing table it holds.
+    """RouterAdminService lets operators see and steer a router replica: backend health, draining,
+    the routing table it holds and the configuration each Envoy has accepted.
 
-    The router's data plane is not here: it serves the KServe v2 `inference.GRPCInferenceService`
-    (the protocol of Triton and tritonclient) unchanged, using the generated module that
-    tritonclient ships, so any KServe v2 client works through it.
+    The router is the data plane's control plane: it turns the registry's routes and its own
+    readiness probes into xDS snapshots and serves them to every Envoy over the Aggregated Discovery
+    Service (`envoy.service.discovery.v3.AggregatedDiscoveryService`) on the same port. Inference
+    (KServe v2 `inference.GRPCInferenceService`, gRPC and REST) flows through Envoy, never through
+    the router.
     """
 
     @staticmethod

@@ -27,12 +27,14 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class RouterAdminServiceStub:
-    """RouterAdminService lets operators see and steer a router replica: backend health, circuit
-    breakers, draining, and the routing table it holds.
+    """RouterAdminService lets operators see and steer a router replica: backend health, draining,
+    the routing table it holds and the configuration each Envoy has accepted.
 
-    The router's data plane is not here: it serves the KServe v2 `inference.GRPCInferenceService`
-    (the protocol of Triton and tritonclient) unchanged, using the generated module that
-    tritonclient ships, so any KServe v2 client works through it.
+    The router is the data plane's control plane: it turns the registry's routes and its own
+    readiness probes into xDS snapshots and serves them to every Envoy over the Aggregated Discovery
+    Service (`envoy.service.discovery.v3.AggregatedDiscoveryService`) on the same port. Inference
+    (KServe v2 `inference.GRPCInferenceService`, gRPC and REST) flows through Envoy, never through
+    the router.
     """
 
     @_typing.overload
@@ -42,39 +44,51 @@ class RouterAdminServiceStub:
     ListBackends: _grpc.UnaryUnaryMultiCallable[_router_admin_pb2.ListBackendsRequest, _router_admin_pb2.ListBackendsResponse]
     """Lists the backends this router knows, with their health and load."""
     DrainBackend: _grpc.UnaryUnaryMultiCallable[_router_admin_pb2.DrainBackendRequest, _router_admin_pb2.DrainBackendResponse]
-    """Stops sending new requests to a backend; requests in flight finish."""
+    """Stops sending new requests to a backend: Envoy is told the endpoint is DRAINING; requests in
+    flight finish.
+    """
     UndrainBackend: _grpc.UnaryUnaryMultiCallable[_router_admin_pb2.UndrainBackendRequest, _router_admin_pb2.UndrainBackendResponse]
     """Sends requests to a drained backend again."""
     GetRouteTable: _grpc.UnaryUnaryMultiCallable[_router_admin_pb2.GetRouteTableRequest, _router_admin_pb2.GetRouteTableResponse]
-    """Returns the routing table this router holds and how fresh it is."""
+    """Returns the routing table this router holds, how fresh it is, the xDS snapshot it serves and
+    the version each connected Envoy has accepted.
+    """
 
 @_typing.type_check_only
 class RouterAdminServiceAsyncStub(RouterAdminServiceStub):
-    """RouterAdminService lets operators see and steer a router replica: backend health, circuit
-    breakers, draining, and the routing table it holds.
+    """RouterAdminService lets operators see and steer a router replica: backend health, draining,
+    the routing table it holds and the configuration each Envoy has accepted.
 
-    The router's data plane is not here: it serves the KServe v2 `inference.GRPCInferenceService`
-    (the protocol of Triton and tritonclient) unchanged, using the generated module that
-    tritonclient ships, so any KServe v2 client works through it.
+    The router is the data plane's control plane: it turns the registry's routes and its own
+    readiness probes into xDS snapshots and serves them to every Envoy over the Aggregated Discovery
+    Service (`envoy.service.discovery.v3.AggregatedDiscoveryService`) on the same port. Inference
+    (KServe v2 `inference.GRPCInferenceService`, gRPC and REST) flows through Envoy, never through
+    the router.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListBackends: _aio.UnaryUnaryMultiCallable[_router_admin_pb2.ListBackendsRequest, _router_admin_pb2.ListBackendsResponse]  # type: ignore[assignment]
     """Lists the backends this router knows, with their health and load."""
     DrainBackend: _aio.UnaryUnaryMultiCallable[_router_admin_pb2.DrainBackendRequest, _router_admin_pb2.DrainBackendResponse]  # type: ignore[assignment]
-    """Stops sending new requests to a backend; requests in flight finish."""
+    """Stops sending new requests to a backend: Envoy is told the endpoint is DRAINING; requests in
+    flight finish.
+    """
     UndrainBackend: _aio.UnaryUnaryMultiCallable[_router_admin_pb2.UndrainBackendRequest, _router_admin_pb2.UndrainBackendResponse]  # type: ignore[assignment]
     """Sends requests to a drained backend again."""
     GetRouteTable: _aio.UnaryUnaryMultiCallable[_router_admin_pb2.GetRouteTableRequest, _router_admin_pb2.GetRouteTableResponse]  # type: ignore[assignment]
-    """Returns the routing table this router holds and how fresh it is."""
+    """Returns the routing table this router holds, how fresh it is, the xDS snapshot it serves and
+    the version each connected Envoy has accepted.
+    """
 
 class RouterAdminServiceServicer(metaclass=_abc_1.ABCMeta):
-    """RouterAdminService lets operators see and steer a router replica: backend health, circuit
-    breakers, draining, and the routing table it holds.
+    """RouterAdminService lets operators see and steer a router replica: backend health, draining,
+    the routing table it holds and the configuration each Envoy has accepted.
 
-    The router's data plane is not here: it serves the KServe v2 `inference.GRPCInferenceService`
-    (the protocol of Triton and tritonclient) unchanged, using the generated module that
-    tritonclient ships, so any KServe v2 client works through it.
+    The router is the data plane's control plane: it turns the registry's routes and its own
+    readiness probes into xDS snapshots and serves them to every Envoy over the Aggregated Discovery
+    Service (`envoy.service.discovery.v3.AggregatedDiscoveryService`) on the same port. Inference
+    (KServe v2 `inference.GRPCInferenceService`, gRPC and REST) flows through Envoy, never through
+    the router.
     """
 
     @_abc_1.abstractmethod
@@ -91,7 +105,9 @@ class RouterAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _router_admin_pb2.DrainBackendRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_router_admin_pb2.DrainBackendResponse, _abc.Awaitable[_router_admin_pb2.DrainBackendResponse]]:
-        """Stops sending new requests to a backend; requests in flight finish."""
+        """Stops sending new requests to a backend: Envoy is told the endpoint is DRAINING; requests in
+        flight finish.
+        """
 
     @_abc_1.abstractmethod
     def UndrainBackend(
@@ -107,6 +123,8 @@ class RouterAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _router_admin_pb2.GetRouteTableRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_router_admin_pb2.GetRouteTableResponse, _abc.Awaitable[_router_admin_pb2.GetRouteTableResponse]]:
-        """Returns the routing table this router holds and how fresh it is."""
+        """Returns the routing table this router holds, how fresh it is, the xDS snapshot it serves and
+        the version each connected Envoy has accepted.
+        """
 
 def add_RouterAdminServiceServicer_to_server(servicer: RouterAdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -275,6 +275,11 @@ export interface Backend {
     | undefined;
   /** Changes on every write. */
   etag: string;
+  /**
+   * KServe v2 HTTP/REST address, "host:port"; empty when the backend serves gRPC only (the
+   * data plane then answers `/v2/...` REST calls for its models with 503).
+   */
+  httpAddress: string;
 }
 
 export interface Backend_LabelsEntry {
@@ -325,6 +330,8 @@ export interface RouteBackend {
   address: string;
   /** Relative weight for weighted balancing. */
   weight: number;
+  /** KServe v2 HTTP/REST address, "host:port"; empty when it serves gRPC only. */
+  httpAddress: string;
 }
 
 /** RouteShadow is where shadow copies go. */
@@ -1667,6 +1674,7 @@ function createBaseBackend(): Backend {
     createTime: undefined,
     updateTime: undefined,
     etag: "",
+    httpAddress: "",
   };
 }
 
@@ -1698,6 +1706,9 @@ export const Backend: MessageFns<Backend> = {
     }
     if (message.etag !== "") {
       writer.uint32(74).string(message.etag);
+    }
+    if (message.httpAddress !== "") {
+      writer.uint32(82).string(message.httpAddress);
     }
     return writer;
   },
@@ -1790,6 +1801,14 @@ export const Backend: MessageFns<Backend> = {
             message.etag = reader.string();
             continue;
           }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.httpAddress = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1842,6 +1861,11 @@ export const Backend: MessageFns<Backend> = {
         ? fromJsonTimestamp(object.update_time)
         : undefined,
       etag: isSet(object.etag) ? globalThis.String(object.etag) : "",
+      httpAddress: isSet(object.httpAddress)
+        ? globalThis.String(object.httpAddress)
+        : isSet(object.http_address)
+        ? globalThis.String(object.http_address)
+        : "",
     };
   },
 
@@ -1880,6 +1904,9 @@ export const Backend: MessageFns<Backend> = {
     if (message.etag !== "") {
       obj.etag = message.etag;
     }
+    if (message.httpAddress !== "") {
+      obj.httpAddress = message.httpAddress;
+    }
     return obj;
   },
 
@@ -1905,6 +1932,7 @@ export const Backend: MessageFns<Backend> = {
     message.createTime = object.createTime ?? undefined;
     message.updateTime = object.updateTime ?? undefined;
     message.etag = object.etag ?? "";
+    message.httpAddress = object.httpAddress ?? "";
     return message;
   },
 };
@@ -2303,7 +2331,7 @@ export const RouteVersion: MessageFns<RouteVersion> = {
 };
 
 function createBaseRouteBackend(): RouteBackend {
-  return { backendId: "", address: "", weight: 0 };
+  return { backendId: "", address: "", weight: 0, httpAddress: "" };
 }
 
 export const RouteBackend: MessageFns<RouteBackend> = {
@@ -2316,6 +2344,9 @@ export const RouteBackend: MessageFns<RouteBackend> = {
     }
     if (message.weight !== 0) {
       writer.uint32(24).int32(message.weight);
+    }
+    if (message.httpAddress !== "") {
+      writer.uint32(34).string(message.httpAddress);
     }
     return writer;
   },
@@ -2357,6 +2388,14 @@ export const RouteBackend: MessageFns<RouteBackend> = {
             message.weight = reader.int32();
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.httpAddress = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2378,6 +2417,11 @@ export const RouteBackend: MessageFns<RouteBackend> = {
         : "",
       address: isSet(object.address) ? globalThis.String(object.address) : "",
       weight: isSet(object.weight) ? globalThis.Number(object.weight) : 0,
+      httpAddress: isSet(object.httpAddress)
+        ? globalThis.String(object.httpAddress)
+        : isSet(object.http_address)
+        ? globalThis.String(object.http_address)
+        : "",
     };
   },
 
@@ -2392,6 +2436,9 @@ export const RouteBackend: MessageFns<RouteBackend> = {
     if (message.weight !== 0) {
       obj.weight = Math.round(message.weight);
     }
+    if (message.httpAddress !== "") {
+      obj.httpAddress = message.httpAddress;
+    }
     return obj;
   },
 
@@ -2403,6 +2450,7 @@ export const RouteBackend: MessageFns<RouteBackend> = {
     message.backendId = object.backendId ?? "";
     message.address = object.address ?? "";
     message.weight = object.weight ?? 0;
+    message.httpAddress = object.httpAddress ?? "";
     return message;
   },
 };

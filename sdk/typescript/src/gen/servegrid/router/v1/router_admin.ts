@@ -31,7 +31,7 @@ export enum BackendHealth {
   BACKEND_HEALTH_UNSPECIFIED = 0,
   /** BACKEND_HEALTH_HEALTHY - Probes pass. */
   BACKEND_HEALTH_HEALTHY = 1,
-  /** BACKEND_HEALTH_UNHEALTHY - Probes fail or the backend was ejected for errors. */
+  /** BACKEND_HEALTH_UNHEALTHY - Probes fail. */
   BACKEND_HEALTH_UNHEALTHY = 2,
   UNRECOGNIZED = -1,
 }
@@ -68,7 +68,60 @@ export function backendHealthToJSON(object: BackendHealth): string {
   }
 }
 
-/** BreakerState is the state of a backend's circuit breaker. */
+/** EndpointState is what the router tells Envoy about a backend (the EDS health status). */
+export enum EndpointState {
+  /** ENDPOINT_STATE_UNSPECIFIED - Not told yet. */
+  ENDPOINT_STATE_UNSPECIFIED = 0,
+  /** ENDPOINT_STATE_HEALTHY - Envoy may send it requests. */
+  ENDPOINT_STATE_HEALTHY = 1,
+  /** ENDPOINT_STATE_UNHEALTHY - Envoy sends it nothing: probes fail, or the model is not loaded on it. */
+  ENDPOINT_STATE_UNHEALTHY = 2,
+  /** ENDPOINT_STATE_DRAINING - Drained by an operator: no new requests, those in flight finish. */
+  ENDPOINT_STATE_DRAINING = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function endpointStateFromJSON(object: any): EndpointState {
+  switch (object) {
+    case 0:
+    case "ENDPOINT_STATE_UNSPECIFIED":
+      return EndpointState.ENDPOINT_STATE_UNSPECIFIED;
+    case 1:
+    case "ENDPOINT_STATE_HEALTHY":
+      return EndpointState.ENDPOINT_STATE_HEALTHY;
+    case 2:
+    case "ENDPOINT_STATE_UNHEALTHY":
+      return EndpointState.ENDPOINT_STATE_UNHEALTHY;
+    case 3:
+    case "ENDPOINT_STATE_DRAINING":
+      return EndpointState.ENDPOINT_STATE_DRAINING;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return EndpointState.UNRECOGNIZED;
+  }
+}
+
+export function endpointStateToJSON(object: EndpointState): string {
+  switch (object) {
+    case EndpointState.ENDPOINT_STATE_UNSPECIFIED:
+      return "ENDPOINT_STATE_UNSPECIFIED";
+    case EndpointState.ENDPOINT_STATE_HEALTHY:
+      return "ENDPOINT_STATE_HEALTHY";
+    case EndpointState.ENDPOINT_STATE_UNHEALTHY:
+      return "ENDPOINT_STATE_UNHEALTHY";
+    case EndpointState.ENDPOINT_STATE_DRAINING:
+      return "ENDPOINT_STATE_DRAINING";
+    case EndpointState.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/**
+ * BreakerState was the state of the router's own circuit breaker. Deprecated: breakers and outlier
+ * ejection now live in Envoy (see Envoy's `/clusters` admin page); kept for wire compatibility.
+ */
 export enum BreakerState {
   /** BREAKER_STATE_UNSPECIFIED - Not set. */
   BREAKER_STATE_UNSPECIFIED = 0,
@@ -126,24 +179,54 @@ export interface BackendStatus {
   address: string;
   /** Probe verdict. */
   health: BackendHealth;
-  /** Circuit breaker state. */
+  /**
+   * Deprecated: breakers live in Envoy now; always unset.
+   *
+   * @deprecated
+   */
   breakerState: BreakerState;
   /** True while drained by an operator. */
   drained: boolean;
-  /** Requests in flight now. */
+  /**
+   * Deprecated: the router no longer carries requests; always 0 (Envoy's cluster stats have it).
+   *
+   * @deprecated
+   */
   inFlight: number;
-  /** Exponentially weighted moving average of latency, in milliseconds. */
+  /**
+   * Deprecated: always 0 (Envoy's cluster stats have latency).
+   *
+   * @deprecated
+   */
   ewmaLatencyMs: number;
-  /** Requests sent since the router started. */
+  /**
+   * Deprecated: always 0 (Envoy's `upstream_rq_total`).
+   *
+   * @deprecated
+   */
   requestsTotal: number;
-  /** Requests that failed since the router started. */
+  /**
+   * Deprecated: always 0 (Envoy's `upstream_rq_5xx`).
+   *
+   * @deprecated
+   */
   failuresTotal: number;
-  /** When an outlier ejection ends, if ejected. */
+  /**
+   * Deprecated: outlier ejection lives in Envoy now; always unset.
+   *
+   * @deprecated
+   */
   ejectedUntil:
     | Date
     | undefined;
   /** Triton model names this backend serves in the routing table. */
   tritonModels: string[];
+  /** What Envoy is told about this backend, for the Triton models it serves. */
+  endpointState: EndpointState;
+  /** Triton models the probes found not ready on this backend (Envoy gets no traffic for them here). */
+  unreadyTritonModels: string[];
+  /** KServe v2 HTTP address, "host:port"; empty when unknown. */
+  httpAddress: string;
 }
 
 /** Request for ListBackends. */
@@ -202,7 +285,54 @@ export interface GetRouteTableResponse {
    */
   registryConnected: boolean;
   /** When the table last changed. */
-  updateTime: Date | undefined;
+  updateTime:
+    | Date
+    | undefined;
+  /**
+   * Version of the xDS snapshot this replica serves now (derived from `revision`, so every
+   * replica serving the same table and health names it the same).
+   */
+  snapshotVersion: string;
+  /** Every Envoy connected to this replica, with what it accepted. */
+  envoys: EnvoyNode[];
+  /** The last snapshot an Envoy rejected, if any (it keeps serving the one before). */
+  lastRejection: XdsRejection | undefined;
+}
+
+/** EnvoyNode is one Envoy connected to this router's ADS stream. */
+export interface EnvoyNode {
+  /** The Envoy's node id (`--service-node` or its bootstrap `node.id`). */
+  nodeId: string;
+  /** The Envoy's node cluster. */
+  nodeCluster: string;
+  /**
+   * Version accepted (ACKed) for each resource type, by short name: "clusters", "endpoints",
+   * "listeners", "routes".
+   */
+  ackedVersions: { [key: string]: string };
+  /** True while the last snapshot sent to this Envoy has been accepted for every type. */
+  inSync: boolean;
+  /** When the stream opened. */
+  connectTime: Date | undefined;
+}
+
+export interface EnvoyNode_AckedVersionsEntry {
+  key: string;
+  value: string;
+}
+
+/** XdsRejection is a snapshot an Envoy refused (a NACK). */
+export interface XdsRejection {
+  /** The Envoy that refused it. */
+  nodeId: string;
+  /** Resource type, by short name ("clusters", "routes", …). */
+  resourceType: string;
+  /** The version refused. */
+  version: string;
+  /** Envoy's error message. */
+  message: string;
+  /** When it was refused. */
+  time: Date | undefined;
 }
 
 function createBaseBackendStatus(): BackendStatus {
@@ -218,6 +348,9 @@ function createBaseBackendStatus(): BackendStatus {
     failuresTotal: 0,
     ejectedUntil: undefined,
     tritonModels: [],
+    endpointState: 0,
+    unreadyTritonModels: [],
+    httpAddress: "",
   };
 }
 
@@ -255,6 +388,15 @@ export const BackendStatus: MessageFns<BackendStatus> = {
     }
     for (const v of message.tritonModels) {
       writer.uint32(90).string(v!);
+    }
+    if (message.endpointState !== 0) {
+      writer.uint32(96).int32(message.endpointState);
+    }
+    for (const v of message.unreadyTritonModels) {
+      writer.uint32(106).string(v!);
+    }
+    if (message.httpAddress !== "") {
+      writer.uint32(114).string(message.httpAddress);
     }
     return writer;
   },
@@ -360,6 +502,30 @@ export const BackendStatus: MessageFns<BackendStatus> = {
             message.tritonModels.push(reader.string());
             continue;
           }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.endpointState = reader.int32() as any;
+            continue;
+          }
+          case 13: {
+            if (tag !== 106) {
+              break;
+            }
+
+            message.unreadyTritonModels.push(reader.string());
+            continue;
+          }
+          case 14: {
+            if (tag !== 114) {
+              break;
+            }
+
+            message.httpAddress = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -417,6 +583,21 @@ export const BackendStatus: MessageFns<BackendStatus> = {
         : globalThis.Array.isArray(object?.triton_models)
         ? object.triton_models.map((e: any) => globalThis.String(e))
         : [],
+      endpointState: isSet(object.endpointState)
+        ? endpointStateFromJSON(object.endpointState)
+        : isSet(object.endpoint_state)
+        ? endpointStateFromJSON(object.endpoint_state)
+        : 0,
+      unreadyTritonModels: globalThis.Array.isArray(object?.unreadyTritonModels)
+        ? object.unreadyTritonModels.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.unready_triton_models)
+        ? object.unready_triton_models.map((e: any) => globalThis.String(e))
+        : [],
+      httpAddress: isSet(object.httpAddress)
+        ? globalThis.String(object.httpAddress)
+        : isSet(object.http_address)
+        ? globalThis.String(object.http_address)
+        : "",
     };
   },
 
@@ -455,6 +636,15 @@ export const BackendStatus: MessageFns<BackendStatus> = {
     if (message.tritonModels?.length) {
       obj.tritonModels = message.tritonModels;
     }
+    if (message.endpointState !== 0) {
+      obj.endpointState = endpointStateToJSON(message.endpointState);
+    }
+    if (message.unreadyTritonModels?.length) {
+      obj.unreadyTritonModels = message.unreadyTritonModels;
+    }
+    if (message.httpAddress !== "") {
+      obj.httpAddress = message.httpAddress;
+    }
     return obj;
   },
 
@@ -474,6 +664,9 @@ export const BackendStatus: MessageFns<BackendStatus> = {
     message.failuresTotal = object.failuresTotal ?? 0;
     message.ejectedUntil = object.ejectedUntil ?? undefined;
     message.tritonModels = object.tritonModels?.map((e) => e) || [];
+    message.endpointState = object.endpointState ?? 0;
+    message.unreadyTritonModels = object.unreadyTritonModels?.map((e) => e) || [];
+    message.httpAddress = object.httpAddress ?? "";
     return message;
   },
 };
@@ -999,7 +1192,15 @@ export const GetRouteTableRequest: MessageFns<GetRouteTableRequest> = {
 };
 
 function createBaseGetRouteTableResponse(): GetRouteTableResponse {
-  return { routes: [], revision: 0, registryConnected: false, updateTime: undefined };
+  return {
+    routes: [],
+    revision: 0,
+    registryConnected: false,
+    updateTime: undefined,
+    snapshotVersion: "",
+    envoys: [],
+    lastRejection: undefined,
+  };
 }
 
 export const GetRouteTableResponse: MessageFns<GetRouteTableResponse> = {
@@ -1015,6 +1216,15 @@ export const GetRouteTableResponse: MessageFns<GetRouteTableResponse> = {
     }
     if (message.updateTime !== undefined) {
       Timestamp.encode(toTimestamp(message.updateTime), writer.uint32(34).fork()).join();
+    }
+    if (message.snapshotVersion !== "") {
+      writer.uint32(42).string(message.snapshotVersion);
+    }
+    for (const v of message.envoys) {
+      EnvoyNode.encode(v!, writer.uint32(50).fork()).join();
+    }
+    if (message.lastRejection !== undefined) {
+      XdsRejection.encode(message.lastRejection, writer.uint32(58).fork()).join();
     }
     return writer;
   },
@@ -1064,6 +1274,30 @@ export const GetRouteTableResponse: MessageFns<GetRouteTableResponse> = {
             message.updateTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.snapshotVersion = reader.string();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.envoys.push(EnvoyNode.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.lastRejection = XdsRejection.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1090,6 +1324,17 @@ export const GetRouteTableResponse: MessageFns<GetRouteTableResponse> = {
         : isSet(object.update_time)
         ? fromJsonTimestamp(object.update_time)
         : undefined,
+      snapshotVersion: isSet(object.snapshotVersion)
+        ? globalThis.String(object.snapshotVersion)
+        : isSet(object.snapshot_version)
+        ? globalThis.String(object.snapshot_version)
+        : "",
+      envoys: globalThis.Array.isArray(object?.envoys) ? object.envoys.map((e: any) => EnvoyNode.fromJSON(e)) : [],
+      lastRejection: isSet(object.lastRejection)
+        ? XdsRejection.fromJSON(object.lastRejection)
+        : isSet(object.last_rejection)
+        ? XdsRejection.fromJSON(object.last_rejection)
+        : undefined,
     };
   },
 
@@ -1107,6 +1352,15 @@ export const GetRouteTableResponse: MessageFns<GetRouteTableResponse> = {
     if (message.updateTime !== undefined) {
       obj.updateTime = message.updateTime.toISOString();
     }
+    if (message.snapshotVersion !== "") {
+      obj.snapshotVersion = message.snapshotVersion;
+    }
+    if (message.envoys?.length) {
+      obj.envoys = message.envoys.map((e) => EnvoyNode.toJSON(e));
+    }
+    if (message.lastRejection !== undefined) {
+      obj.lastRejection = XdsRejection.toJSON(message.lastRejection);
+    }
     return obj;
   },
 
@@ -1119,17 +1373,442 @@ export const GetRouteTableResponse: MessageFns<GetRouteTableResponse> = {
     message.revision = object.revision ?? 0;
     message.registryConnected = object.registryConnected ?? false;
     message.updateTime = object.updateTime ?? undefined;
+    message.snapshotVersion = object.snapshotVersion ?? "";
+    message.envoys = object.envoys?.map((e) => EnvoyNode.fromPartial(e)) || [];
+    message.lastRejection = (object.lastRejection !== undefined && object.lastRejection !== null)
+      ? XdsRejection.fromPartial(object.lastRejection)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseEnvoyNode(): EnvoyNode {
+  return { nodeId: "", nodeCluster: "", ackedVersions: {}, inSync: false, connectTime: undefined };
+}
+
+export const EnvoyNode: MessageFns<EnvoyNode> = {
+  encode(message: EnvoyNode, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.nodeId !== "") {
+      writer.uint32(10).string(message.nodeId);
+    }
+    if (message.nodeCluster !== "") {
+      writer.uint32(18).string(message.nodeCluster);
+    }
+    globalThis.Object.entries(message.ackedVersions).forEach(([key, value]: [string, string]) => {
+      EnvoyNode_AckedVersionsEntry.encode({ key: key as any, value }, writer.uint32(26).fork()).join();
+    });
+    if (message.inSync !== false) {
+      writer.uint32(32).bool(message.inSync);
+    }
+    if (message.connectTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.connectTime), writer.uint32(42).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): EnvoyNode {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseEnvoyNode();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.nodeId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.nodeCluster = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            const entry3 = EnvoyNode_AckedVersionsEntry.decode(reader, reader.uint32());
+            if (entry3.value !== undefined) {
+              message.ackedVersions[entry3.key] = entry3.value;
+            }
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.inSync = reader.bool();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.connectTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): EnvoyNode {
+    return {
+      nodeId: isSet(object.nodeId)
+        ? globalThis.String(object.nodeId)
+        : isSet(object.node_id)
+        ? globalThis.String(object.node_id)
+        : "",
+      nodeCluster: isSet(object.nodeCluster)
+        ? globalThis.String(object.nodeCluster)
+        : isSet(object.node_cluster)
+        ? globalThis.String(object.node_cluster)
+        : "",
+      ackedVersions: isObject(object.ackedVersions)
+        ? (globalThis.Object.entries(object.ackedVersions) as [string, any][]).reduce(
+          (acc: { [key: string]: string }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: globalThis.String(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : isObject(object.acked_versions)
+        ? (globalThis.Object.entries(object.acked_versions) as [string, any][]).reduce(
+          (acc: { [key: string]: string }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: globalThis.String(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : {},
+      inSync: isSet(object.inSync)
+        ? globalThis.Boolean(object.inSync)
+        : isSet(object.in_sync)
+        ? globalThis.Boolean(object.in_sync)
+        : false,
+      connectTime: isSet(object.connectTime)
+        ? fromJsonTimestamp(object.connectTime)
+        : isSet(object.connect_time)
+        ? fromJsonTimestamp(object.connect_time)
+        : undefined,
+    };
+  },
+
+  toJSON(message: EnvoyNode): unknown {
+    const obj: any = {};
+    if (message.nodeId !== "") {
+      obj.nodeId = message.nodeId;
+    }
+    if (message.nodeCluster !== "") {
+      obj.nodeCluster = message.nodeCluster;
+    }
+    if (message.ackedVersions) {
+      const entries = globalThis.Object.entries(message.ackedVersions) as [string, string][];
+      if (entries.length > 0) {
+        obj.ackedVersions = {};
+        entries.forEach(([k, v]) => {
+          obj.ackedVersions[k] = v;
+        });
+      }
+    }
+    if (message.inSync !== false) {
+      obj.inSync = message.inSync;
+    }
+    if (message.connectTime !== undefined) {
+      obj.connectTime = message.connectTime.toISOString();
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<EnvoyNode>, I>>(base?: I): EnvoyNode {
+    return EnvoyNode.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<EnvoyNode>, I>>(object: I): EnvoyNode {
+    const message = createBaseEnvoyNode();
+    message.nodeId = object.nodeId ?? "";
+    message.nodeCluster = object.nodeCluster ?? "";
+    message.ackedVersions = (globalThis.Object.entries(object.ackedVersions ?? {}) as [string, string][]).reduce(
+      (acc: { [key: string]: string }, [key, value]: [string, string]) => {
+        if (value !== undefined) {
+          acc[key] = globalThis.String(value);
+        }
+        return acc;
+      },
+      {},
+    );
+    message.inSync = object.inSync ?? false;
+    message.connectTime = object.connectTime ?? undefined;
+    return message;
+  },
+};
+
+function createBaseEnvoyNode_AckedVersionsEntry(): EnvoyNode_AckedVersionsEntry {
+  return { key: "", value: "" };
+}
+
+export const EnvoyNode_AckedVersionsEntry: MessageFns<EnvoyNode_AckedVersionsEntry> = {
+  encode(message: EnvoyNode_AckedVersionsEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== "") {
+      writer.uint32(18).string(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): EnvoyNode_AckedVersionsEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseEnvoyNode_AckedVersionsEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.value = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): EnvoyNode_AckedVersionsEntry {
+    return {
+      key: isSet(object.key) ? globalThis.String(object.key) : "",
+      value: isSet(object.value) ? globalThis.String(object.value) : "",
+    };
+  },
+
+  toJSON(message: EnvoyNode_AckedVersionsEntry): unknown {
+    const obj: any = {};
+    if (message.key !== "") {
+      obj.key = message.key;
+    }
+    if (message.value !== "") {
+      obj.value = message.value;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<EnvoyNode_AckedVersionsEntry>, I>>(base?: I): EnvoyNode_AckedVersionsEntry {
+    return EnvoyNode_AckedVersionsEntry.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<EnvoyNode_AckedVersionsEntry>, I>>(object: I): EnvoyNode_AckedVersionsEntry {
+    const message = createBaseEnvoyNode_AckedVersionsEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? "";
+    return message;
+  },
+};
+
+function createBaseXdsRejection(): XdsRejection {
+  return { nodeId: "", resourceType: "", version: "", message: "", time: undefined };
+}
+
+export const XdsRejection: MessageFns<XdsRejection> = {
+  encode(message: XdsRejection, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.nodeId !== "") {
+      writer.uint32(10).string(message.nodeId);
+    }
+    if (message.resourceType !== "") {
+      writer.uint32(18).string(message.resourceType);
+    }
+    if (message.version !== "") {
+      writer.uint32(26).string(message.version);
+    }
+    if (message.message !== "") {
+      writer.uint32(34).string(message.message);
+    }
+    if (message.time !== undefined) {
+      Timestamp.encode(toTimestamp(message.time), writer.uint32(42).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): XdsRejection {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseXdsRejection();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.nodeId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.resourceType = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.version = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.message = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.time = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): XdsRejection {
+    return {
+      nodeId: isSet(object.nodeId)
+        ? globalThis.String(object.nodeId)
+        : isSet(object.node_id)
+        ? globalThis.String(object.node_id)
+        : "",
+      resourceType: isSet(object.resourceType)
+        ? globalThis.String(object.resourceType)
+        : isSet(object.resource_type)
+        ? globalThis.String(object.resource_type)
+        : "",
+      version: isSet(object.version) ? globalThis.String(object.version) : "",
+      message: isSet(object.message) ? globalThis.String(object.message) : "",
+      time: isSet(object.time) ? fromJsonTimestamp(object.time) : undefined,
+    };
+  },
+
+  toJSON(message: XdsRejection): unknown {
+    const obj: any = {};
+    if (message.nodeId !== "") {
+      obj.nodeId = message.nodeId;
+    }
+    if (message.resourceType !== "") {
+      obj.resourceType = message.resourceType;
+    }
+    if (message.version !== "") {
+      obj.version = message.version;
+    }
+    if (message.message !== "") {
+      obj.message = message.message;
+    }
+    if (message.time !== undefined) {
+      obj.time = message.time.toISOString();
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<XdsRejection>, I>>(base?: I): XdsRejection {
+    return XdsRejection.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<XdsRejection>, I>>(object: I): XdsRejection {
+    const message = createBaseXdsRejection();
+    message.nodeId = object.nodeId ?? "";
+    message.resourceType = object.resourceType ?? "";
+    message.version = object.version ?? "";
+    message.message = object.message ?? "";
+    message.time = object.time ?? undefined;
     return message;
   },
 };
 
 /**
- * RouterAdminService lets operators see and steer a router replica: backend health, circuit
- * breakers, draining, and the routing table it holds.
+ * RouterAdminService lets operators see and steer a router replica: backend health, draining,
+ * the routing table it holds and the configuration each Envoy has accepted.
  *
- * The router's data plane is not here: it serves the KServe v2 `inference.GRPCInferenceService`
- * (the protocol of Triton and tritonclient) unchanged, using the generated module that
- * tritonclient ships, so any KServe v2 client works through it.
+ * The router is the data plane's control plane: it turns the registry's routes and its own
+ * readiness probes into xDS snapshots and serves them to every Envoy over the Aggregated Discovery
+ * Service (`envoy.service.discovery.v3.AggregatedDiscoveryService`) on the same port. Inference
+ * (KServe v2 `inference.GRPCInferenceService`, gRPC and REST) flows through Envoy, never through
+ * the router.
  */
 export type RouterAdminServiceService = typeof RouterAdminServiceService;
 export const RouterAdminServiceService = {
@@ -1144,7 +1823,10 @@ export const RouterAdminServiceService = {
       Buffer.from(ListBackendsResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): ListBackendsResponse => ListBackendsResponse.decode(value),
   },
-  /** Stops sending new requests to a backend; requests in flight finish. */
+  /**
+   * Stops sending new requests to a backend: Envoy is told the endpoint is DRAINING; requests in
+   * flight finish.
+   */
   drainBackend: {
     path: "/servegrid.router.v1.RouterAdminService/DrainBackend" as const,
     requestStream: false as const,
@@ -1167,7 +1849,10 @@ export const RouterAdminServiceService = {
       Buffer.from(UndrainBackendResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): UndrainBackendResponse => UndrainBackendResponse.decode(value),
   },
-  /** Returns the routing table this router holds and how fresh it is. */
+  /**
+   * Returns the routing table this router holds, how fresh it is, the xDS snapshot it serves and
+   * the version each connected Envoy has accepted.
+   */
   getRouteTable: {
     path: "/servegrid.router.v1.RouterAdminService/GetRouteTable" as const,
     requestStream: false as const,
@@ -1183,11 +1868,17 @@ export const RouterAdminServiceService = {
 export interface RouterAdminServiceServer extends UntypedServiceImplementation {
   /** Lists the backends this router knows, with their health and load. */
   listBackends: handleUnaryCall<ListBackendsRequest, ListBackendsResponse>;
-  /** Stops sending new requests to a backend; requests in flight finish. */
+  /**
+   * Stops sending new requests to a backend: Envoy is told the endpoint is DRAINING; requests in
+   * flight finish.
+   */
   drainBackend: handleUnaryCall<DrainBackendRequest, DrainBackendResponse>;
   /** Sends requests to a drained backend again. */
   undrainBackend: handleUnaryCall<UndrainBackendRequest, UndrainBackendResponse>;
-  /** Returns the routing table this router holds and how fresh it is. */
+  /**
+   * Returns the routing table this router holds, how fresh it is, the xDS snapshot it serves and
+   * the version each connected Envoy has accepted.
+   */
   getRouteTable: handleUnaryCall<GetRouteTableRequest, GetRouteTableResponse>;
 }
 
@@ -1208,7 +1899,10 @@ export interface RouterAdminServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: ListBackendsResponse) => void,
   ): ClientUnaryCall;
-  /** Stops sending new requests to a backend; requests in flight finish. */
+  /**
+   * Stops sending new requests to a backend: Envoy is told the endpoint is DRAINING; requests in
+   * flight finish.
+   */
   drainBackend(
     request: DrainBackendRequest,
     callback: (error: ServiceError | null, response: DrainBackendResponse) => void,
@@ -1240,7 +1934,10 @@ export interface RouterAdminServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: UndrainBackendResponse) => void,
   ): ClientUnaryCall;
-  /** Returns the routing table this router holds and how fresh it is. */
+  /**
+   * Returns the routing table this router holds, how fresh it is, the xDS snapshot it serves and
+   * the version each connected Envoy has accepted.
+   */
   getRouteTable(
     request: GetRouteTableRequest,
     callback: (error: ServiceError | null, response: GetRouteTableResponse) => void,
@@ -1314,6 +2011,10 @@ function longToNumber(int64: { toString(): string }): number {
     throw new globalThis.Error("Value is smaller than Number.MIN_SAFE_INTEGER");
   }
   return num;
+}
+
+function isObject(value: any): boolean {
+  return typeof value === "object" && value !== null;
 }
 
 function isSet(value: any): boolean {
