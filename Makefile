@@ -45,12 +45,12 @@ models: $(STAMP) ## build the model artifacts (skipped when already built)
 gen: $(STAMP) $(TS_STAMP) ## regenerate gen/ from proto/, the Envoy API stubs and the rendered Envoy configs
 	$(PY) scripts/gen_protos.py
 	$(PY) -m services.edge.envoy_api.generate
-	$(PY) -m services.edge.envoy_config --write-defaults
+	$(PY) -m services.mesh.bootstrap --write-defaults
 
 check-gen: $(STAMP) $(TS_STAMP) ## fail when gen/ (or anything else generated) differs from its source
 	$(PY) scripts/gen_protos.py --check
 	$(PY) -m services.edge.envoy_api.generate --check
-	$(PY) -m services.edge.envoy_config --write-defaults --check
+	$(PY) -m services.mesh.bootstrap --write-defaults --check
 
 lint: $(STAMP) check-gen ## buf lint, ruff and mypy on hand-written code; generated code and docs are fresh
 	$(PY) scripts/gen_docs.py --check

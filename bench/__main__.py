@@ -12,8 +12,7 @@ import time
 
 SUITES = {
     "triton": "bench.triton_direct",  # the baseline: direct Triton, with and without dynamic batching
-    "router": "bench.router_bench",  # router vs direct Triton
-    "edge": "bench.edge_bench",  # Envoy + JWT + rate limit + gateway vs direct Triton
+    "mesh": "bench.mesh_bench",  # Envoy data plane, full public path and gateway vs direct Triton
     "batch": "bench.batch_bench",  # batch items/s vs direct Triton's best
     "registry": "bench.registry_bench",  # cached vs uncached reads, route propagation
 }

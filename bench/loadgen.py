@@ -15,9 +15,12 @@ from typing import Any
 
 import grpc
 import numpy as np
+from servegrid.common.v1 import tensor_pb2
+from servegrid.gateway.v1 import gateway_pb2
 from tritonclient.grpc import service_pb2
 
 MODEL_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+GATEWAY_INFER_METHOD = "/servegrid.gateway.v1.GatewayService/Infer"
 # Triton's wire names for numpy dtypes (KServe v2 datatypes).
 _DATATYPES = {
     np.dtype(np.bool_): "BOOL",
@@ -198,3 +201,78 @@ def run_load_sync(*args: Any, **kwargs: Any) -> LoadResult:
     except ImportError:  # pragma: no cover - uvloop is a project dependency
         return asyncio.run(run_load(*args, **kwargs))
     return uvloop.run(run_load(*args, **kwargs))
+
+
+def gateway_request(model: str, inputs: Mapping[str, np.ndarray]) -> bytes:
+    """A serialized servegrid InferRequest with the same tensors as the direct KServe request."""
+    tensors = []
+    for name, array in inputs.items():
+        flat = np.ascontiguousarray(array, dtype=np.float32).ravel()
+        tensors.append(
+            tensor_pb2.Tensor(
+                name=name, datatype="FP32", shape=array.shape, data=tensor_pb2.TensorData(fp32=flat.tolist())
+            )
+        )
+    return gateway_pb2.InferRequest(model_id=model, inputs=tensors).SerializeToString()
+
+
+async def run_unary_load(
+    target: str,
+    label: str,
+    method: str,
+    payload: bytes,
+    *,
+    concurrency: int,
+    duration: float,
+    warmup: float,
+    metadata: Sequence[tuple[str, str]] = (),
+    deadline_s: float = 30.0,
+) -> LoadResult:
+    """Closed loop: `concurrency` calls of `method` in flight for warmup + duration (bytes in, bytes out)."""
+    async with grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS) as channel:
+        await asyncio.wait_for(channel.channel_ready(), 10)
+        call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+        measure_from = time.perf_counter() + warmup
+        stop_at = measure_from + duration
+        latencies: list[float] = []
+        errors: list[str] = []
+        last_done = measure_from
+        md = tuple(metadata) or None
+
+        async def worker() -> None:
+            nonlocal last_done
+            while (started := time.perf_counter()) < stop_at:
+                try:
+                    await call(payload, timeout=deadline_s, metadata=md)
+                    error = ""
+                except grpc.aio.AioRpcError as failure:
+                    error = f"{failure.code().name}: {failure.details()}"
+                finished = time.perf_counter()
+                if started < measure_from:
+                    continue
+                last_done = max(last_done, finished)
+                if error:
+                    errors.append(error)
+                else:
+                    latencies.append(finished - started)
+
+        cpu = time.process_time()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        cpu = time.process_time() - cpu
+    window = max(stop_at, last_done) - measure_from
+    ms = np.asarray(latencies) * 1e3 if latencies else np.asarray([math.nan])
+    p50, p90, p99 = (float(v) for v in np.percentile(ms, [50, 90, 99]))
+    return LoadResult(
+        target=f"{label} {target}",
+        model=label.split(":")[0],
+        concurrency=concurrency,
+        duration_s=window,
+        requests=len(latencies),
+        errors=len(errors),
+        p50_ms=p50,
+        p90_ms=p90,
+        p99_ms=p99,
+        mean_ms=float(ms.mean()),
+        client_cpu_pct=100.0 * cpu / (window + warmup),
+        error_samples=tuple(dict.fromkeys(errors))[:5],
+    )

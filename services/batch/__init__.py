@@ -1,1 +1,1 @@
-"""Batch inference: jobs in PostgreSQL, relayed through Kafka to a worker pool that calls the router."""
+"""Batch inference: jobs in PostgreSQL, relayed through Kafka to a worker pool that calls the data plane (Envoy)."""

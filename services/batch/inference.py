@@ -1,4 +1,4 @@
-"""The worker pool's KServe v2 client for the router (or a Triton): packed inference and model shapes."""
+"""The worker pool's KServe v2 client of the data plane (Envoy's mesh listener): packed inference, model shapes."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from services.batch.tensors import ModelShape
+from services.mesh.names import model_headers
 
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
@@ -36,8 +37,12 @@ class InferenceFailure(Exception):
         return self.code in PERMANENT_CODES
 
 
-class RouterClient:
-    """ModelInfer and ModelConfig against one KServe v2 endpoint, with model shapes cached briefly."""
+class KServeBatchClient:
+    """ModelInfer and ModelConfig against one KServe v2 endpoint, with model shapes cached briefly.
+
+    Calls name their model in the headers Envoy routes on, so canary, shadow, ejection and breakers
+    apply to batch items exactly as to real-time calls.
+    """
 
     def __init__(self, address: str, *, timeout_s: float, config_ttl_s: float) -> None:
         self.address = address
@@ -68,7 +73,9 @@ class RouterClient:
         request.model_name = model
         request.model_version = version
         try:
-            response: service_pb2.ModelInferResponse = await self._stub.ModelInfer(request, timeout=self._timeout_s)
+            response: service_pb2.ModelInferResponse = await self._stub.ModelInfer(
+                request, timeout=self._timeout_s, metadata=model_headers(model, version)
+            )
         except grpc.aio.AioRpcError as error:
             raise InferenceFailure(error.code(), error.details() or "") from error
         return response
@@ -85,7 +92,9 @@ class RouterClient:
                 return cached[1]
             try:
                 reply = await self._stub.ModelConfig(
-                    service_pb2.ModelConfigRequest(name=model, version=version), timeout=self._timeout_s
+                    service_pb2.ModelConfigRequest(name=model, version=version),
+                    timeout=self._timeout_s,
+                    metadata=model_headers(model, version),
                 )
             except grpc.aio.AioRpcError as error:
                 if error.code() in PERMANENT_CODES:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from servegrid.batch.v1 import batch_pb2, batch_pb2_grpc
 
-from services.batch.inference import RouterClient
+from services.batch.inference import KServeBatchClient
 from services.batch.outbox import OutboxRelay
 from services.batch.reconciler import Reconciler
 from services.batch.servicer import BatchServicer
@@ -20,10 +20,10 @@ def build_app(settings: BatchSettings) -> ServiceApp:
     store = BatchStore(settings.database_url, settings.db_schema, max_size=settings.db_pool_max)
     relay = OutboxRelay(settings, store)
     reconciler = Reconciler(store, settings.reconcile_interval_s, relay.wake)
-    router = RouterClient(
-        settings.router_address, timeout_s=settings.request_timeout_s, config_ttl_s=settings.model_config_ttl_s
+    inference = KServeBatchClient(
+        settings.inference_address, timeout_s=settings.request_timeout_s, config_ttl_s=settings.model_config_ttl_s
     )
-    workers = WorkerPool(settings, store, router, consumers=settings.workers) if settings.workers else None
+    workers = WorkerPool(settings, store, inference, consumers=settings.workers) if settings.workers else None
 
     app = ServiceApp("batch", settings)
     app.add_servicer(
@@ -43,7 +43,7 @@ def build_app(settings: BatchSettings) -> ServiceApp:
     app.on_startup(reconciler.start)
     # Shutdown hooks run in reverse: workers stop first, the pool closes last.
     app.on_shutdown(store.close)
-    app.on_shutdown(router.close)
+    app.on_shutdown(inference.close)
     app.on_shutdown(relay.stop)
     app.on_shutdown(reconciler.stop)
     if workers is not None:

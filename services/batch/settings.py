@@ -38,8 +38,8 @@ class BatchSettings(ServiceSettings):
     kafka_session_timeout_ms: int = Field(
         10_000, ge=1000, description="How long a silent (killed) worker keeps its partitions before a rebalance."
     )
-    router_address: str = Field(
-        "127.0.0.1:50052", description="KServe v2 gRPC endpoint workers call (router or Triton)."
+    inference_address: str = Field(
+        "127.0.0.1:8090", description="KServe v2 gRPC endpoint workers call: Envoy's internal mesh listener."
     )
     workers: int = Field(1, ge=0, description="Worker-pool consumers run inside the service process; 0 for none.")
     worker_metrics_port: int | None = Field(

@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from google.rpc import code_pb2
 from tritonclient.grpc import service_pb2
 
-from services.batch.inference import InferenceFailure, RouterClient
+from services.batch.inference import InferenceFailure, KServeBatchClient
 from services.batch.metrics import (
     CONSUMER_LAG,
     DUPLICATES_DROPPED,
@@ -65,10 +65,12 @@ class WorkerPool:
     want a result, infer in packs, write every outcome in one transaction per job, THEN commit offsets.
     A crash anywhere before the commit redelivers the round; the writes are idempotent, so that is safe."""
 
-    def __init__(self, settings: BatchSettings, store: BatchStore, router: RouterClient, consumers: int) -> None:
+    def __init__(
+        self, settings: BatchSettings, store: BatchStore, inference: KServeBatchClient, consumers: int
+    ) -> None:
         self._settings = settings
         self._store = store
-        self._router = router
+        self._inference = inference
         self._consumers = consumers
         self._infer_slots = asyncio.Semaphore(settings.worker_concurrency * max(1, consumers))
         self._tasks: list[asyncio.Task[None]] = []
@@ -184,7 +186,7 @@ class WorkerPool:
     async def _infer_job(self, work: _JobWork) -> Outcomes:
         outcomes = Outcomes()
         try:
-            shape = await self._router.model_shape(work.model_id, work.version)
+            shape = await self._inference.model_shape(work.model_id, work.version)
         except InferenceFailure as failure:
             outcomes.transient.extend((i, _rpc_code(failure.code), failure.message) for i, _ in work.items)
             return outcomes
@@ -203,7 +205,7 @@ class WorkerPool:
     ) -> None:
         async with self._infer_slots:
             try:
-                response = await self._router.infer(work.model_id, work.version, pack.request)
+                response = await self._inference.infer(work.model_id, work.version, pack.request)
                 INFER_REQUESTS.labels("OK").inc()
                 PACK_SIZE.observe(len(pack.indices))
             except InferenceFailure as failure:
@@ -241,21 +243,23 @@ async def run_worker_process(settings: BatchSettings) -> None:
     store = BatchStore(settings.database_url, settings.db_schema, max_size=settings.db_pool_max)
     await store.open()
     await store.migrate()
-    router = RouterClient(
-        settings.router_address, timeout_s=settings.request_timeout_s, config_ttl_s=settings.model_config_ttl_s
+    inference = KServeBatchClient(
+        settings.inference_address, timeout_s=settings.request_timeout_s, config_ttl_s=settings.model_config_ttl_s
     )
-    pool = WorkerPool(settings, store, router, consumers=max(1, settings.workers))
+    pool = WorkerPool(settings, store, inference, consumers=max(1, settings.workers))
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     await pool.start()
-    log.info("batch worker running", extra={"consumers": max(1, settings.workers), "router": settings.router_address})
+    log.info(
+        "batch worker running", extra={"consumers": max(1, settings.workers), "inference": settings.inference_address}
+    )
     try:
         await stopping.wait()
     finally:
         await pool.stop()
-        await router.close()
+        await inference.close()
         await store.close()
 
 

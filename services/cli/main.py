@@ -49,7 +49,11 @@ def up(
                 entry = sup.start(part, on_wait=waiting)
             ports = ", ".join(f"{k} {v}" for k, v in entry.ports.items())
             console.print(f"[green]✓[/] {part.name:<10} pid {entry.pid:<7} {ports}")
-        served = seed(f"{settings.host}:{settings.registry_port}", f"{settings.host}:{settings.triton_grpc_port}")
+        served = seed(
+            f"{settings.host}:{settings.registry_port}",
+            f"{settings.host}:{settings.triton_grpc_port}",
+            f"{settings.host}:{settings.triton_http_port}",
+        )
         console.print(f"[green]✓[/] seeded     models {', '.join(served)} (PRODUCTION) on backend triton-local")
     except (StackError, grpc.RpcError) as err:
         console.print(f"[red]✗ {err}[/]")

@@ -1,4 +1,4 @@
-"""The catalogue of servable models: the registry's view, plus signatures from the router."""
+"""The catalogue of servable models: the registry's view, plus signatures from the data plane."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 from servegrid.gateway.v1 import gateway_pb2
 from servegrid.registry.v1 import registry_pb2
 
-from services.gateway.upstream import RegistryClient, RouterClient
+from services.gateway.upstream import KServeClient, RegistryClient
 from services.runtime import InvalidArgument, NotFound
 
 DEFAULT_PAGE_SIZE = 50
@@ -31,11 +31,11 @@ def _model(model: registry_pb2.Model, route: registry_pb2.Route) -> gateway_pb2.
 
 
 class ModelCatalog:
-    """Read-only: lists what the registry says is servable; GetModel adds the router's signature."""
+    """Read-only: lists what the registry says is servable; GetModel adds the signature the data plane reports."""
 
-    def __init__(self, registry: RegistryClient, router: RouterClient, max_page_size: int, timeout_s: float) -> None:
+    def __init__(self, registry: RegistryClient, inference: KServeClient, max_page_size: int, timeout_s: float) -> None:
         self.registry = registry
-        self.router = router
+        self.inference = inference
         self.max_page_size = max_page_size
         self.timeout_s = timeout_s
 
@@ -61,9 +61,9 @@ class ModelCatalog:
                 f"model {model_id!r} has no servable version", reason="MODEL_NOT_FOUND", metadata={"model_id": model_id}
             )
         result = _model(model, route)
-        # The router serves models by their servegrid id (it maps ids to Triton names itself), and
+        # The data plane serves models by their servegrid id (it maps ids to Triton names itself), and
         # with no version it answers for the one a version-less Infer would reach.
-        metadata = await self.router.metadata(model_id, "", self.timeout_s)
+        metadata = await self.inference.metadata(model_id, "", self.timeout_s)
         result.inputs.extend(
             gateway_pb2.TensorSpec(name=t.name, datatype=t.datatype, shape=t.shape) for t in metadata.inputs
         )

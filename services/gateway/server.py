@@ -1,4 +1,4 @@
-"""Composition root of the gateway: the public API in front of the router and the registry."""
+"""Composition root of the gateway: the public API in front of the data plane (Envoy) and the registry."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from services.gateway.batch import BatchForwarder
 from services.gateway.catalog import ModelCatalog
 from services.gateway.servicer import GatewayServicer
 from services.gateway.settings import GatewaySettings
-from services.gateway.upstream import RegistryClient, RouterClient
+from services.gateway.upstream import KServeClient, RegistryClient
 from services.runtime import ServiceApp
 
 SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
@@ -20,14 +20,14 @@ def build_app(settings: GatewaySettings) -> ServiceApp:
     servicer = GatewayServicer.__new__(GatewayServicer)
 
     async def connect() -> None:
-        router = RouterClient(settings.router_address)
+        inference = KServeClient(settings.inference_address)
         registry = RegistryClient(settings.registry_address, settings.registry_timeout_s)
-        catalog = ModelCatalog(registry, router, settings.max_page_size, settings.registry_timeout_s)
+        catalog = ModelCatalog(registry, inference, settings.max_page_size, settings.registry_timeout_s)
         batch = BatchForwarder(settings.batch_address, settings.default_timeout_s)
-        GatewayServicer.__init__(servicer, router, catalog, settings.default_timeout_s, batch)
+        GatewayServicer.__init__(servicer, inference, catalog, settings.default_timeout_s, batch)
 
         async def close() -> None:
-            await router.close()
+            await inference.close()
             await registry.close()
             await batch.close()
 

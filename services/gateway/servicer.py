@@ -16,13 +16,13 @@ from services.gateway.batch import BatchForwarder
 from services.gateway.catalog import ModelCatalog
 from services.gateway.identity import TENANT_HEADER, identity_from_metadata
 from services.gateway.tensors import TensorError, from_infer_response, to_infer_inputs
-from services.gateway.upstream import RouterClient
+from services.gateway.upstream import KServeClient
 from services.runtime import InvalidArgument, ServegridError
 from services.runtime.errors import abort_with, internal_status
 
 log = logging.getLogger(__name__)
-# Headers worth carrying to the router: the request id Envoy made, and the W3C/B3 trace context
-# (so a trace spans Envoy → gateway → router → Triton even when this process does not trace).
+# Headers worth carrying to the data plane: the request id Envoy made, and the W3C/B3 trace context
+# (so a trace spans Envoy → gateway → Envoy → Triton even when this process does not trace).
 _FORWARDED = ("x-request-id", "traceparent", "tracestate", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled")
 
 
@@ -30,9 +30,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     """The public API."""
 
     def __init__(
-        self, router: RouterClient, catalog: ModelCatalog, default_timeout_s: float, batch: BatchForwarder
+        self, inference: KServeClient, catalog: ModelCatalog, default_timeout_s: float, batch: BatchForwarder
     ) -> None:
-        self.router = router
+        self.inference = inference
         self.catalog = catalog
         self.default_timeout_s = default_timeout_s
         self.batch = batch
@@ -65,7 +65,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         except TensorError as error:
             problems += error.violations
         if problems:
-            # Rejected here, so nothing malformed ever costs a router or Triton call.
+            # Rejected here, so nothing malformed ever costs an inference call.
             raise InvalidArgument(
                 "invalid request: " + "; ".join(f"{f}: {d}" for f, d in problems),
                 reason="INVALID_TENSOR" if any(f.startswith("inputs") for f, _ in problems) else "INVALID_ARGUMENT",
@@ -87,11 +87,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             metadata.append((TENANT_HEADER, identity.tenant))
         remaining = context.time_remaining()
         timeout = self.default_timeout_s if remaining is None else remaining
-        response = await self.router.infer(infer, timeout, metadata)
+        response = await self.inference.infer(infer, timeout, metadata)
         try:
             outputs = from_infer_response(response)
         except ValueError as error:
-            log.error("unusable router response", extra={"model": request.model_id, "error": str(error)})
+            log.error("unusable inference response", extra={"model": request.model_id, "error": str(error)})
             raise
         version = int(response.model_version) if response.model_version.isdigit() else request.version
         return gateway_pb2.InferResponse(

@@ -15,11 +15,14 @@ class GatewaySettings(ServiceSettings):
 
     port: int = Field(50051, ge=0, le=65535, description="gRPC port Envoy routes servegrid.gateway.v1 to.")
     metrics_port: int | None = Field(9151, ge=0, le=65535, description="Prometheus /metrics port; unset disables.")
-    router_address: str = Field("127.0.0.1:50052", description="The router's KServe v2 gRPC address (host:port).")
+    inference_address: str = Field(
+        "127.0.0.1:8090",
+        description="KServe v2 gRPC address Infer calls: Envoy's internal mesh listener (host:port), never Triton.",
+    )
     registry_address: str = Field("127.0.0.1:50053", description="The registry's gRPC address, for model discovery.")
     batch_address: str = Field("", description="The batch service's gRPC address; empty when batch is not deployed.")
     default_timeout_s: float = Field(
-        30.0, gt=0, description="Deadline for a router call when the caller set none (callers' own deadlines win)."
+        30.0, gt=0, description="Deadline for an inference call when the caller set none (callers' own deadlines win)."
     )
     registry_timeout_s: float = Field(5.0, gt=0, description="Deadline for each registry call.")
     max_page_size: int = Field(200, gt=0, description="Largest ListModels page served; bigger requests are capped.")

@@ -1,4 +1,4 @@
-"""Calls from the gateway to the router and the registry, with their errors mapped to servegrid's."""
+"""Calls from the gateway to the data plane (Envoy's mesh listener) and the registry, errors mapped to servegrid's."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import grpc
 from servegrid.registry.v1 import registry_pb2, registry_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from services.mesh.names import model_headers
 from services.runtime import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -38,7 +39,7 @@ _MAPPED: dict[grpc.StatusCode, tuple[type[ServegridError], str]] = {
 
 
 def map_rpc_error(error: grpc.aio.AioRpcError, what: str) -> Exception:
-    """A router/registry failure as the domain error the caller should see.
+    """A data-plane/registry failure as the domain error the caller should see.
 
     The upstream's own message is kept (Triton's "unexpected shape for input 'x'..." is exactly what
     a caller needs), and its ErrorInfo reason when it sent one; anything unexpected stays
@@ -57,8 +58,12 @@ def map_rpc_error(error: grpc.aio.AioRpcError, what: str) -> Exception:
     return cls(message, reason=reason, metadata=dict(info.metadata) if info else None)
 
 
-class RouterClient:
-    """KServe v2 client of the router (or of a Triton, which speaks the same protocol)."""
+class KServeClient:
+    """KServe v2 client of the data plane: Envoy's mesh listener, which routes by the model header.
+
+    Every call names its model in `x-servegrid-model` (and `x-servegrid-model-version`), so Envoy
+    routes on the header; Envoy still checks that the body names the same model.
+    """
 
     def __init__(self, address: str) -> None:
         self.address = address
@@ -71,21 +76,24 @@ class RouterClient:
         timeout_s: float,
         metadata: Sequence[tuple[str, str]],
     ) -> service_pb2.ModelInferResponse:
+        metadata = [*metadata, *model_headers(request.model_name, request.model_version)]
         try:
             response: service_pb2.ModelInferResponse = await self.stub.ModelInfer(
                 request, timeout=timeout_s, metadata=metadata
             )
         except grpc.aio.AioRpcError as error:
-            raise map_rpc_error(error, "the router") from None
+            raise map_rpc_error(error, "inference") from None
         return response
 
     async def metadata(self, name: str, version: str, timeout_s: float) -> service_pb2.ModelMetadataResponse:
         try:
             response: service_pb2.ModelMetadataResponse = await self.stub.ModelMetadata(
-                service_pb2.ModelMetadataRequest(name=name, version=version), timeout=timeout_s
+                service_pb2.ModelMetadataRequest(name=name, version=version),
+                timeout=timeout_s,
+                metadata=model_headers(name, version),
             )
         except grpc.aio.AioRpcError as error:
-            raise map_rpc_error(error, "the router") from None
+            raise map_rpc_error(error, "model metadata") from None
         return response
 
     async def close(self) -> None:

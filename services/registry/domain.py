@@ -113,6 +113,7 @@ class Backend:
     create_time: datetime | None = None
     update_time: datetime | None = None
     etag: str = ""
+    http_address: str = ""  # KServe v2 REST "host:port"; empty when it serves gRPC only
 
     def serves(self, triton_model_name: str) -> bool:
         """An empty `triton_models` means the backend serves every model."""
@@ -126,6 +127,7 @@ class RouteBackend:
     backend_id: str
     address: str
     weight: int
+    http_address: str = ""
 
 
 @dataclass(frozen=True)
@@ -191,7 +193,7 @@ def _version_dict(v: RouteVersion) -> dict[str, Any]:
         "triton_model_name": v.triton_model_name,
         "triton_model_version": v.triton_model_version,
         "weight": v.weight,
-        "backends": [[b.backend_id, b.address, b.weight] for b in v.backends],
+        "backends": [[b.backend_id, b.address, b.weight, b.http_address] for b in v.backends],
     }
 
 
@@ -202,7 +204,8 @@ def _version_from(data: dict[str, Any]) -> RouteVersion:
         triton_model_name=data["triton_model_name"],
         triton_model_version=int(data["triton_model_version"]),
         weight=int(data["weight"]),
-        backends=tuple(RouteBackend(b[0], b[1], int(b[2])) for b in data["backends"]),
+        # Entries cached before backends had an HTTP address have three items.
+        backends=tuple(RouteBackend(b[0], b[1], int(b[2]), b[3] if len(b) > 3 else "") for b in data["backends"]),
     )
 
 

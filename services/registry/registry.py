@@ -272,6 +272,8 @@ def _check_version_fields(version: ModelVersion) -> None:
 def _check_backend_fields(backend: Backend, fields: Collection[str]) -> None:
     if "address" in fields:
         lifecycle.check_address(backend.address, "backend.address")
+    if "http_address" in fields and backend.http_address:  # empty: the backend serves gRPC only
+        lifecycle.check_address(backend.http_address, "backend.http_address")
     if "labels" in fields:
         lifecycle.check_labels(backend.labels, "backend.labels")
     if "weight" in fields and backend.weight < 0:

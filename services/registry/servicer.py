@@ -118,6 +118,7 @@ def backend_pb(b: Backend) -> pb.Backend:
         name=f"backends/{b.backend_id}",
         backend_id=b.backend_id,
         address=b.address,
+        http_address=b.http_address,
         labels=b.labels,
         triton_models=list(b.triton_models),
         weight=b.weight,
@@ -134,7 +135,10 @@ def route_version_pb(v: RouteVersion) -> pb.RouteVersion:
         triton_model_name=v.triton_model_name,
         triton_model_version=v.triton_model_version,
         weight=v.weight,
-        backends=[pb.RouteBackend(backend_id=b.backend_id, address=b.address, weight=b.weight) for b in v.backends],
+        backends=[
+            pb.RouteBackend(backend_id=b.backend_id, address=b.address, weight=b.weight, http_address=b.http_address)
+            for b in v.backends
+        ],
     )
 
 
@@ -187,6 +191,7 @@ def backend_from(b: pb.Backend) -> Backend:
     return Backend(
         backend_id=b.backend_id,
         address=b.address,
+        http_address=b.http_address,
         labels=dict(b.labels),
         triton_models=tuple(b.triton_models),
         weight=b.weight,

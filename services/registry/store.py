@@ -500,13 +500,14 @@ class RegistryStore:
         async def body(tx: _Write) -> Backend:
             cur = await tx.conn.execute(
                 """
-                INSERT INTO backends (backend_id, address, labels, triton_models, weight, revision)
-                VALUES (%s, %s, %s, %s, %s, %s)
+                INSERT INTO backends (backend_id, address, http_address, labels, triton_models, weight, revision)
+                VALUES (%s, %s, %s, %s, %s, %s, %s)
                 ON CONFLICT (backend_id) DO NOTHING RETURNING *
                 """,
                 (
                     backend.backend_id,
                     backend.address,
+                    backend.http_address,
                     Jsonb(backend.labels),
                     list(backend.triton_models),
                     backend.weight,
@@ -532,12 +533,13 @@ class RegistryStore:
             updated = replace(current, **{p: getattr(backend, p) for p in lifecycle.BACKEND_MASK_PATHS if p in paths})
             cur = await tx.conn.execute(
                 """
-                UPDATE backends SET address = %s, labels = %s, triton_models = %s, weight = %s,
+                UPDATE backends SET address = %s, http_address = %s, labels = %s, triton_models = %s, weight = %s,
                     revision = %s, update_time = now()
                 WHERE backend_id = %s RETURNING *
                 """,
                 (
                     updated.address,
+                    updated.http_address,
                     Jsonb(updated.labels),
                     list(updated.triton_models),
                     updated.weight,
@@ -647,6 +649,7 @@ def _backend(row: DictRow) -> Backend:
     return Backend(
         backend_id=row["backend_id"],
         address=row["address"],
+        http_address=row["http_address"],
         labels=dict(row["labels"]),
         triton_models=tuple(row["triton_models"]),
         weight=int(row["weight"]),

@@ -1,1 +1,1 @@
-"""The router: KServe v2 data plane in front of Triton backends, with balancing, health, retries, canary and shadow."""
+"""The router: Envoy's xDS control plane (registry routes + backend probes → snapshots), drains, shadow comparison."""

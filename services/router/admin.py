@@ -1,17 +1,17 @@
-"""RouterAdminService: backend health and load, drain/undrain, and the routing table this replica holds."""
+"""RouterAdminService: what Envoy is told about each backend, drain/undrain through EDS, the table and xDS state."""
 
 from __future__ import annotations
-
-import time
 
 import grpc
 from google.protobuf import timestamp_pb2
 from servegrid.router.v1 import router_admin_pb2 as pb
 from servegrid.router.v1 import router_admin_pb2_grpc as pb_grpc
 
-from services.router.backends import Backend, BackendPool
+from services.router.backends import BackendProbes, EndpointState, ProbedBackend
+from services.router.publisher import SnapshotPublisher, snapshot_version
 from services.router.table import RouteTable
 from services.router.watch import RegistryWatcher
+from services.router.xds import AdsServer, NackInfo, NodeState
 from services.runtime.errors import InvalidArgument, NotFound
 
 
@@ -21,32 +21,64 @@ def _timestamp(epoch_s: float) -> timestamp_pb2.Timestamp:
     return stamp
 
 
-def backend_status(backend: Backend) -> pb.BackendStatus:
-    status = pb.BackendStatus(
+def endpoint_state(backend: ProbedBackend) -> EndpointState:
+    """One state for the whole backend: DRAINING when drained, HEALTHY when Envoy may send it requests for
+    at least one of its models (unready ones are listed apart), else UNHEALTHY."""
+    states = {backend.state(model) for model in backend.models}
+    if EndpointState.DRAINING in states or backend.drained:
+        return EndpointState.DRAINING
+    return EndpointState.HEALTHY if EndpointState.HEALTHY in states else EndpointState.UNHEALTHY
+
+
+def backend_status(backend: ProbedBackend) -> pb.BackendStatus:
+    # The deprecated load and breaker fields stay unset: Envoy holds those now (its /clusters page).
+    return pb.BackendStatus(
         backend_id=backend.backend_id,
-        address=backend.address,
+        address=backend.spec.address,
+        http_address=backend.spec.http_address,
         health=pb.BackendHealth.ValueType(backend.health),
-        breaker_state=pb.BreakerState.ValueType(int(backend.breaker.state)),
         drained=backend.drained,
-        in_flight=backend.in_flight,
-        ewma_latency_ms=backend.cost_s * 1e3,
-        requests_total=backend.requests_total,
-        failures_total=backend.failures_total,
+        endpoint_state=pb.EndpointState.ValueType(int(endpoint_state(backend))),
         triton_models=sorted({name for name, _ in backend.models}),
+        unready_triton_models=sorted({name for name, _ in backend.unready_models()}),
     )
-    now = time.monotonic()
-    if backend.ejected_until > now:
-        # ejected_until is on the monotonic clock; the API speaks wall-clock time.
-        status.ejected_until.CopyFrom(_timestamp(time.time() + backend.ejected_until - now))
-    return status
+
+
+def envoy_node(node: NodeState) -> pb.EnvoyNode:
+    return pb.EnvoyNode(
+        node_id=node.node_id,
+        node_cluster=node.node_cluster,
+        acked_versions=dict(node.acked),
+        in_sync=node.in_sync,
+        connect_time=_timestamp(node.connected_at),
+    )
+
+
+def xds_rejection(nack: NackInfo) -> pb.XdsRejection:
+    return pb.XdsRejection(
+        node_id=nack.node_id,
+        resource_type=nack.type,
+        version=nack.version,
+        message=nack.message,
+        time=_timestamp(nack.at),
+    )
 
 
 class RouterAdmin(pb_grpc.RouterAdminServiceServicer):
-    """Thin: reads and steers the BackendPool and RouteTable."""
+    """Thin: reads the probes, table and ADS server; drains through the probes and waits for the snapshot."""
 
-    def __init__(self, table: RouteTable, pool: BackendPool, watcher: RegistryWatcher | None) -> None:
+    def __init__(
+        self,
+        table: RouteTable,
+        probes: BackendProbes,
+        publisher: SnapshotPublisher,
+        ads: AdsServer,
+        watcher: RegistryWatcher | None,
+    ) -> None:
         self.table = table
-        self.pool = pool
+        self.probes = probes
+        self.publisher = publisher
+        self.ads = ads
         self.watcher = watcher
 
     async def ListBackends(
@@ -54,35 +86,35 @@ class RouterAdmin(pb_grpc.RouterAdminServiceServicer):
     ) -> pb.ListBackendsResponse:
         if request.page_size < 0:
             raise InvalidArgument("page_size must not be negative", field_violations=[("page_size", "negative")])
-        ids = sorted(b for b in self.pool.backends if b > request.page_token)
+        ids = sorted(b for b in self.probes.backends if b > request.page_token)
         page = ids[: request.page_size] if request.page_size else ids
         next_token = page[-1] if request.page_size and len(ids) > len(page) else ""
         return pb.ListBackendsResponse(
-            backends=[backend_status(self.pool.backends[b]) for b in page], next_page_token=next_token
+            backends=[backend_status(self.probes.backends[b]) for b in page], next_page_token=next_token
         )
 
-    def _backend(self, backend_id: str) -> Backend:
-        backend = self.pool.get(backend_id)
+    async def _set_drained(self, backend_id: str, drained: bool) -> ProbedBackend:
+        backend = self.probes.set_drained(backend_id, drained)
         if backend is None:
             raise NotFound(
                 f"backend {backend_id!r} is not known to this router",
                 reason="BACKEND_NOT_FOUND",
                 metadata={"backend_id": backend_id},
             )
+        # Answer once the EDS snapshot that says so is what every Envoy is being sent.
+        await self.publisher.flush()
         return backend
 
     async def DrainBackend(
         self, request: pb.DrainBackendRequest, context: grpc.aio.ServicerContext
     ) -> pb.DrainBackendResponse:
-        backend = self._backend(request.backend_id)
-        backend.drained = True
+        backend = await self._set_drained(request.backend_id, True)
         return pb.DrainBackendResponse(backend=backend_status(backend))
 
     async def UndrainBackend(
         self, request: pb.UndrainBackendRequest, context: grpc.aio.ServicerContext
     ) -> pb.UndrainBackendResponse:
-        backend = self._backend(request.backend_id)
-        backend.drained = False
+        backend = await self._set_drained(request.backend_id, False)
         return pb.UndrainBackendResponse(backend=backend_status(backend))
 
     async def GetRouteTable(
@@ -92,7 +124,12 @@ class RouterAdmin(pb_grpc.RouterAdminServiceServicer):
             routes=self.table.protos(),
             revision=self.table.revision,
             registry_connected=bool(self.watcher and self.watcher.connected),
+            envoys=[envoy_node(node) for node in self.ads.nodes()],
         )
         if self.table.update_time:
             reply.update_time.CopyFrom(_timestamp(self.table.update_time))
+        if self.ads.snapshot is not None:
+            reply.snapshot_version = snapshot_version(self.ads.snapshot)
+        if self.ads.last_rejection is not None:
+            reply.last_rejection.CopyFrom(xds_rejection(self.ads.last_rejection))
         return reply

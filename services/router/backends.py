@@ -1,255 +1,258 @@
-"""Backends: one persistent channel each, with active probes, passive ejection, a breaker and a latency EWMA."""
+"""Backend readiness probes: ServerReady + ModelReady per backend, plus operator drains, as endpoint states for EDS."""
+
+# The router carries no inference any more; what it knows about a backend is what it tells Envoy.
+# Every probe_interval_s each backend the table names gets ServerReady, then ModelReady for every
+# (Triton model, version) the table sends it. The verdicts and the drain flags become one
+# EndpointStates mapping, (backend, Triton model, Triton version) -> HEALTHY / UNHEALTHY / DRAINING,
+# which services.mesh turns into EDS health. Listeners hear only of real changes, so idle probing
+# never rebuilds a snapshot.
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
-import math
 import time
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from services.router import metrics
-from services.router.breaker import BreakerPolicy, BreakerState, CircuitBreaker
 from services.router.settings import RouterSettings
+from services.router.table import BackendSpec
 from services.runtime.tracing import client_interceptors
 
 log = logging.getLogger(__name__)
 
-MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
-UNSPECIFIED, HEALTHY, UNHEALTHY = 0, 1, 2  # values of servegrid.router.v1.BackendHealth
+# Values of servegrid.router.v1.BackendHealth.
+UNSPECIFIED, HEALTHY, UNHEALTHY = 0, 1, 2
 
-# Failures that say something about the backend (not about the caller's request).
-BACKEND_FAULTS = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.DATA_LOSS,
-    }
-)
+
+class EndpointState(enum.IntEnum):
+    """What Envoy is told about one backend for one Triton model.
+
+    The numbers are both Envoy's `config.core.v3.HealthStatus` and `servegrid.router.v1.EndpointState`.
+    """
+
+    HEALTHY = 1
+    UNHEALTHY = 2  # probes fail, the model is not ready there, or it was never probed
+    DRAINING = 3  # an operator drained the backend: no new requests, those in flight finish
+
+
+EndpointKey = tuple[str, str, str]  # (backend_id, triton_model_name, triton_model_version)
+EndpointStates = Mapping[EndpointKey, EndpointState]
+ModelKey = tuple[str, str]  # (triton_model_name, triton_model_version); "" = Triton's latest
+
+
+class ProbeClient(Protocol):
+    """The two KServe v2 readiness calls a probe makes; production speaks gRPC, tests fake it."""
+
+    async def server_ready(self, timeout_s: float) -> bool: ...
+
+    async def model_ready(self, name: str, version: str, timeout_s: float) -> bool: ...
+
+    async def close(self) -> None: ...
 
 
 def channel_options(settings: RouterSettings) -> list[tuple[str, Any]]:
     return [
-        ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
         # gRPC's default reconnect backoff grows to minutes; a restarted Triton must be found in
-        # about a second, and the probes tell us when it is worth trying.
+        # about a second.
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.min_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 1000),
-        # One connection per backend address even if two Backend objects name it.
+        # One connection per backend address even if two backend ids name it.
         ("grpc.use_local_subchannel_pool", 1),
     ]
 
 
-class Backend:
-    """One Triton (or any KServe v2 server) as the router tracks it."""
+class TritonProbeClient:
+    """ServerReady/ModelReady over one gRPC channel to a backend."""
 
-    def __init__(self, backend_id: str, address: str, weight: int, settings: RouterSettings) -> None:
-        self.backend_id = backend_id
-        self.address = address
-        self.weight = weight
-        self.models: set[tuple[str, str]] = set()
-        self._tau = settings.ewma_decay_s
-        self._eject_threshold = settings.eject_consecutive_failures
-        self._eject_base = settings.eject_base_s
-        self._eject_max = settings.eject_max_s
+    def __init__(self, address: str, settings: RouterSettings) -> None:
         self.channel = grpc.aio.insecure_channel(
             address, options=channel_options(settings), interceptors=client_interceptors() or None
         )
-        # Raw bytes both ways: the router never decodes tensors on the hot path.
-        self.infer = self.channel.unary_unary(MODEL_INFER, request_serializer=None, response_deserializer=None)
         self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
-        self.in_flight = 0
-        self.cost_s = 0.0  # peak-EWMA latency
-        self.cost_at = 0.0
-        self.health = UNSPECIFIED
-        self.model_ready: dict[tuple[str, str], bool] = {}
-        self.drained = False
-        self.ejected_until = 0.0
-        self.ejections = 0
-        self.consecutive_unavailable = 0
-        self.requests_total = 0
-        self.failures_total = 0
-        self.breaker = CircuitBreaker(
-            backend_id,
-            BreakerPolicy(
-                consecutive_failures=settings.breaker_consecutive_failures,
-                error_rate=settings.breaker_error_rate,
-                window=settings.breaker_window,
-                min_requests=settings.breaker_min_requests,
-                open_s=settings.breaker_open_s,
-                half_open_trials=settings.breaker_half_open_trials,
-            ),
-            on_transition=_breaker_moved,
-        )
-        metrics.BREAKER_STATE.labels(backend_id).set(BreakerState.CLOSED)
 
-    def eligible(self, key: tuple[str, str], now: float) -> bool:
-        """May a request for Triton model `key` go here now?"""
-        return (
-            not self.drained
-            and self.health != UNHEALTHY
-            and now >= self.ejected_until
-            and self.model_ready.get(key, True)
-            and self.breaker.allows()
-        )
-
-    def score(self, now: float) -> float:
-        """P2C cost: latency estimate x (requests in flight + 1). An idle backend's estimate decays,
-        so a backend that was slow once gets tried again instead of being starved forever."""
-        cost = self.cost_s * math.exp((self.cost_at - now) / self._tau) if self.cost_s else 0.0
-        return (cost + 1e-5) * (self.in_flight + 1)
-
-    def observe(self, rtt_s: float, now: float) -> None:
-        if rtt_s > self.cost_s:
-            self.cost_s = rtt_s  # peak: react to a slowdown at once
-        else:
-            w = math.exp((self.cost_at - now) / self._tau)
-            self.cost_s = self.cost_s * w + rtt_s * (1.0 - w)
-        self.cost_at = now
-
-    def on_success(self, rtt_s: float, now: float) -> None:
-        self.requests_total += 1
-        self.observe(rtt_s, now)
-        self.consecutive_unavailable = 0
-        self.breaker.record(True)
-
-    def on_failure(self, code: grpc.StatusCode, now: float) -> None:
-        """Count a failed call; only faults of the backend feed the breaker and ejection."""
-        self.requests_total += 1
-        if code not in BACKEND_FAULTS:
-            # The backend answered (a bad shape, say): it is alive and did the work.
-            self.consecutive_unavailable = 0
-            self.breaker.record(True)
-            return
-        self.failures_total += 1
-        self.breaker.record(False)
-        if code is grpc.StatusCode.UNAVAILABLE:
-            self.consecutive_unavailable += 1
-            if self.consecutive_unavailable >= self._eject_threshold and now >= self.ejected_until:
-                self.eject(now)
-
-    def eject(self, now: float) -> None:
-        cool_down = min(self._eject_max, self._eject_base * (2**self.ejections))
-        self.ejections += 1
-        self.ejected_until = now + cool_down
-        self.consecutive_unavailable = 0
-        metrics.EJECTIONS.labels(self.backend_id).inc()
-        log.warning(
-            "backend %s ejected for %.1fs after consecutive connection failures",
-            self.backend_id,
-            cool_down,
-            extra={"backend_id": self.backend_id, "cool_down_s": cool_down},
-        )
-
-    def set_health(self, health: int) -> None:
-        if health != self.health:
-            log.log(
-                logging.INFO if health == HEALTHY else logging.WARNING,
-                "backend %s is %s",
-                self.backend_id,
-                "healthy" if health == HEALTHY else "unhealthy",
-                extra={"backend_id": self.backend_id, "address": self.address},
-            )
-            metrics.BACKEND_HEALTHY.labels(self.backend_id).set(1 if health == HEALTHY else 0)
-        if health == HEALTHY and self.health == UNHEALTHY:
-            # Back after an outage: end the ejection and forget its backoff, the probes vouch for it.
-            self.ejected_until = 0.0
-            self.ejections = 0
-            self.consecutive_unavailable = 0
-        self.health = health
-
-    async def probe(self, timeout_s: float) -> None:
-        """ServerReady, then ModelReady for every Triton model the table sends here."""
+    async def server_ready(self, timeout_s: float) -> bool:
         try:
             reply = await self.stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=timeout_s)
-            ready = reply.ready
         except grpc.aio.AioRpcError:
-            ready = False
-        if not ready:
-            self.set_health(UNHEALTHY)
-            return
-        models = sorted(self.models)
-        results = await asyncio.gather(
-            *(
-                self.stub.ModelReady(service_pb2.ModelReadyRequest(name=name, version=version), timeout=timeout_s)
-                for name, version in models
-            ),
-            return_exceptions=True,
-        )
-        for key, result in zip(models, results, strict=True):
-            if isinstance(result, service_pb2.ModelReadyResponse):
-                self.model_ready[key] = result.ready
-            elif isinstance(result, grpc.aio.AioRpcError):
-                self.model_ready[key] = False
-        self.set_health(HEALTHY)
+            return False
+        return bool(reply.ready)
+
+    async def model_ready(self, name: str, version: str, timeout_s: float) -> bool:
+        try:
+            reply = await self.stub.ModelReady(
+                service_pb2.ModelReadyRequest(name=name, version=version), timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.ready)
 
     async def close(self) -> None:
         await self.channel.close(grace=None)
 
 
-def _breaker_moved(backend_id: str, old: BreakerState, new: BreakerState) -> None:
-    metrics.BREAKER_STATE.labels(backend_id).set(new)
-    metrics.BREAKER_TRANSITIONS.labels(backend_id, new.name.lower()).inc()
+ProbeClientFactory = Callable[[str], ProbeClient]
 
 
-class BackendPool:
-    """Every backend the routing table names, kept in step with the table, probed on a timer."""
+class ProbedBackend:
+    """One Triton as the probes see it: server readiness, per-model readiness, the operator's drain flag."""
 
-    def __init__(self, settings: RouterSettings) -> None:
+    def __init__(self, backend_id: str, spec: BackendSpec, client: ProbeClient) -> None:
+        self.backend_id = backend_id
+        self.spec = spec
+        self.client = client
+        self.health = UNSPECIFIED
+        self.model_ready: dict[ModelKey, bool] = {}  # only models probed at least once
+        self.drained = False
+        self.probed_at = 0.0
+
+    @property
+    def models(self) -> frozenset[ModelKey]:
+        return self.spec.models
+
+    def state(self, model: ModelKey) -> EndpointState:
+        if self.drained:
+            return EndpointState.DRAINING
+        if self.health == HEALTHY and self.model_ready.get(model, False):
+            return EndpointState.HEALTHY
+        return EndpointState.UNHEALTHY
+
+    def unready_models(self) -> list[ModelKey]:
+        """Models the table sends here that are not known to be ready (all of them while the server is down)."""
+        if self.health != HEALTHY:
+            return sorted(self.models)
+        return sorted(m for m in self.models if not self.model_ready.get(m, False))
+
+    def unprobed(self) -> bool:
+        return self.health == UNSPECIFIED or any(m not in self.model_ready for m in self.models)
+
+    async def probe(self, timeout_s: float, only_unprobed: bool = False) -> None:
+        """ServerReady, then ModelReady for every Triton model the table sends here (concurrently)."""
+        models = sorted(m for m in self.models if not only_unprobed or m not in self.model_ready)
+        ready = await self.client.server_ready(timeout_s)
+        if not ready:
+            self._set_health(UNHEALTHY)
+            self.model_ready.update(dict.fromkeys(models, False))
+            return
+        results = await asyncio.gather(*(self.client.model_ready(n, v, timeout_s) for n, v in models))
+        self.model_ready.update(zip(models, results, strict=True))
+        self._set_health(HEALTHY)
+        self.probed_at = time.time()
+
+    def _set_health(self, health: int) -> None:
+        if health != self.health:
+            log.log(
+                logging.INFO if health == HEALTHY else logging.WARNING,
+                "backend %s is %s",
+                self.backend_id,
+                "ready" if health == HEALTHY else "not ready",
+                extra={"backend_id": self.backend_id, "address": self.spec.address},
+            )
+            metrics.BACKEND_HEALTHY.labels(self.backend_id).set(1 if health == HEALTHY else 0)
+        self.health = health
+
+
+class BackendProbes:
+    """Every backend the routing table names, kept in step with it, probed on a timer.
+
+    `states()` is what Envoy should be told; listeners registered with `on_change` run (synchronously)
+    only when it changes: a probe verdict flipped, a drain, or the table added or removed a key.
+    """
+
+    def __init__(self, settings: RouterSettings, client_factory: ProbeClientFactory | None = None) -> None:
         self.settings = settings
-        self.backends: dict[str, Backend] = {}
+        self.backends: dict[str, ProbedBackend] = {}
+        self._client_factory = client_factory or (lambda address: TritonProbeClient(address, settings))
+        self._listeners: list[Callable[[], None]] = []
+        self._states: dict[EndpointKey, EndpointState] = {}
         self._task: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
 
-    def sync(self, wanted: Mapping[str, tuple[str, int, set[tuple[str, str]]]]) -> None:
-        """Match the table: open channels for new backends, replace moved ones, close removed ones."""
-        for backend_id, (address, weight, models) in wanted.items():
+    def on_change(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    def states(self) -> EndpointStates:
+        """(backend, Triton model, Triton version) -> state, for every pair the table names. Do not mutate."""
+        return self._states
+
+    def sync(self, wanted: Mapping[str, BackendSpec]) -> None:
+        """Follow the table: probe new backends, re-address moved ones, forget removed ones (drain flags stay
+        with a backend whose address changes, and go with one the table drops)."""
+        for backend_id, spec in wanted.items():
             backend = self.backends.get(backend_id)
-            if backend is None or backend.address != address:
+            if backend is None or backend.spec.address != spec.address:
+                replacement = ProbedBackend(backend_id, spec, self._client_factory(spec.address))
                 if backend is not None:
-                    self._close_later(backend)
-                backend = Backend(backend_id, address, 1, self.settings)
-                self.backends[backend_id] = backend
-                log.info("backend %s added at %s", backend_id, address, extra={"backend_id": backend_id})
-            backend.models = set(models)
-            backend.weight = weight
+                    replacement.drained = backend.drained
+                    self._close_later(backend.client)
+                self.backends[backend_id] = replacement
+                log.info("backend %s probed at %s", backend_id, spec.address, extra={"backend_id": backend_id})
+            else:
+                backend.spec = spec
+                backend.model_ready = {m: r for m, r in backend.model_ready.items() if m in spec.models}
         for backend_id in [b for b in self.backends if b not in wanted]:
-            self._close_later(self.backends.pop(backend_id))
+            self._close_later(self.backends.pop(backend_id).client)
+            with contextlib.suppress(KeyError):  # never probed: no gauge child to remove
+                metrics.BACKEND_HEALTHY.remove(backend_id)
             log.info("backend %s removed", backend_id, extra={"backend_id": backend_id})
+        self._recompute()
 
-    def _close_later(self, backend: Backend) -> None:
-        # Requests in flight on the old channel finish within the grace period.
-        async def close() -> None:
-            await asyncio.sleep(self.settings.grace_period_s)
-            await backend.close()
-
-        task = asyncio.get_running_loop().create_task(close())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
-
-    def candidates(self, backend_ids: Iterable[str], key: tuple[str, str], now: float) -> list[Backend]:
-        backends = self.backends
-        out = []
-        for backend_id in backend_ids:
-            backend = backends.get(backend_id)
-            if backend is not None and backend.eligible(key, now):
-                out.append(backend)
-        return out
-
-    def get(self, backend_id: str) -> Backend | None:
+    def get(self, backend_id: str) -> ProbedBackend | None:
         return self.backends.get(backend_id)
 
+    def set_drained(self, backend_id: str, drained: bool) -> ProbedBackend | None:
+        """Drain or undrain; None when the table names no such backend."""
+        backend = self.backends.get(backend_id)
+        if backend is None:
+            return None
+        if backend.drained != drained:
+            backend.drained = drained
+            log.warning(
+                "backend %s %s by an operator",
+                backend_id,
+                "drained" if drained else "undrained",
+                extra={"backend_id": backend_id},
+            )
+        self._recompute()
+        return backend
+
+    def has_unprobed(self) -> bool:
+        return any(b.unprobed() for b in self.backends.values())
+
+    async def probe_unprobed(self) -> None:
+        """Probe only what was never probed (a backend or model the table just added), so a snapshot built
+        right after a table change tells Envoy the truth about new endpoints instead of guessing."""
+        timeout = self.settings.probe_timeout_s
+        await asyncio.gather(
+            *(b.probe(timeout, only_unprobed=True) for b in list(self.backends.values()) if b.unprobed())
+        )
+        self._recompute()
+
     async def probe_all(self) -> None:
-        await asyncio.gather(*(b.probe(self.settings.probe_timeout_s) for b in list(self.backends.values())))
+        timeout = self.settings.probe_timeout_s
+        await asyncio.gather(*(b.probe(timeout) for b in list(self.backends.values())))
+        self._recompute()
+
+    def _recompute(self) -> None:
+        states = {
+            (backend_id, name, version): backend.state((name, version))
+            for backend_id, backend in self.backends.items()
+            for name, version in backend.models
+        }
+        if states == self._states:
+            return
+        self._states = states
+        for state in EndpointState:
+            metrics.ENDPOINT_STATES.labels(state.name.lower()).set(sum(1 for s in states.values() if s is state))
+        for listener in self._listeners:
+            listener()
 
     async def _probe_loop(self) -> None:
         while True:
@@ -265,9 +268,19 @@ class BackendPool:
         self._task = asyncio.get_running_loop().create_task(self._probe_loop(), name="backend-probes")
 
     async def check(self) -> None:
-        """Health component: fine with no backends yet (waiting for routes), else one must be healthy."""
+        """Health component: fine with no backends yet (waiting for routes), else one must be ready."""
         if self.backends and not any(b.health == HEALTHY for b in self.backends.values()):
             raise RuntimeError("no backend passes its probes")
+
+    def _close_later(self, client: ProbeClient) -> None:
+        # A probe of the old address may be in flight; let it finish instead of cancelling it.
+        async def close() -> None:
+            await asyncio.sleep(self.settings.probe_timeout_s)
+            await client.close()
+
+        task = asyncio.get_running_loop().create_task(close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -276,5 +289,5 @@ class BackendPool:
                 await self._task
         for task in list(self._closing):
             task.cancel()
-        await asyncio.gather(*(b.close() for b in self.backends.values()), return_exceptions=True)
+        await asyncio.gather(*(b.client.close() for b in self.backends.values()), return_exceptions=True)
         self.backends.clear()

@@ -1,45 +1,9 @@
-"""Prometheus metrics the router exports, per model, version and backend."""
+"""Prometheus metrics the router exports: probes, snapshots, xDS streams, shadow comparisons, the registry watch."""
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-REQUESTS = Counter(
-    "servegrid_router_requests_total",
-    "ModelInfer calls answered by the router, by model, registry version, backend and status code.",
-    ["model", "version", "backend", "code"],
-)
-LATENCY = Histogram(
-    "servegrid_router_request_duration_seconds",
-    "ModelInfer time through the router (retries included), by model and registry version.",
-    ["model", "version"],
-    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-)
-RETRIES = Counter(
-    "servegrid_router_retries_total",
-    "Attempts retried on another try, by model and the status that caused them.",
-    ["model", "code"],
-)
-RETRY_BUDGET_EXHAUSTED = Counter(
-    "servegrid_router_retry_budget_exhausted_total",
-    "Retryable failures returned to the caller because the retry budget was empty.",
-    ["model"],
-)
-BREAKER_STATE = Gauge(
-    "servegrid_router_breaker_state",
-    "Circuit breaker state per backend: 1 closed, 2 open, 3 half-open.",
-    ["backend"],
-)
-BREAKER_TRANSITIONS = Counter(
-    "servegrid_router_breaker_transitions_total",
-    "Circuit breaker state changes per backend, by the state entered.",
-    ["backend", "state"],
-)
-EJECTIONS = Counter(
-    "servegrid_router_ejections_total",
-    "Passive outlier ejections per backend (consecutive connection failures).",
-    ["backend"],
-)
 BACKEND_HEALTHY = Gauge(
     "servegrid_router_backend_healthy",
     "1 when a backend's active probes pass.",
@@ -47,7 +11,8 @@ BACKEND_HEALTHY = Gauge(
 )
 SHADOW_REQUESTS = Counter(
     "servegrid_router_shadow_requests_total",
-    "Shadow copies by model, shadow version and outcome (sent, dropped, error, compared).",
+    "Mirrored requests compared with the shadow version, by model, shadow version and outcome "
+    "(sent, dropped, error, compared).",
     ["model", "version", "outcome"],
 )
 SHADOW_MAX_ABS_DIFF = Histogram(
@@ -61,5 +26,36 @@ SHADOW_ARGMAX_MISMATCHES = Counter(
     "Rows whose argmax (predicted class) differs between primary and shadow outputs.",
     ["model", "version"],
 )
+SNAPSHOT_BUILDS = Counter(
+    "servegrid_router_snapshot_builds_total",
+    "xDS snapshots built from the table and endpoint states, by outcome (ok, error).",
+    ["outcome"],
+)
+SNAPSHOT_BUILD_SECONDS = Histogram(
+    "servegrid_router_snapshot_build_seconds",
+    "Time to build and publish one xDS snapshot.",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+)
+ENDPOINT_STATES = Gauge(
+    "servegrid_router_endpoints",
+    "Endpoints (backend x Triton model) by the state Envoy is told: healthy, unhealthy, draining.",
+    ["state"],
+)
 TABLE_REVISION = Gauge("servegrid_router_table_revision", "Revision of the routing table held in memory.")
 REGISTRY_CONNECTED = Gauge("servegrid_router_registry_connected", "1 while the WatchRoutes stream is up.")
+XDS_CONNECTED = Gauge("servegrid_router_xds_connected", "Envoys with an open ADS stream to this router.")
+XDS_RESPONSES = Counter(
+    "servegrid_router_xds_responses_total",
+    "xDS DiscoveryResponses sent to Envoys, by type (clusters, endpoints, listeners, routes).",
+    ["type"],
+)
+XDS_REJECTIONS = Counter(
+    "servegrid_router_xds_rejections_total",
+    "xDS versions an Envoy rejected (NACK), by type; each (node, type, version) counts once.",
+    ["type"],
+)
+XDS_ACKED_REVISION = Gauge(
+    "servegrid_router_xds_acked_revision",
+    "Registry revision every connected Envoy has ACKed, by type (the laggard's; -1 for an unknown version).",
+    ["type"],
+)

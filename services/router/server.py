@@ -1,22 +1,35 @@
-"""Composition root of the router: table, backend pool, forwarder, shadow, registry watch, admin API."""
+"""Composition root of the router, Envoy's control plane: table, registry watch, probes, xDS, admin, shadow."""
+
+# Data flow: the registry's WatchRoutes (or a routes file) fills the RouteTable; the probes follow the
+# table's backends; any change to either asks the SnapshotPublisher for a new snapshot, which
+# services.mesh builds and the AdsServer pushes to every Envoy on this same port. Inference never
+# passes through here: the only KServe call the router answers is ModelInfer from Envoy's shadow
+# mirror (services/router/shadow.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from envoy.service.discovery.v3 import ads_pb2, ads_pb2_grpc
 from servegrid.router.v1 import router_admin_pb2, router_admin_pb2_grpc
 
+from services.mesh.names import KSERVE_SERVICE
 from services.router import metrics
 from services.router.admin import RouterAdmin
-from services.router.backends import BackendPool
-from services.router.forwarder import SERVICE, InferenceForwarder
+from services.router.backends import BackendProbes, EndpointStates, ProbeClientFactory
+from services.router.publisher import SnapshotPublisher
 from services.router.settings import RouterSettings
-from services.router.shadow import ShadowMirror
+from services.router.shadow import MODEL_INFER, ShadowComparator
 from services.router.table import RouteTable, load_routes_file
 from services.router.watch import RegistryWatcher
+from services.router.xds import AdsServer, XdsSnapshot
 from services.runtime.server import ServiceApp
 
 ADMIN_SERVICE = router_admin_pb2.DESCRIPTOR.services_by_name["RouterAdminService"].full_name
+ADS_SERVICE = ads_pb2.DESCRIPTOR.services_by_name["AggregatedDiscoveryService"].full_name
+
+SnapshotBuilder = Callable[[RouteTable, EndpointStates, RouterSettings], XdsSnapshot]
 
 
 @dataclass
@@ -25,24 +38,52 @@ class Router:
 
     app: ServiceApp
     table: RouteTable
-    pool: BackendPool
-    forwarder: InferenceForwarder
-    shadow: ShadowMirror
+    probes: BackendProbes
+    ads: AdsServer
+    publisher: SnapshotPublisher
+    shadow: ShadowComparator
     watcher: RegistryWatcher | None
 
 
-def build_router(settings: RouterSettings) -> Router:
+def _mesh_builder() -> SnapshotBuilder:
+    from services.mesh.resources import build_snapshot
+
+    return build_snapshot
+
+
+def build_router(
+    settings: RouterSettings,
+    *,
+    build_snapshot: SnapshotBuilder | None = None,
+    probe_clients: ProbeClientFactory | None = None,
+) -> Router:
+    """`build_snapshot` and `probe_clients` replace services.mesh and the gRPC probes in unit tests."""
     app = ServiceApp("router", settings)
     table = RouteTable()
-    pool = BackendPool(settings)
+    probes = BackendProbes(settings, probe_clients)
+    ads = AdsServer()
+
+    def build() -> XdsSnapshot:
+        builder = build_snapshot or _mesh_builder()
+        return builder(table, probes.states(), settings)
+
+    publisher = SnapshotPublisher(
+        build,
+        ads.set_snapshot,
+        # Never publish before a table is loaded: an Envoy reconnecting to a fresh replica keeps its config.
+        ready=lambda: table.loaded,
+        prepare=probes.probe_unprobed,
+        coalesce_s=settings.snapshot_coalesce_s,
+    )
 
     def table_changed() -> None:
-        pool.sync(table.backends())
+        probes.sync(table.backends())
         metrics.TABLE_REVISION.set(table.revision)
+        publisher.request()
 
     table.on_change(table_changed)
-    shadow = ShadowMirror(pool, settings.shadow_max_in_flight, settings.default_timeout_s)
-    forwarder = InferenceForwarder(table, pool, settings, shadow)
+    probes.on_change(publisher.request)
+    shadow = ShadowComparator(table, settings)
     watcher = None
     if settings.registry_address:
         watcher = RegistryWatcher(
@@ -53,31 +94,39 @@ def build_router(settings: RouterSettings) -> Router:
             backoff_max_s=settings.registry_backoff_max_s,
         )
 
-    # ModelInfer aborts with domain statuses and records per model/version/backend metrics itself;
-    # the generic interceptor would add ~10% CPU per call for metrics we already have.
-    app.add_generic_handler(forwarder.handler(), SERVICE, passthrough_methods=[f"/{SERVICE}/ModelInfer"])
+    app.add_servicer(ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server, ads, ADS_SERVICE)
     app.add_servicer(
-        router_admin_pb2_grpc.add_RouterAdminServiceServicer_to_server, RouterAdmin(table, pool, watcher), ADMIN_SERVICE
+        router_admin_pb2_grpc.add_RouterAdminServiceServicer_to_server,
+        RouterAdmin(table, probes, publisher, ads, watcher),
+        ADMIN_SERVICE,
     )
-    # Optional components: a router with no healthy backend still answers every call (UNAVAILABLE
-    # naming the model), and a registry outage only freezes the table; neither takes it out.
-    app.health.add_component("backends", pool.check, required=False)
+    # Mirrors are answered with an empty OK at once; the comparison records its own metrics.
+    app.add_generic_handler(shadow.handler(), KSERVE_SERVICE, passthrough_methods=[MODEL_INFER])
+    # Optional components: none of them stops the router serving the snapshot it has. A NACKed
+    # snapshot shows here (Envoys keep the one before), as do probes that all fail and a registry outage.
+    app.health.add_component("backends", probes.check, required=False)
+    app.health.add_component("xds", ads.check, required=False)
+    app.health.add_component("snapshot", publisher.check, required=False)
 
     async def start() -> None:
-        # Channels belong to the running loop, so the static table is loaded here, not at build time.
+        # Channels and tasks belong to the running loop, so the static table is loaded here, not at build time.
         if settings.routes_file is not None:
             table.apply_watch(load_routes_file(settings.routes_file))
-        await pool.start()
+        await probes.start()
+        await publisher.flush()
         if watcher is not None:
             await watcher.start()
 
     app.on_startup(start)
-    app.on_shutdown(pool.close)
+    # ADS streams never end on their own: end them first so Envoys reconnect (to another replica) at once.
+    app.on_drain(ads.close)
+    app.on_shutdown(probes.close)
+    app.on_shutdown(publisher.close)
     app.on_shutdown(shadow.close)
     if watcher is not None:
         app.health.add_component("registry", watcher.check, required=False)
         app.on_shutdown(watcher.close)
-    return Router(app, table, pool, forwarder, shadow, watcher)
+    return Router(app, table, probes, ads, publisher, shadow, watcher)
 
 
 def build_app(settings: RouterSettings) -> ServiceApp:

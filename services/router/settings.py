@@ -15,7 +15,9 @@ class RouterSettings(ServiceSettings):
 
     model_config = SettingsConfigDict(env_prefix="SERVEGRID_ROUTER_", extra="ignore", frozen=True)
 
-    port: int = Field(50052, ge=0, le=65535, description="gRPC port for KServe v2 and the admin API; 0 picks one.")
+    port: int = Field(
+        50052, ge=0, le=65535, description="gRPC port for ADS (xDS), the admin API and shadow mirrors; 0 picks one."
+    )
     metrics_port: int | None = Field(9152, ge=0, le=65535, description="Prometheus /metrics port; unset disables.")
     registry_address: str = Field("", description="Registry host:port to watch routes from; empty runs without one.")
     routes_file: Path | None = Field(
@@ -24,36 +26,67 @@ class RouterSettings(ServiceSettings):
     watcher_name: str = Field("router", description="Name this replica gives the registry in WatchRoutes.")
     registry_backoff_initial_s: float = Field(0.1, gt=0, description="First wait before reconnecting to the registry.")
     registry_backoff_max_s: float = Field(5.0, gt=0, description="Longest wait between registry reconnects.")
+    mesh_address: str = Field(
+        "", description="Envoy's mesh listener host:port, where shadow comparisons re-ask; empty turns them off."
+    )
+    snapshot_coalesce_s: float = Field(
+        0.005, ge=0, description="Changes within this window after the first one go into one xDS snapshot."
+    )
 
-    probe_interval_s: float = Field(0.5, gt=0, description="How often each backend gets ServerReady/ModelReady probes.")
+    probe_interval_s: float = Field(
+        0.5, gt=0, description="How often each backend gets ServerReady/ModelReady probes (EDS health)."
+    )
     probe_timeout_s: float = Field(0.5, gt=0, description="Deadline of one probe call.")
     eject_consecutive_failures: int = Field(
-        3, ge=1, description="Consecutive connection failures (UNAVAILABLE) that eject a backend."
+        3,
+        ge=1,
+        description="Envoy outlier detection: consecutive gateway errors or connect failures that eject a host.",
     )
-    eject_base_s: float = Field(1.0, gt=0, description="First ejection cool-down; doubles per repeat ejection.")
-    eject_max_s: float = Field(30.0, gt=0, description="Longest ejection cool-down.")
+    eject_base_s: float = Field(
+        1.0, gt=0, description="Envoy outlier detection: base ejection time, multiplied by the host's ejections."
+    )
+    eject_max_s: float = Field(30.0, gt=0, description="Envoy outlier detection: longest ejection time.")
+    outlier_interval_s: float = Field(
+        1.0, gt=0, description="Envoy outlier detection: how often ejections are judged and lifted."
+    )
 
-    breaker_consecutive_failures: int = Field(5, ge=1, description="Consecutive failures that open a breaker.")
+    breaker_consecutive_failures: int = Field(
+        5, ge=1, description="Envoy outlier detection: consecutive 5xx (any failure) that eject a host."
+    )
     breaker_error_rate: float = Field(
-        0.5, gt=0, le=1, description="Failure share over the window that opens a breaker."
+        0.5, gt=0, le=1, description="Envoy outlier detection: failure share over one interval that ejects a host."
     )
-    breaker_window: int = Field(50, ge=1, description="Requests per window when judging the failure share.")
-    breaker_min_requests: int = Field(20, ge=1, description="Fewest requests in a window before the share counts.")
-    breaker_open_s: float = Field(2.0, gt=0, description="How long an open breaker rejects before half-open trials.")
-    breaker_half_open_trials: int = Field(3, ge=1, description="Successful trials in half-open that close a breaker.")
+    breaker_min_requests: int = Field(
+        20,
+        ge=1,
+        description="Envoy outlier detection: fewest requests to a host in an interval before the share counts.",
+    )
+    max_requests_per_cluster: int = Field(
+        100_000, ge=1, description="Envoy circuit breaker: most requests (and pending requests) per version cluster."
+    )
 
-    retry_max_attempts: int = Field(3, ge=1, description="Most attempts per request, the first included.")
-    retry_budget_ratio: float = Field(0.2, ge=0, description="Retries allowed as a share of requests.")
-    retry_budget_min_per_s: float = Field(10.0, ge=0, description="Retries always allowed per second (the floor).")
-    retry_budget_cap: float = Field(100.0, gt=0, description="Most retry tokens that can be saved up.")
-    retry_backoff_base_s: float = Field(0.002, ge=0, description="Backoff before the first retry (full jitter).")
-    retry_backoff_max_s: float = Field(0.1, ge=0, description="Longest backoff between attempts.")
+    retry_max_attempts: int = Field(3, ge=1, description="Envoy retry policy: most attempts, the first included.")
+    retry_per_try_timeout_s: float = Field(
+        0.0,
+        ge=0,
+        description="Envoy retry policy: deadline of each attempt; 0 lets one take the caller's whole deadline.",
+    )
+    retry_budget_ratio: float = Field(
+        0.2, ge=0, description="Envoy retry budget: retries in flight as a share of requests in flight."
+    )
+    retry_budget_min_per_s: float = Field(
+        10.0, ge=0, description="Envoy retry budget: retries always allowed in flight (min_retry_concurrency)."
+    )
+    retry_backoff_base_s: float = Field(0.002, ge=0, description="Envoy retry policy: base backoff (full jitter).")
+    retry_backoff_max_s: float = Field(0.1, ge=0, description="Envoy retry policy: longest backoff between attempts.")
+    max_concurrent_streams: int = Field(
+        1024, ge=1, description="Envoy: most HTTP/2 streams per connection to one backend."
+    )
+    cors_origins: tuple[str, ...] = Field(
+        ("*",), description="Origins the public listener's KServe REST routes allow (CORS); JSON list in the env."
+    )
 
-    ewma_decay_s: float = Field(
-        2.0, gt=0, description="Time constant of the latency EWMA; idle backends' scores decay with it."
+    shadow_max_in_flight: int = Field(
+        16, ge=0, description="Most shadow comparisons in flight; mirrored requests past it are dropped and counted."
     )
-    default_timeout_s: float = Field(60.0, gt=0, description="Backend deadline when the caller sets none.")
-    deadline_margin_s: float = Field(
-        0.01, ge=0, description="Taken off the caller's deadline so the router's own status reaches it first."
-    )
-    shadow_max_in_flight: int = Field(16, ge=0, description="Most shadow copies in flight; extra copies are dropped.")
+    shadow_timeout_s: float = Field(10.0, gt=0, description="Deadline of each call a shadow comparison makes.")

@@ -1,22 +1,43 @@
-"""Shadow traffic: copy sampled requests to another version, off the caller's path, and record the differences."""
+"""Shadow comparison: Envoy mirrors sampled requests here, and off the caller's path the differences are recorded.
+
+What was chosen, and why. Envoy's `request_mirror_policies` sends the sampled fraction of a model's
+requests to the router (static cluster `xds`; Envoy appends `-shadow` to the mirror's :authority and
+the mirror policy adds `x-servegrid-mirror`). Envoy discards whatever a mirror answers, and never
+hands the primary's response to anyone but the caller, so a comparison needs the primary's answer a
+second time: the router answers the mirror at once with an empty OK (Envoy is not held) and then,
+bounded by `shadow_max_in_flight` (past it a mirror is dropped and counted, never queued), sends the
+request through Envoy's mesh listener twice: to the shadow version (explicit version header) and to
+the primary version. That costs one extra inference per sampled request, on the primary's backends,
+off the caller's path; the caller's latency does not move. The primary is the version the caller got
+when Envoy named it (`x-servegrid-model-version` on the mirror: an explicit version, or the one a
+weighted cluster adds) or when the route is sticky (the sticky header is passed on); otherwise Envoy
+picks again by weight. The re-asks carry `x-servegrid-shadow-compare`, and a mirror of a re-ask is
+answered and ignored, so a comparison never feeds itself.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2
 
+from services.mesh.names import KSERVE_SERVICE, MIRROR_HEADER, MODEL_HEADER, SHADOW_COMPARE_HEADER, VERSION_HEADER
 from services.router import metrics
-from services.router.backends import BackendPool
-from services.router.balancer import Balancer
-from services.router.table import VersionTarget
+from services.router.settings import RouterSettings
+from services.router.table import CompiledRoute, RouteTable
+from services.runtime.errors import FailedPrecondition, abort_with
+from services.runtime.tracing import client_interceptors
 
 log = logging.getLogger(__name__)
+
+MODEL_INFER = f"/{KSERVE_SERVICE}/ModelInfer"
+# MIRROR_HEADER is added by Envoy's mirror policy: only mirrors are answered here. SHADOW_COMPARE_HEADER
+# marks the router's own re-asks: their mirrors are ignored, so a comparison never feeds itself.
 
 _NUMPY = {
     "BOOL": np.bool_,
@@ -36,7 +57,7 @@ _NUMPY = {
 
 @dataclass
 class ShadowStats:
-    """What the shadow of one model did, since the router started (also exported as metrics)."""
+    """What the shadow comparisons of one model found since the router started (also exported as metrics)."""
 
     sent: int = 0
     dropped: int = 0
@@ -84,60 +105,83 @@ def compare(primary: service_pb2.ModelInferResponse, shadow: service_pb2.ModelIn
     return ShadowDiff(max_diff, argmax, shapes)
 
 
-class ShadowMirror:
-    """Fire-and-forget copies with a bounded number in flight: when full, copies are dropped, never queued."""
+class ShadowComparator:
+    """Answers Envoy's mirrors at once and compares each, in the background, against the primary."""
 
-    def __init__(self, pool: BackendPool, max_in_flight: int, timeout_s: float) -> None:
-        self.pool = pool
-        self.max_in_flight = max_in_flight
-        self.timeout_s = timeout_s
+    def __init__(self, table: RouteTable, settings: RouterSettings, channel: grpc.aio.Channel | None = None) -> None:
+        self.table = table
+        self.mesh_address = settings.mesh_address
+        self.max_in_flight = settings.shadow_max_in_flight
+        self.timeout_s = settings.shadow_timeout_s
+        self.max_message_bytes = settings.max_message_bytes
         self.in_flight = 0
         self.stats: dict[str, ShadowStats] = {}
-        self._balancers: dict[tuple[str, int], Balancer] = {}
+        self._channel = channel
         self._tasks: set[asyncio.Task[None]] = set()
+        self._warned_no_mesh = False
 
-    def submit(self, target: VersionTarget, load_balancing: int, body: bytes | memoryview, primary: bytes) -> None:
-        """Copy `body` (the backend-neutral request without its head) to `target`; compare with `primary`."""
-        stats = self.stats.setdefault(target.model_id, ShadowStats())
-        if self.in_flight >= self.max_in_flight:
+    # ---- the mirror endpoint ----------------------------------------------------------------------
+
+    async def model_infer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        metadata = _metadata(context)
+        if MIRROR_HEADER not in metadata:
+            # Passthrough method (no interceptor): abort with the status and its ErrorInfo here.
+            error = FailedPrecondition(
+                "the router serves no inference: send KServe v2 calls to Envoy (only mirrored copies come here)",
+                reason="NOT_A_MIRROR",
+            )
+            await abort_with(context, error.to_grpc_status())
+        if SHADOW_COMPARE_HEADER not in metadata:
+            self.submit(metadata, request)
+        return b""  # an empty ModelInferResponse: Envoy discards a mirror's answer anyway
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """ModelInfer only, raw bytes in and out (the mirror is parsed only if it is compared)."""
+        return grpc.method_handlers_generic_handler(
+            KSERVE_SERVICE, {"ModelInfer": grpc.unary_unary_rpc_method_handler(self.model_infer)}
+        )
+
+    def submit(self, metadata: Mapping[str, str], request: bytes) -> None:
+        """Start comparing one mirrored request, unless too many comparisons are in flight."""
+        route = self.table.routes.get(metadata.get(MODEL_HEADER, ""))
+        if route is None or route.shadow is None:
+            return  # the policy changed since Envoy mirrored it
+        labels = (route.model_id, route.shadow.version_str)
+        stats = self.stats.setdefault(route.model_id, ShadowStats())
+        if self.in_flight >= self.max_in_flight or not self.mesh_address:
+            if not self.mesh_address and not self._warned_no_mesh:
+                self._warned_no_mesh = True
+                log.warning("shadow mirrors arrive but mesh_address is not set: they are dropped uncompared")
             stats.dropped += 1
-            metrics.SHADOW_REQUESTS.labels(target.model_id, target.version_str, "dropped").inc()
+            metrics.SHADOW_REQUESTS.labels(*labels, "dropped").inc()
             return
         self.in_flight += 1
         stats.sent += 1
-        metrics.SHADOW_REQUESTS.labels(target.model_id, target.version_str, "sent").inc()
-        task = asyncio.get_running_loop().create_task(self._mirror(target, load_balancing, body, primary, stats))
+        metrics.SHADOW_REQUESTS.labels(*labels, "sent").inc()
+        task = asyncio.get_running_loop().create_task(self._compare(route, metadata, request, stats))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _mirror(
-        self, target: VersionTarget, load_balancing: int, body: bytes | memoryview, primary: bytes, stats: ShadowStats
+    # ---- the comparison, off the caller's path ----------------------------------------------------
+
+    async def _compare(
+        self, route: CompiledRoute, metadata: Mapping[str, str], request: bytes, stats: ShadowStats
     ) -> None:
-        labels = (target.model_id, target.version_str)
+        assert route.shadow is not None
+        labels = (route.model_id, route.shadow.version_str)
         try:
-            now = time.monotonic()
-            candidates = self.pool.candidates(target.backend_ids, target.backend_key, now)
-            if not candidates:
-                raise LookupError("no healthy backend for the shadow version")
-            balancer = self._balancers.setdefault((target.model_id, target.version), Balancer(load_balancing))
-            backend = balancer.pick(candidates, now)
-            backend.in_flight += 1
-            started = time.perf_counter()
-            try:
-                answer = await backend.infer(b"".join((target.request_head, body)), timeout=self.timeout_s)
-            except grpc.aio.AioRpcError as error:
-                backend.on_failure(error.code(), time.monotonic())
-                raise
-            finally:
-                backend.in_flight -= 1
-            backend.on_success(time.perf_counter() - started, time.monotonic())
-            diff = compare(
-                service_pb2.ModelInferResponse.FromString(primary), service_pb2.ModelInferResponse.FromString(answer)
+            message = service_pb2.ModelInferRequest.FromString(request)
+            primary_version = metadata.get(VERSION_HEADER) or message.model_version
+            sticky = (route.sticky_header, metadata[route.sticky_header]) if route.sticky_header in metadata else None
+            primary, shadow = await asyncio.gather(
+                self._ask(route.model_id, primary_version, message, sticky),
+                self._ask(route.model_id, route.shadow.version_str, message, sticky),
             )
+            diff = compare(primary, shadow)
         except Exception as error:  # a shadow failure is recorded, never surfaced
             stats.errors += 1
             metrics.SHADOW_REQUESTS.labels(*labels, "error").inc()
-            log.debug("shadow copy failed: %s", error)
+            log.debug("shadow comparison for %s failed: %s", route.model_id, error)
             return
         finally:
             self.in_flight -= 1
@@ -150,7 +194,55 @@ class ShadowMirror:
         if diff.argmax_mismatches:
             metrics.SHADOW_ARGMAX_MISMATCHES.labels(*labels).inc(diff.argmax_mismatches)
 
+    async def _ask(
+        self,
+        model_id: str,
+        version: str,
+        message: service_pb2.ModelInferRequest,
+        sticky: tuple[str, str] | None,
+    ) -> service_pb2.ModelInferResponse:
+        """One ModelInfer through the mesh. The version goes in the header only: the body names the model
+        (as the header does; Envoy's Lua refuses a disagreement) and no version, so the Triton version the
+        cluster maps to is the one that runs."""
+        outgoing = service_pb2.ModelInferRequest()
+        outgoing.CopyFrom(message)
+        outgoing.model_name = model_id
+        outgoing.ClearField("model_version")
+        headers = [(MODEL_HEADER, model_id), (SHADOW_COMPARE_HEADER, "1")]
+        if version:
+            headers.append((VERSION_HEADER, version))
+        elif sticky is not None:
+            headers.append(sticky)
+        call = self._mesh().unary_unary(
+            MODEL_INFER,
+            request_serializer=service_pb2.ModelInferRequest.SerializeToString,
+            response_deserializer=service_pb2.ModelInferResponse.FromString,
+        )
+        response: service_pb2.ModelInferResponse = await call(outgoing, timeout=self.timeout_s, metadata=headers)
+        return response
+
+    def _mesh(self) -> grpc.aio.Channel:
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(
+                self.mesh_address,
+                options=[
+                    ("grpc.max_send_message_length", self.max_message_bytes),
+                    ("grpc.max_receive_message_length", self.max_message_bytes),
+                ],
+                interceptors=client_interceptors() or None,
+            )
+        return self._channel
+
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._channel is not None:
+            await self._channel.close()
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in context.invocation_metadata() or ():
+        out[key] = value if isinstance(value, str) else value.decode(errors="replace")
+    return out

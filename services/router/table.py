@@ -1,19 +1,16 @@
-"""The routing table: model id -> versions -> backends, compiled for cheap per-request decisions."""
+"""The routing table: model id -> versions -> backends, as the registry sent it, compiled for snapshot building."""
 
 from __future__ import annotations
 
-import bisect
-import random
 import time
-import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from google.protobuf import json_format
 from servegrid.registry.v1 import registry_pb2
 
-from services.router.wire import encode_head
 from services.runtime.errors import NotFound
 
 PRODUCTION = registry_pb2.STAGE_PRODUCTION
@@ -26,11 +23,12 @@ class BackendRef:
     backend_id: str
     address: str
     weight: int
+    http_address: str = ""  # KServe v2 REST "host:port"; empty when the backend serves gRPC only
 
 
 @dataclass(frozen=True)
 class VersionTarget:
-    """One servable version of a model, with what the hot path needs precomputed."""
+    """One servable version of a model and the Triton model it runs as."""
 
     model_id: str
     version: int
@@ -40,59 +38,33 @@ class VersionTarget:
     weight: int
     stage: int
     backends: tuple[BackendRef, ...]
-    # model_name/model_version as the backend must see them, already protobuf-encoded.
-    request_head: bytes
-    # What the backend is asked, so the request can go unchanged when the caller asked the same.
+    # (Triton model, Triton version): what the backend is asked, and the key of its endpoint state.
     backend_key: tuple[str, str]
     backend_ids: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class CompiledRoute:
-    """A Route with cumulative weights for canary picks and versions indexed by number."""
+    """A Route with versions indexed by number and the default-traffic choice made once."""
 
     model_id: str
     proto: registry_pb2.Route
     versions: Mapping[int, VersionTarget]
     weighted: tuple[VersionTarget, ...]  # versions with weight > 0, in version order
-    cumulative: tuple[int, ...]  # running weight totals matching `weighted`
     default: VersionTarget | None  # PRODUCTION when no version has a weight
     shadow: VersionTarget | None
     shadow_rate: float
     sticky_header: str
     load_balancing: int
 
-    def pick_version(self, requested: str, sticky_value: str | None = None) -> VersionTarget:
-        """The version serving a request: the one asked for, else a canary pick (sticky when keyed)."""
-        if requested:
-            try:
-                target = self.versions.get(int(requested))
-            except ValueError:
-                target = None
-            if target is None:
-                raise NotFound(
-                    f"model {self.model_id!r} has no servable version {requested!r}",
-                    reason="VERSION_NOT_FOUND",
-                    metadata={"model_id": self.model_id, "version": requested},
-                )
-            return target
-        if self.weighted:
-            total = self.cumulative[-1]
-            if len(self.weighted) == 1:
-                return self.weighted[0]
-            if sticky_value is not None:
-                # crc32 is stable across processes and replicas (Python's hash() is salted).
-                point = zlib.crc32(sticky_value.encode()) % total
-            else:
-                point = int(random.random() * total)
-            return self.weighted[bisect.bisect_right(self.cumulative, point)]
-        if self.default is not None:
-            return self.default
-        raise NotFound(
-            f"model {self.model_id!r} has no version taking default traffic; name a version",
-            reason="VERSION_NOT_FOUND",
-            metadata={"model_id": self.model_id},
-        )
+
+class BackendSpec(NamedTuple):
+    """A backend across every route that names it: where it is and which Triton models it must serve."""
+
+    address: str
+    weight: int
+    models: frozenset[tuple[str, str]]  # (Triton model, Triton version)
+    http_address: str = ""
 
 
 def _target(model_id: str, version: registry_pb2.RouteVersion) -> VersionTarget:
@@ -105,8 +77,7 @@ def _target(model_id: str, version: registry_pb2.RouteVersion) -> VersionTarget:
         triton_model_version=triton_version,
         weight=max(0, version.weight),
         stage=version.stage,
-        backends=tuple(BackendRef(b.backend_id, b.address, b.weight or 1) for b in version.backends),
-        request_head=encode_head(version.triton_model_name, triton_version),
+        backends=tuple(BackendRef(b.backend_id, b.address, b.weight or 1, b.http_address) for b in version.backends),
         backend_key=(version.triton_model_name, triton_version),
         backend_ids=tuple(b.backend_id for b in version.backends),
     )
@@ -115,11 +86,6 @@ def _target(model_id: str, version: registry_pb2.RouteVersion) -> VersionTarget:
 def compile_route(route: registry_pb2.Route) -> CompiledRoute:
     versions = {v.version: _target(route.model_id, v) for v in route.versions}
     weighted = tuple(versions[n] for n in sorted(versions) if versions[n].weight > 0)
-    cumulative: list[int] = []
-    running = 0
-    for target in weighted:
-        running += target.weight
-        cumulative.append(running)
     production = [versions[n] for n in sorted(versions) if versions[n].stage == PRODUCTION]
     default = production[-1] if production else None
     shadow = None
@@ -130,7 +96,6 @@ def compile_route(route: registry_pb2.Route) -> CompiledRoute:
         proto=route,
         versions=versions,
         weighted=weighted,
-        cumulative=tuple(cumulative),
         default=default,
         shadow=shadow,
         shadow_rate=min(1.0, route.shadow.sample_rate) if shadow else 0.0,
@@ -146,6 +111,7 @@ class RouteTable:
     routes: dict[str, CompiledRoute] = field(default_factory=dict)
     revision: int = 0
     update_time: float = 0.0
+    loaded: bool = False  # False until the first reset: an empty table that was never loaded is not "no routes"
     _listeners: list[Callable[[], None]] = field(default_factory=list)
 
     def get(self, model_id: str) -> CompiledRoute:
@@ -177,25 +143,28 @@ class RouteTable:
         else:
             self.apply(message.routes, message.removed_model_ids, message.revision)
 
-    def backends(self) -> dict[str, tuple[str, int, set[tuple[str, str]]]]:
-        """backend id -> (address, weight, the (triton model, version) pairs it serves) across all routes."""
-        out: dict[str, tuple[str, int, set[tuple[str, str]]]] = {}
+    def backends(self) -> dict[str, BackendSpec]:
+        """backend id -> its addresses, weight and every (Triton model, version) the routes send it."""
+        found: dict[str, tuple[BackendRef, set[tuple[str, str]]]] = {}
         for route in self.routes.values():
             targets = list(route.versions.values()) + ([route.shadow] if route.shadow else [])
             for target in targets:
                 for ref in target.backends:
-                    _, _, models = out.setdefault(ref.backend_id, (ref.address, ref.weight, set()))
-                    models.add(target.backend_key)
-        return out
+                    found.setdefault(ref.backend_id, (ref, set()))[1].add(target.backend_key)
+        return {
+            backend_id: BackendSpec(ref.address, ref.weight, frozenset(models), ref.http_address)
+            for backend_id, (ref, models) in found.items()
+        }
 
     def protos(self) -> list[registry_pb2.Route]:
         return [self.routes[k].proto for k in sorted(self.routes)]
 
     def on_change(self, listener: Callable[[], None]) -> None:
-        """Register a callable run after every change (the backend pool syncs its channels)."""
+        """Register a callable run after every change (the probes follow the backends, a snapshot is built)."""
         self._listeners.append(listener)
 
     def _changed(self, revision: int) -> None:
+        self.loaded = True
         self.revision = revision
         self.update_time = time.time()
         for listener in self._listeners:

@@ -13,7 +13,7 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.edge.devkeys import DevIssuer
-from services.edge.envoy_config import EnvoyParams, render_yaml
+from services.mesh.bootstrap import EnvoyParams, render_yaml
 from services.stack import datastores
 from services.stack.kafka import broker_command, tansu_binary
 from services.stack.ports import port_open
@@ -50,13 +50,16 @@ class StackSettings(BaseSettings):
     postgres_port: int = Field(54329, description="Port of the embedded PostgreSQL, when one is started.")
     redis_port: int = Field(63799, description="Port of the embedded Redis (Valkey), when one is started.")
     registry_port: int = Field(50053, description="Registry gRPC port.")
-    router_port: int = Field(50052, description="Router gRPC port (KServe v2).")
+    router_port: int = Field(50052, description="Router gRPC port: Envoy's xDS control plane and the admin API.")
     gateway_port: int = Field(50051, description="Gateway gRPC port (public API behind Envoy).")
     batch_port: int = Field(50054, description="Batch service gRPC port (internal, behind the gateway).")
     kafka_port: int = Field(9092, description="Port of the Kafka-protocol broker (tansu).")
     edge_port: int = Field(50055, description="Edge gRPC port (Envoy's rate limit and API-key checks).")
     envoy_port: int = Field(8080, description="Envoy's listener: REST and gRPC, the one port clients use.")
     envoy_admin_port: int = Field(9901, description="Envoy's admin port (stats, /ready).")
+    envoy_mesh_port: int = Field(
+        8090, description="Envoy's internal mesh listener (no JWT): the gateway's and batch workers' inference."
+    )
     dev_tenant: str = Field("dev", description="Tenant of the dev token `servegrid up` prints.")
     metrics_port_base: int = Field(
         9150, description="Services' Prometheus ports are base+1 (gateway) … base+5 (edge), as in DESIGN.md."
@@ -163,8 +166,11 @@ def envoy_part(settings: StackSettings) -> Part:
             listen_port=settings.envoy_port,
             admin_host=host,
             admin_port=settings.envoy_admin_port,
+            mesh_host=host,
+            mesh_port=settings.envoy_mesh_port,
+            node_id="servegrid-envoy-local",
             gateway=f"{host}:{settings.gateway_port}",
-            router=f"{host}:{settings.router_port}",
+            xds=(f"{host}:{settings.router_port}",),
             registry=f"{host}:{settings.registry_port}",
             edge=f"{host}:{settings.edge_port}",
             # Envoy resolves relative paths from its own working directory.
@@ -179,7 +185,7 @@ def envoy_part(settings: StackSettings) -> Part:
         # Hot restart is off: in that mode Envoy exits when the process that started it does.
         argv=[envoy_binary(), "-c", str(config), "--disable-hot-restart", "-l", "warning"],
         ready=lambda: http_ready(f"http://{host}:{settings.envoy_admin_port}/ready"),
-        ports={"http": settings.envoy_port, "admin": settings.envoy_admin_port},
+        ports={"http": settings.envoy_port, "mesh": settings.envoy_mesh_port, "admin": settings.envoy_admin_port},
         cwd=config.parent,
         prepare=prepare,
         ready_timeout_s=settings.ready_timeout_s,
@@ -221,6 +227,9 @@ def local_parts(settings: StackSettings) -> list[Part]:
 
     registry = python_service_part("registry", settings.registry_port, settings.metrics_port_base + 3, shared, settings)
     registry.prepare = record_endpoints
+    mesh = f"{host}:{settings.envoy_mesh_port}"
+    # Envoy takes its routes from the router (xDS) and carries the gateway's and the batch workers'
+    # inference, so it starts after the router and before them.
     return [
         *stores.parts,
         triton_part(settings),
@@ -229,32 +238,28 @@ def local_parts(settings: StackSettings) -> list[Part]:
             "router",
             settings.router_port,
             settings.metrics_port_base + 2,
-            {"REGISTRY_ADDRESS": f"{host}:{settings.registry_port}"},
+            {"REGISTRY_ADDRESS": f"{host}:{settings.registry_port}", "MESH_ADDRESS": mesh},
             settings,
         ),
+        python_service_part("edge", settings.edge_port, settings.metrics_port_base + 5, shared, settings),
+        envoy_part(settings),
         broker_part(settings),
         python_service_part(
             "batch",
             settings.batch_port,
             settings.metrics_port_base + 4,
-            {
-                **shared,
-                "KAFKA_BOOTSTRAP": f"{host}:{settings.kafka_port}",
-                "ROUTER_ADDRESS": f"{host}:{settings.router_port}",
-            },
+            {**shared, "KAFKA_BOOTSTRAP": f"{host}:{settings.kafka_port}", "INFERENCE_ADDRESS": mesh},
             settings,
         ),
-        python_service_part("edge", settings.edge_port, settings.metrics_port_base + 5, shared, settings),
         python_service_part(
             "gateway",
             settings.gateway_port,
             settings.metrics_port_base + 1,
             {
-                "ROUTER_ADDRESS": f"{host}:{settings.router_port}",
+                "INFERENCE_ADDRESS": mesh,
                 "REGISTRY_ADDRESS": f"{host}:{settings.registry_port}",
                 "BATCH_ADDRESS": f"{host}:{settings.batch_port}",
             },
             settings,
         ),
-        envoy_part(settings),
     ]

@@ -32,11 +32,17 @@ def _exists_ok() -> Iterator[None]:
             raise
 
 
-def seed(registry_address: str, triton_address: str) -> list[str]:
+def seed(registry_address: str, triton_address: str, triton_http_address: str = "") -> list[str]:
     """Create what is missing (idempotent); returns the model ids that are served."""
     with grpc.insecure_channel(registry_address) as channel:
         stub = pb_grpc.RegistryServiceStub(channel)
-        backend = pb.Backend(backend_id="triton-local", address=triton_address, labels={"stack": "local"}, weight=1)
+        backend = pb.Backend(
+            backend_id="triton-local",
+            address=triton_address,
+            http_address=triton_http_address,
+            labels={"stack": "local"},
+            weight=1,
+        )
         with _exists_ok():
             stub.CreateBackend(pb.CreateBackendRequest(backend=backend), metadata=_SUBJECT)
         for model_id, triton_name, task, description in DEMO_MODELS:

@@ -77,7 +77,7 @@ def make_settings(schema: str, broker: KafkaBroker, router: str, **overrides: An
         "dlq_topic": f"batch-dlq-{tag}",
         "consumer_group": f"batch-workers-{tag}",
         "topic_partitions": 4,
-        "router_address": router,
+        "inference_address": router,
         "lease_s": 4.0,
         "reconcile_interval_s": 0.5,
         "kafka_session_timeout_ms": 6000,

@@ -66,7 +66,7 @@ async def running() -> AsyncIterator[Running]:
         port=0,
         metrics_port=None,
         use_uvloop=False,
-        router_address=f"127.0.0.1:{router_port}",
+        inference_address=f"127.0.0.1:{router_port}",
         registry_address="127.0.0.1:1",
     )
     app: ServiceApp = build_app(settings)

@@ -26,7 +26,7 @@ def _closed_port() -> int:
 async def stub() -> AsyncIterator[gateway_pb2_grpc.GatewayServiceStub]:
     dead = f"127.0.0.1:{_closed_port()}"
     settings = GatewaySettings(
-        port=0, metrics_port=None, use_uvloop=False, router_address=dead, registry_address=dead, batch_address=dead
+        port=0, metrics_port=None, use_uvloop=False, inference_address=dead, registry_address=dead, batch_address=dead
     )
     app = build_app(settings)
     await app.start()

@@ -237,6 +237,51 @@ async def test_full_lifecycle_create_promote_canary_archive(stub: pb_grpc.Regist
     await stub.DeleteBackend(pb.DeleteBackendRequest(backend_id=backend_id))
 
 
+async def test_backend_http_address_reaches_routes_and_follows_the_update_mask(
+    stub: pb_grpc.RegistryServiceStub,
+) -> None:
+    backend_id = unique("rest")
+    created = await stub.CreateBackend(
+        pb.CreateBackendRequest(
+            backend=pb.Backend(backend_id=backend_id, address="10.9.9.8:8001", http_address="10.9.9.8:8000")
+        )
+    )
+    assert created.backend.http_address == "10.9.9.8:8000"
+    model_id = await new_model(stub, "rest", "affine")
+    await move(stub, model_id, 1, pb.STAGE_STAGING, pb.STAGE_PRODUCTION)
+
+    def http_of(route: pb.Route) -> str:
+        return next(b.http_address for b in route.versions[0].backends if b.backend_id == backend_id)
+
+    assert http_of((await stub.ResolveRoute(pb.ResolveRouteRequest(model_id=model_id))).route) == "10.9.9.8:8000"
+    moved = await stub.UpdateBackend(
+        pb.UpdateBackendRequest(
+            backend=pb.Backend(backend_id=backend_id, address="ignored:1", http_address="10.9.9.8:9000"),
+            update_mask=field_mask_pb2.FieldMask(paths=["http_address"]),
+        )
+    )
+    assert (moved.backend.address, moved.backend.http_address) == ("10.9.9.8:8001", "10.9.9.8:9000")
+    assert http_of((await stub.ResolveRoute(pb.ResolveRouteRequest(model_id=model_id))).route) == "10.9.9.8:9000"
+    await expect_error(
+        stub.UpdateBackend(
+            pb.UpdateBackendRequest(
+                backend=pb.Backend(backend_id=backend_id, http_address="no-port"),
+                update_mask=field_mask_pb2.FieldMask(paths=["http_address"]),
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+    )
+    cleared = await stub.UpdateBackend(
+        pb.UpdateBackendRequest(
+            backend=pb.Backend(backend_id=backend_id), update_mask=field_mask_pb2.FieldMask(paths=["http_address"])
+        )
+    )
+    assert cleared.backend.http_address == ""  # gRPC only
+    await stub.DeleteModel(pb.DeleteModelRequest(model_id=model_id, force=True))
+    await stub.DeleteBackend(pb.DeleteBackendRequest(backend_id=backend_id))
+
+
 async def test_envoy_style_json_round_trips(stub: pb_grpc.RegistryServiceStub) -> None:
     model_id = unique("json")
     # What Envoy's transcoder hands over for POST /v1/admin/models: lowerCamelCase, enums by name.

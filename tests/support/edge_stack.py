@@ -19,7 +19,7 @@ import psycopg.sql
 import redis
 
 from services.edge.devkeys import DevIssuer
-from services.edge.envoy_config import EnvoyParams
+from services.mesh.bootstrap import EnvoyParams
 from tests.support.envoy import EnvoyProcess, start_envoy
 from tests.support.processes import REPO, ServiceProcess, start_service
 
@@ -151,7 +151,7 @@ def edge_stack(state_dir: Path, router_address: str, tenant_limits: dict[str, in
             "SERVEGRID_GATEWAY_",
             state_dir,
             {
-                "SERVEGRID_GATEWAY_ROUTER_ADDRESS": router_address,
+                "SERVEGRID_GATEWAY_INFERENCE_ADDRESS": router_address,
                 "SERVEGRID_GATEWAY_REGISTRY_ADDRESS": stack.registry.address,
             },
         )

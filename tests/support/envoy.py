@@ -14,7 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from services.edge.envoy_config import EnvoyParams, render_yaml
+from services.mesh.bootstrap import EnvoyParams, render_yaml
 from services.stack.ports import free_port
 
 

@@ -1,4 +1,4 @@
-"""Test helpers for the router: run it on its own event-loop thread, a delay proxy, and a fake registry."""
+"""Test helpers for the router: fakes for unit tests, and the shared start-up of router + Envoy + Tritons."""
 
 from __future__ import annotations
 
@@ -6,28 +6,118 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from google.protobuf import json_format
 from servegrid.registry.v1 import registry_pb2 as rpb
 
-from services.router.server import Router, build_router
+from services.router.backends import EndpointStates
+from services.router.server import Router, SnapshotBuilder, build_router
 from services.router.settings import RouterSettings
+from services.router.table import RouteTable
+from services.router.xds import TYPE_CLUSTER, TYPE_ENDPOINT, TYPE_ROUTE, XdsSnapshot
 
 T = TypeVar("T")
+
+
+# ---- unit-test fakes ---------------------------------------------------------------------------
+
+
+@dataclass
+class FakeProbeClient:
+    """A backend's readiness as the test sets it: `server` answers ServerReady, `models` ModelReady."""
+
+    address: str
+    server: bool = True
+    models: dict[tuple[str, str], bool] = field(default_factory=dict)
+    default_model_ready: bool = True
+    calls: int = 0
+    closed: bool = False
+
+    async def server_ready(self, timeout_s: float) -> bool:
+        self.calls += 1
+        return self.server
+
+    async def model_ready(self, name: str, version: str, timeout_s: float) -> bool:
+        self.calls += 1
+        return self.models.get((name, version), self.default_model_ready)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class FakeProbeClients:
+    """The probe-client factory for BackendProbes: one FakeProbeClient per address, kept for the test to steer."""
+
+    def __init__(self) -> None:
+        self.clients: dict[str, FakeProbeClient] = {}
+
+    def __call__(self, address: str) -> FakeProbeClient:
+        return self.clients.setdefault(address, FakeProbeClient(address))
+
+
+def endpoint_name(backend_id: str, triton_model: str, triton_version: str) -> str:
+    return f"{backend_id}/{triton_model}/{triton_version or 'latest'}"
+
+
+def fake_snapshot(table: RouteTable, endpoints: EndpointStates, settings: RouterSettings) -> XdsSnapshot:
+    """A stand-in for services.mesh.resources.build_snapshot: one ClusterLoadAssignment per endpoint key,
+    whose single endpoint carries the state as its health status (the numbers are Envoy's)."""
+    assignments = {}
+    for (backend_id, name, version), state in endpoints.items():
+        key = endpoint_name(backend_id, name, version)
+        assignments[key] = endpoint_pb2.ClusterLoadAssignment(
+            cluster_name=key,
+            endpoints=[
+                endpoint_components_pb2.LocalityLbEndpoints(
+                    lb_endpoints=[endpoint_components_pb2.LbEndpoint(health_status=int(state))]
+                )
+            ],
+        )
+    return XdsSnapshot.build(table.revision, {TYPE_ENDPOINT: assignments})
+
+
+def snapshot_states(snapshot: XdsSnapshot) -> dict[str, int]:
+    """endpoint name -> health status, read back from a fake_snapshot."""
+    out = {}
+    for name, message in snapshot.resources[TYPE_ENDPOINT].items():
+        assert isinstance(message, endpoint_pb2.ClusterLoadAssignment)
+        out[name] = int(message.endpoints[0].lb_endpoints[0].health_status)
+    return out
+
+
+def unit_settings(**overrides: Any) -> RouterSettings:
+    base: dict[str, Any] = {
+        "port": 0,
+        "metrics_port": None,
+        "use_uvloop": False,
+        "grace_period_s": 0.1,
+        "health_interval_s": 0.05,
+        "probe_interval_s": 0.05,
+        "probe_timeout_s": 0.2,
+        "snapshot_coalesce_s": 0.002,
+    }
+    base.update(overrides)
+    return RouterSettings(**base)
+
+
+# ---- the router on a thread of its own ---------------------------------------------------------
 
 
 class RouterThread:
     """A router serving from a background thread's event loop.
 
-    Its own loop lets blocking clients (tritonclient's sync InferenceServerClient) and the test's
-    loop call it, and keeps router CPU time apart from the test's in profiles.
+    Its own loop lets blocking clients and the test's loop call it, and lets a test stop the router
+    (as a crash would) while the Envoy it configured keeps serving.
     """
 
-    def __init__(self, settings: RouterSettings) -> None:
+    def __init__(self, settings: RouterSettings, *, build_snapshot: SnapshotBuilder | None = None) -> None:
         self.settings = settings
+        self.build_snapshot = build_snapshot
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="router", daemon=True)
         self.router: Router
@@ -39,20 +129,11 @@ class RouterThread:
         """Run on the router's loop from another loop without blocking that loop."""
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
 
-    def start_loop(self) -> RouterThread:
-        """Only the loop thread, for helpers (proxies) that need a loop of their own but no router."""
-        self._thread.start()
-        return self
-
-    def stop_loop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-
     def start(self) -> RouterThread:
-        self.start_loop()
+        self._thread.start()
 
         async def build() -> Router:
-            router = build_router(self.settings)
+            router = build_router(self.settings, build_snapshot=self.build_snapshot)
             await router.app.start()
             return router
 
@@ -60,22 +141,32 @@ class RouterThread:
         return self
 
     @property
+    def port(self) -> int:
+        assert self.router.app.port is not None
+        return self.router.app.port
+
+    @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.router.app.port}"
+        return f"127.0.0.1:{self.port}"
 
     def push(self, message: rpb.WatchRoutesResponse) -> None:
-        """Apply a table change on the router's loop, as the registry stream would."""
+        """Apply a table change on the router's loop, as the registry stream would, and wait for its snapshot."""
 
         async def apply() -> None:
             self.router.table.apply_watch(message)
+            await self.router.publisher.flush()
 
         self.run(apply())
 
     def stop(self) -> None:
+        """Drain and stop the router and its loop; a second call does nothing."""
+        if not self._thread.is_alive():
+            return
         try:
             self.run(self.router.app.stop())
         finally:
-            self.stop_loop()
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
 
 
 def write_routes(path: Path, routes: Sequence[rpb.Route], revision: int = 1) -> Path:
@@ -83,23 +174,30 @@ def write_routes(path: Path, routes: Sequence[rpb.Route], revision: int = 1) -> 
     return path
 
 
+Backends = Sequence[tuple[str, str] | tuple[str, str, str]]  # (backend id, gRPC address[, HTTP address])
+
+
 def route(
     model_id: str,
-    versions: Sequence[tuple[int, str, int, Sequence[tuple[str, str]]]],
+    versions: Sequence[tuple[int, str, int, Backends]],
     *,
     load_balancing: int = 0,
     sticky_header: str = "",
-    shadow: tuple[int, str, Sequence[tuple[str, str]], float] | None = None,
+    shadow: tuple[int, str, Backends, float] | None = None,
 ) -> rpb.Route:
-    """A Route from (version, triton model, weight, [(backend id, address)]) tuples."""
+    """A Route from (version, triton model, weight, [(backend id, address[, http address])]) tuples."""
 
-    def version(number: int, triton: str, weight: int, backends: Sequence[tuple[str, str]]) -> rpb.RouteVersion:
+    def backend(spec: tuple[str, str] | tuple[str, str, str]) -> rpb.RouteBackend:
+        http = spec[2] if len(spec) > 2 else ""
+        return rpb.RouteBackend(backend_id=spec[0], address=spec[1], weight=1, http_address=http)
+
+    def version(number: int, triton: str, weight: int, backends: Backends) -> rpb.RouteVersion:
         return rpb.RouteVersion(
             version=number,
             stage=rpb.STAGE_PRODUCTION if weight else rpb.STAGE_STAGING,
             triton_model_name=triton,
             weight=weight,
-            backends=[rpb.RouteBackend(backend_id=b, address=a, weight=1) for b, a in backends],
+            backends=[backend(b) for b in backends],
         )
 
     message = rpb.Route(
@@ -113,54 +211,6 @@ def route(
         message.shadow.target.CopyFrom(version(number, triton, 0, backends))
         message.shadow.sample_rate = rate
     return message
-
-
-class DelayProxy(grpc.GenericRpcHandler):
-    """Forwards every call to `target` as raw bytes, ModelInfer after `delay_s`: a slow backend on demand."""
-
-    def __init__(self, target: str, delay_s: float) -> None:
-        self.target = target
-        self.delay_s = delay_s
-        self.calls = 0
-        self._channel: grpc.aio.Channel | None = None
-        self._server: grpc.aio.Server | None = None
-        self.port = 0
-
-    async def start(self) -> DelayProxy:
-        self._channel = grpc.aio.insecure_channel(self.target)
-        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        self._server.add_generic_rpc_handlers((self,))
-        self.port = self._server.add_insecure_port("127.0.0.1:0")
-        await self._server.start()
-        return self
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-        method: str = details.method
-        assert self._channel is not None
-        call = self._channel.unary_unary(method)
-        delayed = method.endswith("/ModelInfer")
-
-        async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            if delayed:
-                self.calls += 1
-                await asyncio.sleep(self.delay_s)
-            try:
-                response: bytes = await call(request, timeout=context.time_remaining())
-            except grpc.aio.AioRpcError as error:
-                await context.abort(error.code(), error.details() or "")
-            return response
-
-        return grpc.unary_unary_rpc_method_handler(forward)
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            await self._server.stop(None)
-        if self._channel is not None:
-            await self._channel.close()
 
 
 class FakeRegistry:
@@ -226,3 +276,126 @@ async def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0, pol
             raise AssertionError(f"condition not met within {timeout_s}s")
         await asyncio.sleep(poll_s)
     return time.monotonic() - started
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0, poll_s: float = 0.05) -> float:
+    """Blocking `wait_until`, for sync tests and fixtures watching external processes."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout_s:
+            raise AssertionError(f"condition not met within {timeout_s}s")
+        time.sleep(poll_s)
+    return time.monotonic() - started
+
+
+# ---- router + real Envoy (integration tests) -----------------------------------------------------
+
+
+def start_mesh_envoy(
+    state_dir: Path, xds_address: str, *, node_id: str = "test-envoy", mesh_port: int = 0
+) -> MeshEnvoy:
+    """A real Envoy from services.mesh.bootstrap on free ports, its ADS pointing at `xds_address`."""
+    from services.edge.devkeys import DevIssuer
+    from services.mesh.bootstrap import EnvoyParams
+    from services.stack.ports import free_port
+    from tests.support.envoy import start_envoy
+
+    jwks = DevIssuer.generate().write(state_dir / "jwt")  # the public listener's jwt_authn needs a JWKS
+    mesh_port = mesh_port or free_port()
+    params = EnvoyParams.for_profile("local", jwks_file=str(jwks))
+    envoy = start_envoy(
+        state_dir, params, xds=(xds_address,), mesh_port=mesh_port, mesh_host="127.0.0.1", node_id=node_id
+    )
+    return MeshEnvoy(envoy, mesh_port, node_id)
+
+
+@dataclass
+class MeshEnvoy:
+    """An Envoy under test: the process, its mesh listener (no auth) and its node id."""
+
+    process: Any  # tests.support.envoy.EnvoyProcess
+    mesh_port: int
+    node_id: str
+
+    @property
+    def mesh_address(self) -> str:
+        return f"127.0.0.1:{self.mesh_port}"
+
+    @property
+    def mesh_url(self) -> str:
+        return f"http://127.0.0.1:{self.mesh_port}"
+
+    def clusters(self) -> dict[str, dict[str, dict[str, str]]]:
+        """Envoy's /clusters page: cluster -> host -> stat -> value (rq_total, health_flags, ...)."""
+        import urllib.request
+
+        url = f"http://127.0.0.1:{self.process.admin_port}/clusters"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            text = reply.read().decode()
+        out: dict[str, dict[str, dict[str, str]]] = {}
+        for line in text.splitlines():
+            parts = line.split("::")
+            if len(parts) == 4:
+                cluster, host, stat, value = parts
+                out.setdefault(cluster, {}).setdefault(host, {})[stat] = value
+        return out
+
+    def host_requests(self, cluster: str) -> dict[str, int]:
+        """host -> requests Envoy sent it in `cluster` (0 for hosts it knows but never used)."""
+        return {host: int(stats.get("rq_total", "0")) for host, stats in self.clusters().get(cluster, {}).items()}
+
+    def cluster_requests(self, cluster: str) -> int:
+        return sum(self.host_requests(cluster).values())
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+class DataPlane:
+    """A router (on its own loop thread) and the Envoys it configures, started together for a test module.
+
+    The first Envoy's mesh port is chosen before the router starts, so the router's shadow comparisons
+    (mesh_address) go through it."""
+
+    def __init__(self, state_dir: Path, settings: RouterSettings) -> None:
+        from services.stack.ports import free_port
+
+        self.state_dir = state_dir
+        self.mesh_port = free_port()
+        self.settings = settings.model_copy(update={"mesh_address": f"127.0.0.1:{self.mesh_port}"})
+        self.router = RouterThread(self.settings).start()
+        self.envoys: list[MeshEnvoy] = []
+
+    @property
+    def envoy(self) -> MeshEnvoy:
+        return self.envoys[0]
+
+    def add_envoy(self, node_id: str = "test-envoy") -> MeshEnvoy:
+        port = 0 if self.envoys else self.mesh_port
+        envoy = start_mesh_envoy(self.state_dir / node_id, self.router.address, node_id=node_id, mesh_port=port)
+        self.envoys.append(envoy)
+        self.wait_synced()
+        return envoy
+
+    def wait_synced(self, timeout_s: float = 15.0) -> None:
+        """Until every Envoy has ACKed the router's current snapshot (CDS, EDS, RDS: listeners are static)."""
+        ads = self.router.router.ads
+
+        async def synced() -> None:
+            snapshot = ads.snapshot
+            assert snapshot is not None, "the router has published no snapshot"
+            wanted = {t: v for t, v in snapshot.versions.items() if t in (TYPE_CLUSTER, TYPE_ENDPOINT, TYPE_ROUTE)}
+            await ads.wait_acked(wanted, timeout_s=timeout_s, min_nodes=len(self.envoys))
+
+        self.router.run(synced(), timeout=timeout_s + 5)
+
+    def restart_router(self) -> None:
+        """Stop the router (its Envoys keep their config) and start a fresh one on the same port."""
+        port = self.router.port
+        self.router.stop()
+        self.router = RouterThread(self.settings.model_copy(update={"port": port})).start()
+
+    def stop(self) -> None:
+        for envoy in self.envoys:
+            envoy.stop()
+        self.router.stop()

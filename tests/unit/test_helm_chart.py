@@ -66,7 +66,7 @@ def test_every_service_gets_a_deployment_with_grpc_probes_and_a_drain_window() -
         assert pod["terminationGracePeriodSeconds"] > grace + delay
         assert env["SERVEGRID_DATABASE_URL"]["secretKeyRef"]["name"] == "servegrid-connections"
     gateway_env = env_of(deployments["servegrid-gateway"]["spec"]["template"]["spec"]["containers"][0])
-    assert gateway_env["SERVEGRID_GATEWAY_ROUTER_ADDRESS"] == "servegrid-router:50052"
+    assert gateway_env["SERVEGRID_GATEWAY_INFERENCE_ADDRESS"] == "servegrid-envoy-mesh:8090"
 
 
 def test_gpu_values_request_gpus_and_tolerate_gpu_nodes() -> None:

@@ -1,0 +1,782 @@
+"""Renders Envoy's bootstrap (local or Kubernetes) from one source: `python -m services.mesh.bootstrap`."""
+
+# One function builds the whole bootstrap as a dict; the two profiles differ only in parameters
+# (addresses, where the JWKS comes from), never in structure. envoy/*.yaml are this module's output
+# with the default parameters, kept for reading and for the Helm chart; a test fails when they drift.
+#
+# What is static here and what comes over ADS from the router (services/mesh/resources.py):
+#   static:  listeners `public` and `mesh` (their filter chains), clusters gateway/registry/edge/xds
+#            (+ jwks, otel), admin, the stats listener (Kubernetes)
+#   dynamic: every KServe cluster and its endpoints (CDS/EDS), RouteConfigurations `public` and
+#            `mesh` (RDS) — so a registry change never needs a new bootstrap or an Envoy restart.
+#
+# Public filter order (each step trusts only what the steps before it established):
+#   cors → header scrub (identity headers) → grpc_field_extraction (ModelStreamInfer's first message)
+#        → kserve Lua (model name from header or body; before any per-route auth decision, because it
+#          clears the route cache) → jwt_authn → ext_authz (API keys; skipped when a JWT verified)
+#        → rbac (audience, tenant present; admin role by path) → ratelimit → buffer (REST body cap)
+#        → grpc_json_transcoder → router
+# The transcoder comes after everything path-based, so the auth and limit filters see the path the
+# client sent; it re-routes on the gRPC path afterwards. The mesh listener (gateway, batch workers;
+# internal only) runs the same KServe routes with no auth: field extraction → kserve Lua → router.
+
+from __future__ import annotations
+
+import argparse
+import base64
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from google.protobuf import descriptor_pb2
+from google.rpc import error_details_pb2
+
+from services.mesh import lua, names
+from services.mesh.names import (
+    BUFFER_FILTER,
+    CORS_FILTER,
+    EXT_AUTHZ_FILTER,
+    JWT_FILTER,
+    MODEL_HEADER,
+    RBAC_FILTER,
+    ROLES_HEADER,
+    SUBJECT_HEADER,
+    TENANT_HEADER,
+    TRANSCODER_FILTER,
+)
+from services.mesh.routes import duration, typed
+
+JWT_PROVIDER = "servegrid"
+JWT_METADATA_KEY = "jwt_payload"
+HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+Profile = Literal["local", "kubernetes"]
+
+
+def repo_root() -> Path:
+    """The source checkout this module runs from (only the CLI's --write-defaults needs one)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def default_descriptors() -> Path:
+    """gen/descriptors.binpb of the checkout; a deployment passes its own with `--descriptors`."""
+    return repo_root() / "gen" / "descriptors.binpb"
+
+
+@dataclass(frozen=True)
+class EnvoyParams:
+    """Everything that differs between deployments."""
+
+    profile: Profile = "local"
+    listen_host: str = "0.0.0.0"
+    listen_port: int = 8080
+    # The internal mesh listener (gateway, batch workers; no auth): never exposed by a public Service.
+    mesh_host: str = "127.0.0.1"
+    mesh_port: int = 8090
+    # Admin serves /quitquitquit and config dumps: loopback only, in every profile.
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 9901
+    # A listener exposing only /ready and /stats/prometheus from admin (Kubernetes probes and scrapes
+    # reach the pod's address, which admin no longer listens on); port 0: none.
+    stats_host: str = "0.0.0.0"
+    stats_port: int = 0
+    gateway: str = "127.0.0.1:50051"
+    # The router replicas serving ADS (xDS v3). A DNS name resolving to several (a headless Service)
+    # gives every replica; Envoy's ADS stream moves to another when one goes.
+    xds: tuple[str, ...] = ("127.0.0.1:50052",)
+    registry: str = "127.0.0.1:50053"
+    edge: str = "127.0.0.1:50055"
+    node_id: str = ""  # empty: servegrid-envoy-<profile> (Kubernetes: pass --service-node per pod)
+    node_cluster: str = "servegrid-envoy"
+    issuer: str = "https://auth.servegrid.local"
+    audience: str = "servegrid"
+    tenant_claim: str = "tenant"
+    roles_claim: str = "roles"
+    admin_role: str = "admin"
+    jwks_file: str = ".servegrid/edge/jwks.json"  # local profile
+    jwks_uri: str = ""  # kubernetes profile: the identity provider's JWKS endpoint
+    ratelimit_domain: str = "servegrid"
+    # Past this the request passes unlimited (fail open): long enough for a busy edge, short
+    # enough that a hung one adds at most this much latency.
+    ratelimit_timeout_s: float = 0.5
+    # Fail open: when the edge or its Redis cannot answer, requests pass unlimited (and are
+    # counted in Envoy's ratelimit.error stat and the edge's decisions metric): an outage of the
+    # counter store must not take the API down. Authentication still fails closed.
+    ratelimit_fail_closed: bool = False
+    ext_authz_timeout_s: float = 1.0
+    max_request_body_bytes: int = 8 * 1024 * 1024
+    access_log_path: str = "/dev/stdout"
+    otlp_endpoint: str = ""  # host:port of an OTLP/gRPC collector; empty disables Envoy's own spans
+    descriptors: Path | None = None  # None: default_descriptors()
+    extra_descriptor_files: tuple[str, ...] = field(default=("google/rpc/error_details.proto",))
+
+    @classmethod
+    def for_profile(cls, profile: Profile, **overrides: Any) -> EnvoyParams:
+        """The profile's defaults with `overrides` (None values ignored). `router="host:port"` is
+        accepted for `xds=("host:port",)`: the router is the xDS server."""
+        base = cls()
+        if profile == "kubernetes":
+            base = replace(
+                base,
+                profile="kubernetes",
+                mesh_host="0.0.0.0",
+                admin_port=9900,
+                stats_port=9901,
+                gateway="servegrid-gateway:50051",
+                xds=("servegrid-router:50052",),
+                registry="servegrid-registry:50053",
+                edge="servegrid-edge:50055",
+                jwks_file="",
+                jwks_uri="https://auth.servegrid.example/.well-known/jwks.json",
+            )
+        router = overrides.pop("router", None)
+        if router is not None and overrides.get("xds") is None:
+            overrides["xds"] = (router,)
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def node(self) -> str:
+        return self.node_id or f"servegrid-envoy-{self.profile}"
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _endpoint(address: str) -> dict[str, Any]:
+    host, port = _host_port(address)
+    return {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+
+
+def _http2_options(**http2: Any) -> dict[str, Any]:
+    # gRPC upstreams must be told HTTP/2 explicitly; Envoy would speak HTTP/1.1 to them otherwise.
+    return {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": typed(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            explicit_http_config={"http2_protocol_options": {"max_concurrent_streams": 1024, **http2}},
+        )
+    }
+
+
+def _cluster(
+    name: str, addresses: Sequence[str], *, http2: bool = True, tls_sni: str = "", connect_timeout: str = "1s"
+) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": name,
+        "type": "STRICT_DNS",
+        "dns_lookup_family": "V4_PREFERRED",
+        "connect_timeout": connect_timeout,
+        "lb_policy": "ROUND_ROBIN",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [_endpoint(a) for a in addresses]}]},
+    }
+    if http2:
+        cluster["typed_extension_protocol_options"] = _http2_options()
+        # Many streams share a few connections; without this a burst queues behind the default 1024.
+        cluster["circuit_breakers"] = {"thresholds": [{"max_requests": 100000, "max_pending_requests": 100000}]}
+    if tls_sni:
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": typed("envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", sni=tls_sni),
+        }
+    return cluster
+
+
+def _xds_cluster(params: EnvoyParams) -> dict[str, Any]:
+    """The router(s): ADS, and the mirror target for shadow copies. Keepalive notices a router that vanished
+    without a FIN (a killed pod) within seconds; DNS is re-resolved every 5 s (Envoy's default), so a new
+    replica is found soon."""
+    cluster = _cluster(names.XDS_CLUSTER, params.xds, connect_timeout="0.5s")
+    cluster["typed_extension_protocol_options"] = _http2_options(
+        connection_keepalive={"interval": "5s", "timeout": "3s"}
+    )
+    cluster["upstream_connection_options"] = {
+        "tcp_keepalive": {"keepalive_time": 10, "keepalive_interval": 5, "keepalive_probes": 3}
+    }
+    return cluster
+
+
+def _descriptor_path(params: EnvoyParams) -> Path:
+    return params.descriptors if params.descriptors is not None else default_descriptors()
+
+
+def descriptor_set_bytes(params: EnvoyParams) -> bytes:
+    """gen/descriptors.binpb plus the error-detail types, so convert_grpc_status can print them."""
+    fds = descriptor_pb2.FileDescriptorSet.FromString(_descriptor_path(params).read_bytes())
+    present = {f.name for f in fds.file}
+    for module in (error_details_pb2,):
+        if module.DESCRIPTOR.name in params.extra_descriptor_files and module.DESCRIPTOR.name not in present:
+            for dependency in module.DESCRIPTOR.dependencies:
+                if dependency.name not in present:
+                    proto = descriptor_pb2.FileDescriptorProto()
+                    dependency.CopyToProto(proto)
+                    fds.file.append(proto)
+                    present.add(dependency.name)
+            proto = descriptor_pb2.FileDescriptorProto()
+            module.DESCRIPTOR.CopyToProto(proto)
+            fds.file.append(proto)
+    return fds.SerializeToString(deterministic=True)
+
+
+# --- RBAC ------------------------------------------------------------------------------------
+
+
+def _metadata(filter_name: str, path: Sequence[str], value: dict[str, Any]) -> dict[str, Any]:
+    """A principal matching the request's dynamic metadata (what jwt_authn and ext_authz wrote)."""
+    matcher = {"filter": filter_name, "path": [{"key": k} for k in path], "value": value}
+    return {"sourced_metadata": {"metadata_matcher": matcher, "metadata_source": "DYNAMIC"}}
+
+
+def _jwt_claim(key: str, value: dict[str, Any]) -> dict[str, Any]:
+    return _metadata(JWT_FILTER, [JWT_METADATA_KEY, key], value)
+
+
+def _audience_ok(audience: str) -> dict[str, Any]:
+    """No JWT (an API key, which ext_authz checked), or a JWT whose aud names us (string or list)."""
+    no_jwt = {"not_id": _metadata(JWT_FILTER, [JWT_METADATA_KEY], {"present_match": True})}
+    return {
+        "or_ids": {
+            "ids": [
+                no_jwt,
+                _jwt_claim("aud", {"string_match": {"exact": audience}}),
+                _jwt_claim("aud", {"list_match": {"one_of": {"string_match": {"exact": audience}}}}),
+            ]
+        }
+    }
+
+
+def _tenant_present() -> dict[str, Any]:
+    # A credential without a tenant cannot be rate limited or attributed: refuse it.
+    return {"header": {"name": TENANT_HEADER, "present_match": True}}
+
+
+def _has_role(params: EnvoyParams, role: str) -> dict[str, Any]:
+    return {
+        "or_ids": {
+            "ids": [
+                _jwt_claim(params.roles_claim, {"list_match": {"one_of": {"string_match": {"exact": role}}}}),
+                _jwt_claim(params.roles_claim, {"string_match": {"exact": role}}),
+                _metadata(EXT_AUTHZ_FILTER, ["roles"], {"list_match": {"one_of": {"string_match": {"exact": role}}}}),
+            ]
+        }
+    }
+
+
+def _admin_paths() -> dict[str, Any]:
+    """The registry admin API: its gRPC package and its REST prefix (paths as the client sent them,
+    normalized by the HCM; the transcoder runs after RBAC)."""
+    prefixes = (names.REGISTRY_PACKAGE_PREFIX, names.ADMIN_REST_PREFIX)
+    return {"or_rules": {"rules": [{"url_path": {"path": {"prefix": p}}} for p in prefixes]}}
+
+
+def _rbac_rules(params: EnvoyParams) -> dict[str, Any]:
+    """ALLOW when a policy matches: any authenticated tenant off the admin paths, admins on them."""
+    tenant = [_audience_ok(params.audience), _tenant_present()]
+    return {
+        "action": "ALLOW",
+        "policies": {
+            "authenticated-tenant": {
+                "permissions": [{"not_rule": _admin_paths()}],
+                "principals": [{"and_ids": {"ids": tenant}}],
+            },
+            "admin-only": {
+                "permissions": [_admin_paths()],
+                "principals": [{"and_ids": {"ids": [*tenant, _has_role(params, params.admin_role)]}}],
+            },
+        },
+    }
+
+
+# --- filters ---------------------------------------------------------------------------------
+
+
+def _jwks_source(params: EnvoyParams) -> dict[str, Any]:
+    if params.jwks_uri:
+        return {
+            "remote_jwks": {
+                "http_uri": {"uri": params.jwks_uri, "cluster": names.JWKS_CLUSTER, "timeout": "5s"},
+                "cache_duration": "300s",
+                # Fetch at startup and refresh in the background, so no request waits on the IdP.
+                "async_fetch": {"fast_listener": False},
+                "retry_policy": {"num_retries": 3},
+            }
+        }
+    if not params.jwks_file:
+        raise ValueError("set jwks_file (local) or jwks_uri (kubernetes)")
+    return {"local_jwks": {"filename": params.jwks_file}}
+
+
+def _header_scrub() -> dict[str, Any]:
+    # Only Envoy and the edge set identity headers; a client's are removed before anything reads them.
+    # The client's own model, version and retry opt-in headers pass (names.SCRUBBED_HEADERS).
+    removals = [{"remove_on_match": {"key_matcher": {"exact": h}}} for h in names.SCRUBBED_HEADERS]
+    removals.append({"remove_on_match": {"key_matcher": {"prefix": names.JWT_HEADER_PREFIX}}})
+    return {
+        "name": names.HEADER_SCRUB_FILTER,
+        "typed_config": typed(
+            "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            mutations={"request_mutations": removals},
+        ),
+    }
+
+
+def _jwt_filter(params: EnvoyParams) -> dict[str, Any]:
+    provider = {
+        "issuer": params.issuer,
+        # No `audiences` here on purpose: jwt_authn answers a wrong audience with 401,
+        # but a valid token for another service is a 403; the rbac filter checks it.
+        **_jwks_source(params),
+        "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}],
+        "forward": False,
+        "payload_in_metadata": JWT_METADATA_KEY,
+        "clock_skew_seconds": 30,
+        # Verified tokens are cached (keyed by the token): a client reusing its token pays
+        # for the RS256 check once, not on every request.
+        "jwt_cache_config": {"jwt_cache_size": 10000},
+        "claim_to_headers": [
+            {"header_name": TENANT_HEADER, "claim_name": params.tenant_claim},
+            {"header_name": SUBJECT_HEADER, "claim_name": "sub"},
+            {"header_name": ROLES_HEADER, "claim_name": params.roles_claim},
+        ],
+    }
+    requires_any = {"requirements": [{"provider_name": JWT_PROVIDER}, {"allow_missing": {}}]}
+    return {
+        "name": JWT_FILTER,
+        "typed_config": typed(
+            "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            providers={JWT_PROVIDER: provider},
+            rules=[
+                {"match": {"prefix": f"/{names.HEALTH_SERVICE}/"}},
+                {"match": {"path": "/healthz"}},
+                # A token, when sent, must verify; without one the request goes on to the API-key
+                # check, which refuses it unless a valid x-api-key is there.
+                {"match": {"prefix": "/"}, "requires": {"requires_any": requires_any}},
+            ],
+        ),
+    }
+
+
+def _ext_authz_filter(params: EnvoyParams) -> dict[str, Any]:
+    return {
+        "name": EXT_AUTHZ_FILTER,
+        "typed_config": typed(
+            "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+            grpc_service={
+                "envoy_grpc": {"cluster_name": names.EDGE_CLUSTER},
+                "timeout": duration(params.ext_authz_timeout_s),
+            },
+            transport_api_version="V3",
+            # Fail closed: when keys cannot be checked, nobody gets in on a key (JWTs still work).
+            failure_mode_allow=False,
+            status_on_error={"code": 503},
+            allowed_headers={"patterns": [{"exact": "x-api-key"}]},
+            # Only requests without a verified JWT need an API key, so only they pay for the call.
+            filter_enabled_metadata={
+                "filter": JWT_FILTER,
+                "path": [{"key": JWT_METADATA_KEY}],
+                "value": {"present_match": True},
+                "invert": True,
+            },
+        ),
+    }
+
+
+def _ratelimit_filter(params: EnvoyParams) -> dict[str, Any]:
+    return {
+        "name": names.RATELIMIT_FILTER,
+        "typed_config": typed(
+            "envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+            domain=params.ratelimit_domain,
+            timeout=duration(params.ratelimit_timeout_s),
+            failure_mode_deny=params.ratelimit_fail_closed,
+            enable_x_ratelimit_headers="DRAFT_VERSION_03",
+            rate_limited_as_resource_exhausted=True,
+            rate_limit_service={
+                "grpc_service": {"envoy_grpc": {"cluster_name": names.EDGE_CLUSTER}},
+                "transport_api_version": "V3",
+            },
+        ),
+    }
+
+
+def _transcoder_filter(params: EnvoyParams, descriptor_bin: bytes) -> dict[str, Any]:
+    return {
+        "name": TRANSCODER_FILTER,
+        "typed_config": typed(
+            "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+            proto_descriptor_bin=base64.b64encode(descriptor_bin).decode(),
+            services=[names.GATEWAY_SERVICE, names.REGISTRY_SERVICE],
+            # Server streams come out as newline-delimited JSON, one message per line.
+            print_options={
+                "add_whitespace": False,
+                # Off: a tensor would otherwise print all eight of TensorData's lists, seven empty.
+                "always_print_primitive_fields": False,
+                "stream_newline_delimited": True,
+            },
+            convert_grpc_status=True,
+            # Unmapped paths are 404 (the default passes them on and they come back 503).
+            request_validation_options={"reject_unknown_method": True, "reject_unknown_query_parameters": True},
+            max_request_body_size=params.max_request_body_bytes,
+        ),
+    }
+
+
+def _router_filter() -> dict[str, Any]:
+    return {"name": names.ROUTER_FILTER, "typed_config": typed("envoy.extensions.filters.http.router.v3.Router")}
+
+
+def _kserve_filters() -> list[dict[str, Any]]:
+    """Model name into the headers (from the header, the body, or a stream's first message)."""
+    return [lua.stream_extraction_filter(), lua.downstream_filter()]
+
+
+def _public_filters(params: EnvoyParams, descriptor_bin: bytes) -> list[dict[str, Any]]:
+    rbac = {
+        "name": RBAC_FILTER,
+        "typed_config": typed("envoy.extensions.filters.http.rbac.v3.RBAC", rules=_rbac_rules(params)),
+    }
+    # The transcoder's own max_request_body_size does not bite while it streams JSON into protobuf
+    # (checked on 1.40: an 8 MB body went through), so REST bodies are capped here: 413 past it.
+    body_limit = {
+        "name": BUFFER_FILTER,
+        "typed_config": typed(
+            "envoy.extensions.filters.http.buffer.v3.Buffer", max_request_bytes=params.max_request_body_bytes
+        ),
+    }
+    cors = {"name": CORS_FILTER, "typed_config": typed("envoy.extensions.filters.http.cors.v3.Cors")}
+    return [
+        cors,
+        _header_scrub(),
+        *_kserve_filters(),
+        _jwt_filter(params),
+        _ext_authz_filter(params),
+        rbac,
+        _ratelimit_filter(params),
+        body_limit,
+        _transcoder_filter(params, descriptor_bin),
+        _router_filter(),
+    ]
+
+
+def _access_log(params: EnvoyParams) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": "envoy.access_loggers.file",
+            "typed_config": typed(
+                "envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                path=params.access_log_path,
+                log_format={
+                    "json_format": {
+                        "time": "%START_TIME%",
+                        "method": "%REQ(:METHOD)%",
+                        "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+                        "protocol": "%PROTOCOL%",
+                        "status": "%RESPONSE_CODE%",
+                        "grpc_status": "%GRPC_STATUS%",
+                        "details": "%RESPONSE_CODE_DETAILS%",
+                        "flags": "%RESPONSE_FLAGS%",
+                        "duration_ms": "%DURATION%",
+                        "upstream": "%UPSTREAM_CLUSTER%",
+                        "upstream_host": "%UPSTREAM_HOST%",
+                        "model": f"%REQ({MODEL_HEADER.upper()})%",
+                        "request_id": "%REQ(X-REQUEST-ID)%",
+                        "trace_id": "%TRACE_ID%",
+                        "traceparent": "%REQ(TRACEPARENT)%",
+                        "tenant": "%REQ(X-SERVEGRID-TENANT)%",
+                        "bytes_in": "%BYTES_RECEIVED%",
+                        "bytes_out": "%BYTES_SENT%",
+                    }
+                },
+            ),
+        }
+    ]
+
+
+def _header_filter(name: str, match: dict[str, Any]) -> dict[str, Any]:
+    return {"header_filter": {"header": {"name": name, **match}}}
+
+
+def _local_replies() -> dict[str, Any]:
+    """Envoy's own replies on KServe keep servegrid's meaning: no healthy backend (or a cluster not known
+    yet) is UNAVAILABLE / 503 naming the model, not a bare "no healthy upstream". Other routes (the
+    gateway, the registry) keep Envoy's reply."""
+    no_backend = {"response_flag_filter": {"flags": ["UH", "NC"]}}
+    grpc = [
+        no_backend,
+        _header_filter(MODEL_HEADER, {"present_match": True}),
+        _header_filter("content-type", {"string_match": {"prefix": "application/grpc"}}),
+    ]
+    rest = [no_backend, _header_filter(":path", {"string_match": {"prefix": "/v2/"}})]
+    message = f"model '%REQ({MODEL_HEADER})%' has no healthy backend"
+    return {
+        "mappers": [
+            {
+                # For gRPC the body becomes grpc-message; 503 becomes grpc-status UNAVAILABLE.
+                "filter": {"and_filter": {"filters": grpc}},
+                "body_format_override": {"text_format_source": {"inline_string": message}},
+            },
+            {
+                "filter": {"and_filter": {"filters": rest}},
+                "status_code": 503,
+                "body_format_override": {
+                    "json_format": {"error": "no healthy backend for %REQ(:PATH)%"},
+                    "content_type": "application/json",
+                },
+            },
+        ]
+    }
+
+
+def _rds(route_config_name: str) -> dict[str, Any]:
+    return {
+        "config_source": {"ads": {}, "resource_api_version": "V3"},
+        "route_config_name": route_config_name,
+    }
+
+
+def _hcm(params: EnvoyParams, stat_prefix: str, filters: list[dict[str, Any]]) -> dict[str, Any]:
+    hcm: dict[str, Any] = {
+        "stat_prefix": stat_prefix,
+        "codec_type": "AUTO",  # HTTP/1.1 JSON and HTTP/2 gRPC on one port
+        "generate_request_id": True,
+        "always_set_request_id_in_response": True,
+        "preserve_external_request_id": True,
+        "access_log": _access_log(params),
+        "http2_protocol_options": {"max_concurrent_streams": 1024},
+        "common_http_protocol_options": {"idle_timeout": "300s"},
+        # Routes and RBAC match the path as the upstream will see it: `/v1//admin` cannot slip past.
+        "normalize_path": True,
+        "merge_slashes": True,
+        "rds": _rds(stat_prefix),
+        "local_reply_config": _local_replies(),
+        "http_filters": filters,
+    }
+    if params.otlp_endpoint:
+        hcm["tracing"] = {
+            "provider": {
+                "name": "envoy.tracers.opentelemetry",
+                "typed_config": typed(
+                    "envoy.config.trace.v3.OpenTelemetryConfig",
+                    grpc_service={"envoy_grpc": {"cluster_name": names.OTEL_CLUSTER}, "timeout": "1s"},
+                    service_name="servegrid-envoy",
+                ),
+            }
+        }
+    return hcm
+
+
+def _listener(name: str, host: str, port: int, hcm: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "address": {"socket_address": {"address": host, "port_value": port}},
+        "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": typed(HCM, **hcm)}]}
+        ],
+    }
+
+
+def _stats_listener(params: EnvoyParams) -> dict[str, Any]:
+    """/ready and /stats/prometheus from admin, and nothing else of it, on the pod's address."""
+    routes = [
+        {"match": {"path": "/ready"}, "route": {"cluster": "admin"}},
+        {"match": {"prefix": "/stats/prometheus"}, "route": {"cluster": "admin"}},
+        {"match": {"prefix": "/"}, "direct_response": {"status": 404}},
+    ]
+    hcm = {
+        "stat_prefix": "stats",
+        "route_config": {"name": "stats", "virtual_hosts": [{"name": "stats", "domains": ["*"], "routes": routes}]},
+        "http_filters": [_router_filter()],
+    }
+    return _listener("stats", params.stats_host, params.stats_port, hcm)
+
+
+def _listeners(params: EnvoyParams) -> list[dict[str, Any]]:
+    public = _hcm(params, names.PUBLIC, _public_filters(params, descriptor_set_bytes(params)))
+    public["use_remote_address"] = True  # the edge: x-forwarded-for from clients is not trusted
+    mesh = _hcm(params, names.MESH, [*_kserve_filters(), _router_filter()])
+    listeners = [
+        _listener(names.PUBLIC, params.listen_host, params.listen_port, public),
+        _listener(names.MESH, params.mesh_host, params.mesh_port, mesh),
+    ]
+    if params.stats_port:
+        listeners.append(_stats_listener(params))
+    return listeners
+
+
+def _static_clusters(params: EnvoyParams) -> list[dict[str, Any]]:
+    clusters = [
+        _cluster(names.GATEWAY_CLUSTER, [params.gateway]),
+        _cluster(names.REGISTRY_CLUSTER, [params.registry]),
+        _cluster(names.EDGE_CLUSTER, [params.edge]),
+        _xds_cluster(params),
+    ]
+    if params.jwks_uri:
+        parts = urlsplit(params.jwks_uri)
+        https = parts.scheme == "https"
+        port = parts.port or (443 if https else 80)
+        sni = (parts.hostname or "") if https else ""
+        clusters.append(_cluster(names.JWKS_CLUSTER, [f"{parts.hostname}:{port}"], http2=False, tls_sni=sni))
+    if params.otlp_endpoint:
+        clusters.append(_cluster(names.OTEL_CLUSTER, [params.otlp_endpoint]))
+    if params.stats_port:
+        admin = _cluster("admin", [f"{params.admin_host}:{params.admin_port}"], http2=False)
+        admin["type"] = "STATIC"
+        clusters.append(admin)
+    return clusters
+
+
+def _dynamic_resources() -> dict[str, Any]:
+    ads = {
+        "api_type": "GRPC",
+        "transport_api_version": "V3",
+        # Reconnect soon after a router goes (a short, capped backoff), to whichever replica DNS gives.
+        "grpc_services": [
+            {
+                "envoy_grpc": {
+                    "cluster_name": names.XDS_CLUSTER,
+                    "retry_policy": {"retry_back_off": {"base_interval": "0.1s", "max_interval": "2s"}},
+                }
+            }
+        ],
+        "set_node_on_first_message_only": True,
+    }
+    return {"ads_config": ads, "cds_config": {"ads": {}, "resource_api_version": "V3"}}
+
+
+def render_config(params: EnvoyParams) -> dict[str, Any]:
+    """The whole Envoy bootstrap for `params`, as a dict ready for YAML."""
+    return {
+        "node": {"id": params.node, "cluster": params.node_cluster},
+        "admin": {"address": {"socket_address": {"address": params.admin_host, "port_value": params.admin_port}}},
+        "static_resources": {"listeners": _listeners(params), "clusters": _static_clusters(params)},
+        "dynamic_resources": _dynamic_resources(),
+        # Envoy's recommended edge settings: bound what one client can make Envoy buffer.
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": typed(
+                        "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                        max_active_downstream_connections=50000,
+                    ),
+                }
+            ]
+        },
+    }
+
+
+def render_yaml(params: EnvoyParams) -> str:
+    header = (
+        f"# Envoy bootstrap, profile {params.profile!r}. Generated by `python -m services.mesh.bootstrap`;\n"
+        "# edit the renderer, not this file. Routes, KServe clusters and endpoints come over ADS from the router.\n"
+    )
+    return header + yaml.safe_dump(render_config(params), sort_keys=False, width=120)
+
+
+def rendered_defaults(root: Path | None = None) -> dict[Path, str]:
+    """envoy/envoy.<profile>.yaml as the default parameters render them, and the Helm chart's copy of
+    the Kubernetes one (a chart can only read files inside itself)."""
+    root = root or repo_root()
+    profiles: tuple[Profile, ...] = ("local", "kubernetes")
+    rendered = {root / "envoy" / f"envoy.{p}.yaml": render_yaml(EnvoyParams.for_profile(p)) for p in profiles}
+    rendered[root / "deploy" / "helm" / "servegrid" / "files" / "envoy.yaml"] = rendered[
+        root / "envoy" / "envoy.kubernetes.yaml"
+    ]
+    return rendered
+
+
+def write_defaults(check: bool) -> int:
+    root = repo_root()
+    stale = []
+    for path, text in rendered_defaults(root).items():
+        if check:
+            if not path.exists() or path.read_text() != text:
+                stale.append(path.relative_to(root))
+        else:
+            path.write_text(text)
+    if stale:
+        print(f"stale: {', '.join(map(str, stale))}; run python -m services.mesh.bootstrap --write-defaults")
+        return 1
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m services.mesh.bootstrap", description=__doc__)
+    parser.add_argument(
+        "--write-defaults", action="store_true", help="rewrite envoy/envoy.{local,kubernetes}.yaml and exit"
+    )
+    parser.add_argument("--check", action="store_true", help="with --write-defaults: fail if they are stale")
+    parser.add_argument("--profile", choices=["local", "kubernetes"], default="local")
+    parser.add_argument("--out", type=Path, help="file to write; stdout when absent")
+    parser.add_argument("--listen-host")
+    parser.add_argument("--listen-port", type=int)
+    parser.add_argument("--mesh-host")
+    parser.add_argument("--mesh-port", type=int)
+    parser.add_argument("--admin-host", help="keep it loopback: admin can stop Envoy")
+    parser.add_argument("--admin-port", type=int)
+    parser.add_argument("--stats-port", type=int, help="listener for /ready and /stats/prometheus; 0 for none")
+    parser.add_argument("--gateway", help="host:port")
+    parser.add_argument("--xds", action="append", help="host:port of a router serving ADS; repeat")
+    parser.add_argument("--router", help="host:port (same as one --xds)")
+    parser.add_argument("--registry", help="host:port")
+    parser.add_argument("--edge", help="host:port")
+    parser.add_argument("--node-id")
+    parser.add_argument("--node-cluster")
+    parser.add_argument("--issuer")
+    parser.add_argument("--audience")
+    parser.add_argument("--jwks-file", help="local JWKS file (local profile)")
+    parser.add_argument("--jwks-uri", help="remote JWKS URL (kubernetes profile)")
+    parser.add_argument("--ratelimit-fail-closed", action="store_true", default=None)
+    parser.add_argument("--max-request-body-bytes", type=int)
+    parser.add_argument("--access-log-path")
+    parser.add_argument("--otlp-endpoint", help="host:port of an OTLP/gRPC collector")
+    parser.add_argument("--descriptors", type=Path, help="descriptor set for the transcoder (gen/descriptors.binpb)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.write_defaults:
+        return write_defaults(args.check)
+    params = EnvoyParams.for_profile(
+        args.profile,
+        listen_host=args.listen_host,
+        listen_port=args.listen_port,
+        mesh_host=args.mesh_host,
+        mesh_port=args.mesh_port,
+        admin_host=args.admin_host,
+        admin_port=args.admin_port,
+        stats_port=args.stats_port,
+        gateway=args.gateway,
+        xds=tuple(args.xds) if args.xds else None,
+        router=args.router,
+        registry=args.registry,
+        edge=args.edge,
+        node_id=args.node_id,
+        node_cluster=args.node_cluster,
+        issuer=args.issuer,
+        audience=args.audience,
+        jwks_file=args.jwks_file,
+        jwks_uri=args.jwks_uri,
+        ratelimit_fail_closed=args.ratelimit_fail_closed,
+        max_request_body_bytes=args.max_request_body_bytes,
+        access_log_path=args.access_log_path,
+        otlp_endpoint=args.otlp_endpoint,
+        descriptors=args.descriptors,
+    )
+    if params.jwks_uri and args.jwks_uri:
+        params = replace(params, jwks_file="")
+    text = render_yaml(params)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

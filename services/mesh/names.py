@@ -1,0 +1,100 @@
+"""Names shared by the data plane's config and its control plane: headers, clusters, route configs, metadata."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+# --- headers ---------------------------------------------------------------------------------
+# Set by the client (the SDKs do) or by the kserve Lua filter from the request body; the routes match them.
+MODEL_HEADER = "x-servegrid-model"
+VERSION_HEADER = "x-servegrid-model-version"
+# The caller's documented retry opt-in (`true`): the request is safe to repeat.
+RETRY_HEADER = "x-servegrid-retry"
+# Identity: set only by Envoy (jwt_authn claim_to_headers) or the edge (ext_authz); scrubbed from clients.
+TENANT_HEADER = "x-servegrid-tenant"
+SUBJECT_HEADER = "x-servegrid-subject"
+ROLES_HEADER = "x-servegrid-roles"
+AUTH_METHOD_HEADER = "x-servegrid-auth"
+JWT_HEADER_PREFIX = "x-jwt-"  # Envoy's own payload-forwarding headers
+# Internal to the data plane: the mirror policy marks a mirrored request (value: the shadow version),
+# and the router's comparison re-asks carry the compare header (see services/router/shadow.py).
+MIRROR_HEADER = "x-servegrid-mirror"
+SHADOW_COMPARE_HEADER = "x-servegrid-shadow-compare"
+# Removed from every client request on the public listener before anything reads them. The client's
+# own MODEL_HEADER, VERSION_HEADER and RETRY_HEADER pass; a new internal x-servegrid-* header goes here.
+SCRUBBED_HEADERS = (
+    TENANT_HEADER,
+    SUBJECT_HEADER,
+    ROLES_HEADER,
+    AUTH_METHOD_HEADER,
+    MIRROR_HEADER,
+    SHADOW_COMPARE_HEADER,
+)
+
+# --- clusters --------------------------------------------------------------------------------
+Protocol = Literal["grpc", "http"]
+PROTOCOLS: tuple[Protocol, ...] = ("grpc", "http")
+# `|` never occurs in a model id ([a-z][a-z0-9_-]*), is legal in Envoy cluster and stat names, and keeps
+# the parts readable in `/clusters` and `cluster.<name>.*` stats (Prometheus output sanitizes it to `_`).
+SEPARATOR = "|"
+CLUSTER_PREFIX = "kserve"
+# Static clusters in the bootstrap (the router renders routes to them, so the names are shared).
+GATEWAY_CLUSTER = "gateway"
+REGISTRY_CLUSTER = "registry"
+EDGE_CLUSTER = "edge"
+XDS_CLUSTER = "xds"  # the router(s): ADS, and the comparing mirror target for shadow traffic
+JWKS_CLUSTER = "jwks"
+OTEL_CLUSTER = "otel"
+
+
+def version_cluster(model_id: str, version: int, protocol: Protocol) -> str:
+    """`kserve|{model_id}|v{version}|{protocol}`: the backends serving one version of a model."""
+    return SEPARATOR.join((CLUSTER_PREFIX, model_id, f"v{version}", protocol))
+
+
+def server_cluster(protocol: Protocol) -> str:
+    """`kserve|server|{protocol}`: every backend (ServerLive/ServerReady/ServerMetadata, /v2/health/*).
+
+    Three parts, never four, so it cannot collide with a model called `server`."""
+    return SEPARATOR.join((CLUSTER_PREFIX, "server", protocol))
+
+
+# --- listeners and route configurations --------------------------------------------------------
+PUBLIC = "public"  # the listener clients reach, and its RouteConfiguration
+MESH = "mesh"  # the internal listener (gateway, batch workers), and its RouteConfiguration
+ROUTE_CONFIGS = (PUBLIC, MESH)
+
+# --- metadata --------------------------------------------------------------------------------
+METADATA_NAMESPACE = "servegrid"  # cluster filter_metadata: model_id, version, triton_model_name, ...
+
+# --- errors ----------------------------------------------------------------------------------
+ERROR_DOMAIN = "servegrid.dev"
+
+# --- services and filters --------------------------------------------------------------------
+KSERVE_SERVICE = "inference.GRPCInferenceService"
+GATEWAY_SERVICE = "servegrid.gateway.v1.GatewayService"
+REGISTRY_SERVICE = "servegrid.registry.v1.RegistryService"
+REGISTRY_PACKAGE_PREFIX = "/servegrid.registry.v1."
+ADMIN_REST_PREFIX = "/v1/admin/"
+HEALTH_SERVICE = "grpc.health.v1.Health"
+
+CORS_FILTER = "envoy.filters.http.cors"
+HEADER_SCRUB_FILTER = "servegrid.header_scrub"
+JWT_FILTER = "envoy.filters.http.jwt_authn"
+EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
+RBAC_FILTER = "envoy.filters.http.rbac"
+RATELIMIT_FILTER = "envoy.filters.http.ratelimit"
+BUFFER_FILTER = "envoy.filters.http.buffer"
+TRANSCODER_FILTER = "envoy.filters.http.grpc_json_transcoder"
+ROUTER_FILTER = "envoy.filters.http.router"
+
+
+def model_headers(model: str, version: str = "") -> list[tuple[str, str]]:
+    """The headers Envoy routes KServe v2 calls on, as a client that knows its model sends them.
+
+    With them, the mesh listener routes without reading the body; a servegrid client always sends them.
+    """
+    headers = [(MODEL_HEADER, model)]
+    if version:
+        headers.append((VERSION_HEADER, version))
+    return headers
