@@ -42,7 +42,10 @@ local function head(name, version)
 end
 
 -- What each RPC appends to its request and to its response (nil: leave that direction alone).
-local REQUEST_TAIL = head(TRITON_NAME, TRITON_VERSION)
+-- The request always gets field 2, empty when the cluster serves Triton's latest version: the last
+-- occurrence wins, so a client's own model_version (the registry's, e.g. "2") never reaches Triton,
+-- which reads an empty model_version as "the version its policy serves".
+local REQUEST_TAIL = field_bytes(1, TRITON_NAME) .. field_bytes(2, TRITON_VERSION)
 local RENAMES = {
   ModelInfer = { request = REQUEST_TAIL, response = head(CLIENT_NAME, CLIENT_VERSION) },
   ModelMetadata = { request = REQUEST_TAIL, response = field_bytes(1, CLIENT_NAME) },
@@ -87,7 +90,8 @@ local function append_to_message(handle, tail)
 end
 
 local function rest_path(path)
-  -- /v2/models/{client}[/versions/{v}][/rest]  ->  /v2/models/{triton}[/versions/{tv}][/rest]
+  -- /v2/models/{client}[/versions/{v}][/rest]  ->  /v2/models/{triton}[/versions/{tv}][/rest]: the
+  -- client's version segment always goes (it is the registry's), Triton's is added only when it has one.
   local rest = sub(path, #REST_PREFIX + 1)
   local slash = rest:find("/", 1, true)
   local model, tail = rest, ""

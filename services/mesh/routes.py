@@ -31,6 +31,7 @@ from services.mesh.names import (
     TRANSCODER_FILTER,
     VERSION_HEADER,
 )
+from services.router.settings import RouterSettings
 from services.router.table import CompiledRoute, VersionTarget
 
 Route = dict[str, Any]
@@ -46,6 +47,7 @@ REST_NOT_SERVED = (
     r"^/v2/models/[^/]+(/versions/[^/]+)?/(stats|trace)(/.*)?$",
 )
 MILLION = 1_000_000
+REST_TIMEOUT_S: float = RouterSettings.model_fields["rest_timeout_s"].default
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class KservePolicy:
     retry_backoff_base_s: float = 0.002
     retry_backoff_max_s: float = 0.1
     mirror_cluster: str = names.XDS_CLUSTER  # the router: it answers mirrors at once and compares off-path
+    rest_timeout_s: float = REST_TIMEOUT_S  # gRPC has none: the caller's deadline rules
 
 
 # --- building blocks -------------------------------------------------------------------------
@@ -134,7 +137,9 @@ def json_reply(name: str, match: dict[str, Any], status: int, error: str) -> Rou
 # --- fixed routes (public listener) ----------------------------------------------------------
 
 
-def _api_route(name: str, match: dict[str, Any], cluster: str, *, grpc: bool) -> Route:
+def _api_route(
+    name: str, match: dict[str, Any], cluster: str, *, grpc: bool, rest_timeout_s: float = REST_TIMEOUT_S
+) -> Route:
     action: dict[str, Any] = {"cluster": cluster, "rate_limits": _rate_limits(name)}
     route: Route = {"name": name, "match": match, "route": action}
     if grpc:
@@ -144,7 +149,7 @@ def _api_route(name: str, match: dict[str, Any], cluster: str, *, grpc: bool) ->
         # gRPC streams through untouched (grpc.max_receive_message_length in each service bounds it).
         route["typed_per_filter_config"] = {BUFFER_FILTER: disabled()}
     else:
-        action["timeout"] = "60s"
+        action["timeout"] = duration(rest_timeout_s)
     return route
 
 
@@ -173,7 +178,7 @@ def health_routes() -> list[Route]:
     ]
 
 
-def fixed_routes() -> list[Route]:
+def fixed_routes(rest_timeout_s: float = REST_TIMEOUT_S) -> list[Route]:
     """Health, the gateway's API (Infer first: its own rate-limit descriptor), the registry admin API
     (the listener's RBAC filter requires the admin role by path), reflection; gRPC then REST."""
     gateway, registry = names.GATEWAY_CLUSTER, names.REGISTRY_CLUSTER
@@ -186,11 +191,15 @@ def fixed_routes() -> list[Route]:
         # grpcurl and other tools discover the public API through the gateway's reflection service.
         _api_route("gateway", {"prefix": "/grpc.reflection.", "grpc": {}}, gateway, grpc=True),
         # REST (the transcoder turns these into the gRPC calls above; unmapped ones get 404)
-        _api_route("admin", {"prefix": names.ADMIN_REST_PREFIX}, registry, grpc=False),
+        _api_route("admin", {"prefix": names.ADMIN_REST_PREFIX}, registry, grpc=False, rest_timeout_s=rest_timeout_s),
         _api_route(
-            "infer", {"safe_regex": {"regex": r"/v1/models/[^/]+(/versions/[^/]+)?:infer"}}, gateway, grpc=False
+            "infer",
+            {"safe_regex": {"regex": r"/v1/models/[^/]+(/versions/[^/]+)?:infer"}},
+            gateway,
+            grpc=False,
+            rest_timeout_s=rest_timeout_s,
         ),
-        _api_route("gateway", {"prefix": "/v1/"}, gateway, grpc=False),
+        _api_route("gateway", {"prefix": "/v1/"}, gateway, grpc=False, rest_timeout_s=rest_timeout_s),
     ]
 
 
@@ -221,6 +230,10 @@ def _grpc_match(*headers: dict[str, Any]) -> dict[str, Any]:
 
 def _exact(name: str, value: str) -> dict[str, Any]:
     return {"name": name, "string_match": {"exact": value}}
+
+
+def _present(name: str) -> dict[str, Any]:
+    return {"name": name, "present_match": True}
 
 
 def _non_empty(name: str) -> dict[str, Any]:
@@ -271,18 +284,19 @@ def _mirror(route: CompiledRoute, policy: KservePolicy) -> list[dict[str, Any]]:
     ]
 
 
-def _action(route: CompiledRoute, policy: KservePolicy, *, grpc: bool) -> dict[str, Any]:
-    """What every routed KServe request shares: retries, deadline, sticky hashing, shadow (gRPC)."""
+def _action(route: CompiledRoute, policy: KservePolicy, *, grpc: bool, mirror: bool = True) -> dict[str, Any]:
+    """What every routed KServe request shares: retries, deadline, sticky hashing, shadow (gRPC, unless
+    `mirror` is off)."""
     action: dict[str, Any] = {"retry_policy": _retry_policy(policy, grpc), "rate_limits": _rate_limits("kserve")}
     if grpc:
         # The caller's grpc-timeout is the deadline, unmodified; no route timeout cuts a stream short.
         action["timeout"] = "0s"
         action["max_stream_duration"] = {"grpc_timeout_header_max": "0s"}
-        mirror = _mirror(route, policy)  # the router compares gRPC only
-        if mirror:
-            action["request_mirror_policies"] = mirror
+        mirrors = _mirror(route, policy) if mirror else []  # the router compares gRPC only
+        if mirrors:
+            action["request_mirror_policies"] = mirrors
     else:
-        action["timeout"] = "60s"
+        action["timeout"] = duration(policy.rest_timeout_s)
     if route.sticky_header:
         action["hash_policy"] = [{"header": {"header_name": route.sticky_header}}]
     return action
@@ -323,34 +337,47 @@ def _route_to(name: str, match: dict[str, Any], action: dict[str, Any], headers:
 
 
 def grpc_model_routes(route: CompiledRoute, policy: KservePolicy) -> list[Route]:
-    """One model's gRPC routes (x-servegrid-model names it; the kserve Lua filter sets it from the body)."""
+    """One model's gRPC routes (x-servegrid-model names it; the kserve Lua filter sets it from the body).
+
+    A shadowed model's routes come twice: first for the router's own comparison calls (they carry
+    SHADOW_COMPARE_HEADER, which the public listener scrubs from clients) without the mirror policy,
+    so a comparison never mirrors itself; Envoy's mirror policy has no per-request condition but a
+    runtime fraction, and a header match costs nothing on the routes that do not need it."""
     model = _exact(MODEL_HEADER, route.model_id)
-    base = _action(route, policy, grpc=True)
+    routes: list[Route] = []
+    if _mirror(route, policy):
+        unmirrored = _action(route, policy, grpc=True, mirror=False)
+        routes += _grpc_routes(route, unmirrored, [model, _present(names.SHADOW_COMPARE_HEADER)], "|compare")
+    return routes + _grpc_routes(route, _action(route, policy, grpc=True), [model], "")
+
+
+def _grpc_routes(route: CompiledRoute, base: dict[str, Any], headers: list[dict[str, Any]], suffix: str) -> list[Route]:
+    """Explicit version → that version; another version → VERSION_NOT_FOUND; none → the default route."""
     routes = [
         _route_to(
-            f"kserve|{route.model_id}|v{v}|grpc",
-            _grpc_match(model, _exact(VERSION_HEADER, str(v))),
+            f"kserve|{route.model_id}|v{v}|grpc{suffix}",
+            _grpc_match(*headers, _exact(VERSION_HEADER, str(v))),
             {**base, **_to_version(route.versions[v], "grpc")},
         )
         for v in sorted(route.versions)
     ]
     routes.append(
         grpc_reply(
-            f"kserve|{route.model_id}|unknown-version|grpc",
-            _grpc_match(model, _non_empty(VERSION_HEADER)),
+            f"kserve|{route.model_id}|unknown-version|grpc{suffix}",
+            _grpc_match(*headers, _non_empty(VERSION_HEADER)),
             code_pb2.NOT_FOUND,
             f"model '{route.model_id}' has no servable version '%REQ({VERSION_HEADER})%'",
             "VERSION_NOT_FOUND",
         )
     )
-    routes.append(_default_route(route, base, _grpc_match(model), "grpc"))
+    routes.append(_default_route(route, base, _grpc_match(*headers), "grpc", suffix))
     return routes
 
 
 def _default_route(
-    route: CompiledRoute, base: dict[str, Any], match: dict[str, Any], protocol: names.Protocol
+    route: CompiledRoute, base: dict[str, Any], match: dict[str, Any], protocol: names.Protocol, suffix: str = ""
 ) -> Route:
-    name = f"kserve|{route.model_id}|default|{protocol}"
+    name = f"kserve|{route.model_id}|default|{protocol}{suffix}"
     targets = _default_targets(route)
     if len(targets) > 1:
         return _route_to(name, match, {**base, **_weighted(route, protocol)})
@@ -491,7 +518,9 @@ def _cors_policy(origins: Sequence[str]) -> dict[str, Any]:
     )
 
 
-def public_route_config(kserve: Sequence[Route], *, cors_origins: Sequence[str] = ("*",)) -> dict[str, Any]:
+def public_route_config(
+    kserve: Sequence[Route], *, cors_origins: Sequence[str] = ("*",), rest_timeout_s: float = REST_TIMEOUT_S
+) -> dict[str, Any]:
     """RouteConfiguration `public`: the fixed API routes, then KServe's (`kserve_routes(...)`), then not-found."""
     return {
         "name": names.PUBLIC,
@@ -499,7 +528,7 @@ def public_route_config(kserve: Sequence[Route], *, cors_origins: Sequence[str] 
             {
                 "name": names.PUBLIC,
                 "domains": ["*"],
-                "routes": [*fixed_routes(), *kserve, not_found_route()],
+                "routes": [*fixed_routes(rest_timeout_s), *kserve, not_found_route()],
                 # Scrubbed at the end too: a JWT caller's stray API key never reaches a service.
                 "request_headers_to_remove": ["x-api-key"],
                 "typed_per_filter_config": {names.CORS_FILTER: _cors_policy(cors_origins)},

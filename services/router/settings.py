@@ -82,6 +82,9 @@ class RouterSettings(ServiceSettings):
     max_concurrent_streams: int = Field(
         1024, ge=1, description="Envoy: most HTTP/2 streams per connection to one backend."
     )
+    rest_timeout_s: float = Field(
+        60.0, gt=0, description="Envoy: longest a REST request (KServe v2 or API) may take, to the end of its answer."
+    )
     cors_origins: tuple[str, ...] = Field(
         ("*",), description="Origins the public listener's KServe REST routes allow (CORS); JSON list in the env."
     )

@@ -493,25 +493,30 @@ async def test_chaos_kill_the_triton_backend_and_restart_it(
         await asyncio.to_thread(backend.stop)
 
 
-async def test_through_the_real_router(
+async def test_through_the_real_mesh(
     schema: str, broker: KafkaBroker, triton: TritonInstance, digits_held_out: HeldOutSplit, tmp_path: Path
 ) -> None:
-    """The worker pool's target is the router in production; it must behave exactly like Triton."""
+    """In production the workers infer through Envoy's mesh listener (routes from the router over xDS)."""
     from services.router.settings import RouterSettings
-    from tests.support.router_harness import RouterThread, route, write_routes
+    from tests.support.router_harness import DataPlane, route, write_routes
 
     routes = write_routes(
-        tmp_path / "routes.json", [route("digits", [(1, "digits", 100, [("a", triton.grpc_address)])])]
+        tmp_path / "routes.json",
+        [route("digits", [(1, "digits", 100, [("a", triton.grpc_address, triton.http_address)])])],
     )
-    router = RouterThread(
-        RouterSettings(port=0, metrics_port=None, use_uvloop=False, grace_period_s=0.2, routes_file=routes)
-    ).start()
+    plane = DataPlane(
+        tmp_path,
+        RouterSettings(port=0, metrics_port=None, use_uvloop=False, grace_period_s=0.2, routes_file=routes),
+    )
     try:
-        async with running(make_settings(schema, broker, router.address)) as stub:
+        envoy = plane.add_envoy()
+        async with running(make_settings(schema, broker, envoy.mesh_address)) as stub:
             created = await stub.CreateBatchJob(create_request(digits_items(digits_held_out.pixels, 1000)))
             assert_exactly_once(schema, await wait_for(stub, created.job.job_id), 1000)
+        # Every item went through Envoy to the version's cluster, none around it.
+        assert envoy.cluster_requests("kserve|digits|v1|grpc") > 0
     finally:
-        router.stop()
+        plane.stop()
 
 
 def test_app_is_a_service_app() -> None:

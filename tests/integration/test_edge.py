@@ -41,8 +41,7 @@ LIMITS = {LIMITED: 5, SHARED: 6}
 
 @pytest.fixture(scope="module")
 def stack(triton: TritonInstance, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeStack]:
-    # The gateway's "router" is Triton itself: the router speaks the same KServe v2 protocol.
-    with edge_stack(tmp_path_factory.mktemp("edge"), triton.grpc_address, LIMITS) as running:
+    with edge_stack(tmp_path_factory.mktemp("edge"), triton.grpc_address, LIMITS, triton.http_address) as running:
         yield running
 
 

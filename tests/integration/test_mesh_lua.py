@@ -38,6 +38,7 @@ KSERVE = "/inference.GRPCInferenceService/"
 HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 RENAMED = "mesh-affine"  # the mesh's name for Triton's affine_batched
 RENAMED_RESNET = "mesh-resnet"  # and for resnet18 (a 600 KB request)
+LATEST = "latest-affine"  # affine_batched with no Triton version: Triton serves its latest
 
 
 def _grpc_cluster(name: str, port: int, http_filters: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -108,6 +109,7 @@ def bootstrap(
 ) -> dict[str, Any]:
     """A static Envoy: the kserve filters, routes on x-servegrid-model, renamed clusters."""
     rename = lua.upstream_rename_filters("affine_batched", "1", RENAMED, "7")
+    latest = lua.upstream_rename_filters("affine_batched", "", LATEST, "2")
     filters = [lua.stream_extraction_filter()] if stream_extraction else []
     filters += [
         lua.downstream_filter(trust_header=trust_header),
@@ -121,9 +123,11 @@ def bootstrap(
         _model_route(RENAMED, "renamed_grpc"),
         _model_route("resnet18", "triton_grpc"),
         _model_route(RENAMED_RESNET, "renamed_resnet_grpc"),
+        _model_route(LATEST, "latest_grpc"),
         {"match": {"prefix": KSERVE + "Server"}, "route": {"cluster": "triton_grpc", "timeout": "0s"}},
         _not_found_route(),
         {"match": {"prefix": f"/v2/models/{RENAMED}"}, "route": {"cluster": "renamed_http"}},
+        {"match": {"prefix": f"/v2/models/{LATEST}"}, "route": {"cluster": "latest_http"}},
         {"match": {"prefix": "/v2/"}, "route": {"cluster": "triton_http"}},
     ]
     hcm = {
@@ -152,6 +156,8 @@ def bootstrap(
                 ),
                 _http_cluster("triton_http", triton.http_port),
                 _http_cluster("renamed_http", triton.http_port, rename),
+                _grpc_cluster("latest_grpc", triton.grpc_port, latest),
+                _http_cluster("latest_http", triton.http_port, latest),
             ],
         },
     }
@@ -456,6 +462,28 @@ def test_renamed_cluster_over_rest(envoy: Envoy) -> None:
         assert client.get_model_metadata("affine")["name"] == "affine"  # other models pass untouched
     finally:
         client.close()
+
+
+def test_empty_triton_version_overrides_the_clients_version(envoy: Envoy) -> None:
+    # The client names the registry's version 2; Triton has only affine_batched version 1, so the
+    # call succeeds only if the rename replaced the body's model_version (gRPC) or the path's (REST).
+    expected = (np.arange(4, dtype=np.float32) * 2 + 1).reshape(1, 4)
+    with grpcclient.InferenceServerClient(envoy.address) as client:
+        result = client.infer(LATEST, _affine_inputs([1, 4]), model_version="2")
+        assert result.get_response().model_name == LATEST
+        np.testing.assert_array_equal(result.as_numpy("y"), expected)
+        assert client.is_model_ready(LATEST, model_version="2")
+        assert client.get_model_metadata(LATEST, model_version="2").name == LATEST
+    rest = httpclient.InferenceServerClient(envoy.address)
+    try:
+        x = httpclient.InferInput("x", [1, 4], "FP32")
+        x.set_data_from_numpy(np.arange(4, dtype=np.float32).reshape(1, 4), binary_data=True)
+        reply = rest.infer(LATEST, [x], model_version="2")
+        assert reply.get_response()["model_name"] == LATEST
+        np.testing.assert_array_equal(reply.as_numpy("y"), expected)
+        assert rest.is_model_ready(LATEST, model_version="2")
+    finally:
+        rest.close()
 
 
 def _image() -> list[grpcclient.InferInput]:

@@ -167,11 +167,6 @@ async def test_an_explicit_version_header_goes_to_that_version(
     assert await explicit_version_calls(plane, mesh, affine_request("canary"), ((VERSION_HEADER, "2"),)) == (0, 20)
 
 
-@pytest.mark.xfail(
-    reason="services/mesh/kserve_upstream.lua leaves the client's model_version (2) in the body when the "
-    "cluster's Triton version is empty, so Triton looks for affine version 2",
-    strict=True,
-)
 async def test_an_explicit_version_in_the_body_goes_to_that_version(
     plane: DataPlane, mesh: service_pb2_grpc.GRPCInferenceServiceStub
 ) -> None:

@@ -118,14 +118,35 @@ class EdgeStack:
             client.close()
 
 
+# Every Triton model served under its own name: the edge tests call Triton's models through Envoy.
+EDGE_MODELS = ("affine", "affine_batched", "digits", "resnet18")
+
+
+def _control_plane(state_dir: Path, triton_grpc: str, triton_http: str) -> Any:
+    """A real router serving Envoy's xDS from a static table: each model on the one Triton."""
+    from services.router.settings import RouterSettings
+    from tests.support.router_harness import RouterThread, route, write_routes
+
+    backend = [("triton", triton_grpc, triton_http)]
+    routes = write_routes(state_dir / "routes.json", [route(m, [(1, m, 100, backend)]) for m in EDGE_MODELS])
+    settings = RouterSettings(port=0, metrics_port=None, use_uvloop=False, grace_period_s=0.2, routes_file=routes)
+    return RouterThread(settings).start()
+
+
 @contextlib.contextmanager
-def edge_stack(state_dir: Path, router_address: str, tenant_limits: dict[str, int]) -> Iterator[EdgeStack]:
-    """Start edge, stand-in registry, gateway (routing to `router_address`) and Envoy; stop them all."""
+def edge_stack(
+    state_dir: Path, triton_grpc: str, tenant_limits: dict[str, int], triton_http: str = ""
+) -> Iterator[EdgeStack]:
+    """Start edge, stand-in registry, a router (xDS), gateway and Envoy in front of one Triton; stop them all."""
+    from services.stack.ports import free_port
+
     token = secrets.token_hex(4)
     issuer = DevIssuer.generate()
     jwks = issuer.write(state_dir / "jwt")
     started: list[ServiceProcess | EnvoyProcess] = []
     stack: EdgeStack | None = None
+    router = _control_plane(state_dir, triton_grpc, triton_http)
+    mesh_port = free_port()
     try:
         stack = EdgeStack(
             state_dir=state_dir,
@@ -151,7 +172,7 @@ def edge_stack(state_dir: Path, router_address: str, tenant_limits: dict[str, in
             "SERVEGRID_GATEWAY_",
             state_dir,
             {
-                "SERVEGRID_GATEWAY_INFERENCE_ADDRESS": router_address,
+                "SERVEGRID_GATEWAY_INFERENCE_ADDRESS": f"127.0.0.1:{mesh_port}",
                 "SERVEGRID_GATEWAY_REGISTRY_ADDRESS": stack.registry.address,
             },
         )
@@ -164,7 +185,9 @@ def edge_stack(state_dir: Path, router_address: str, tenant_limits: dict[str, in
             ext_authz_timeout_s=5.0,
             jwks_file=str(jwks),
             gateway=stack.gateway.address,
-            router=router_address,
+            xds=(router.address,),
+            mesh_host="127.0.0.1",
+            mesh_port=mesh_port,
             registry=stack.registry.address,
             edge=stack.edge.address,
         )
@@ -177,6 +200,7 @@ def edge_stack(state_dir: Path, router_address: str, tenant_limits: dict[str, in
         else:
             for process in reversed(started):
                 process.stop()
+        router.stop()
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,8 @@ def start_envoy(
     """Render the config with free listener/admin ports, start Envoy and wait until it is ready."""
     state_dir.mkdir(parents=True, exist_ok=True)
     port, admin_port = free_port(), free_port()
+    if "mesh_port" not in overrides and params.mesh_port == EnvoyParams().mesh_port:
+        overrides["mesh_port"] = free_port()  # two test Envoys must not both take the default mesh port
     access_log = state_dir / "access.log"
     params = replace(
         params,

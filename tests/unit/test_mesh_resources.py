@@ -14,6 +14,7 @@ from services.edge.devkeys import DevIssuer
 from services.mesh import names
 from services.mesh.bootstrap import EnvoyParams, render_config
 from services.mesh.resources import DRAINING, HEALTHY, UNHEALTHY, build_snapshot
+from services.mesh.routes import KservePolicy, kserve_routes, public_route_config
 from services.router.settings import RouterSettings
 from services.router.table import RouteTable
 from services.router.xds import TYPE_CLUSTER, TYPE_ENDPOINT, TYPE_ROUTE, XdsSnapshot
@@ -179,6 +180,36 @@ def test_default_traffic_is_weighted_sticky_and_shadowed(snapshot: XdsSnapshot) 
     assert action["max_stream_duration"]["grpc_timeout_header_max"] == "0s" and action["timeout"] == "0s"
     assert action["retry_policy"]["num_retries"] == RouterSettings().retry_max_attempts - 1
     assert default["typed_per_filter_config"].keys() == {names.BUFFER_FILTER, names.TRANSCODER_FILTER}
+
+
+def test_the_routers_comparison_calls_are_never_mirrored(snapshot: XdsSnapshot) -> None:
+    compare_header = {"name": names.SHADOW_COMPARE_HEADER, "present_match": True}
+    for config in ("public", "mesh"):
+        routes = _routes_of(snapshot, config)
+        order = list(routes)
+        mirrored = [n for n, r in routes.items() if "request_mirror_policies" in r.get("route", {})]
+        assert mirrored and all(n.startswith("kserve|affine|") for n in mirrored)
+        affine_grpc = [n for n in order if n.startswith("kserve|affine|") and n.endswith("|grpc")]
+        for name in affine_grpc:
+            twin = routes[f"{name}|compare"]
+            assert order.index(f"{name}|compare") < order.index(affine_grpc[0])  # matched first
+            model, *version = routes[name]["match"]["headers"]
+            assert twin["match"]["headers"] == [model, compare_header, *version]
+            if "route" in routes[name]:
+                unmirrored = {k: v for k, v in routes[name]["route"].items() if k != "request_mirror_policies"}
+                assert twin["route"] == unmirrored
+        assert not [n for n in order if n.endswith("|compare") and not n.startswith("kserve|affine|")]
+
+
+def test_rest_routes_take_the_configured_timeout(snapshot: XdsSnapshot) -> None:
+    default = f"{RouterSettings().rest_timeout_s:g}s"
+    assert _routes_of(snapshot, "public")["kserve|affine|v1|http"]["route"]["timeout"] == default
+    kserve = kserve_routes(list(_table().routes.values()), KservePolicy(rest_timeout_s=7.5))
+    (vhost,) = public_route_config(kserve, rest_timeout_s=7.5)["virtual_hosts"]
+    timeouts = {r["name"]: r["route"]["timeout"] for r in vhost["routes"] if "route" in r}
+    assert timeouts["kserve|affine|v1|http"] == timeouts["kserve|plain|default|http"] == "7.5s"
+    assert timeouts["gateway"] == "7.5s"  # the last route named gateway is REST /v1/
+    assert timeouts["kserve|affine|v1|grpc"] == "0s"  # gRPC: the caller's deadline
 
 
 def test_explicit_versions_and_their_errors(snapshot: XdsSnapshot) -> None:
