@@ -260,6 +260,7 @@ def kserve_policy(settings: RouterSettings) -> KservePolicy:
         per_try_timeout_s=_setting(settings, "retry_per_try_timeout_s"),
         retry_backoff_base_s=settings.retry_backoff_base_s,
         retry_backoff_max_s=settings.retry_backoff_max_s,
+        rest_timeout_s=settings.rest_timeout_s,
     )
 
 
@@ -285,7 +286,9 @@ def endpoint_dicts(table: RouteTable, states: EndpointStates, resolve: Resolve |
 
 def route_config_dicts(table: RouteTable, settings: RouterSettings) -> list[dict[str, Any]]:
     kserve = kserve_routes(list(table.routes.values()), kserve_policy(settings))
-    public = public_route_config(kserve, cors_origins=tuple(_setting(settings, "cors_origins")))
+    public = public_route_config(
+        kserve, cors_origins=tuple(_setting(settings, "cors_origins")), rest_timeout_s=settings.rest_timeout_s
+    )
     return [public, mesh_route_config(kserve)]
 
 

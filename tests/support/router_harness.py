@@ -292,9 +292,10 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0, poll_s: flo
 
 
 def start_mesh_envoy(
-    state_dir: Path, xds_address: str, *, node_id: str = "test-envoy", mesh_port: int = 0
+    state_dir: Path, xds_address: str | Sequence[str], *, node_id: str = "test-envoy", mesh_port: int = 0
 ) -> MeshEnvoy:
-    """A real Envoy from services.mesh.bootstrap on free ports, its ADS pointing at `xds_address`."""
+    """A real Envoy from services.mesh.bootstrap on free ports, its ADS pointing at `xds_address` (one
+    router, or several replicas: the xds cluster's endpoints)."""
     from services.edge.devkeys import DevIssuer
     from services.mesh.bootstrap import EnvoyParams
     from services.stack.ports import free_port
@@ -303,9 +304,8 @@ def start_mesh_envoy(
     jwks = DevIssuer.generate().write(state_dir / "jwt")  # the public listener's jwt_authn needs a JWKS
     mesh_port = mesh_port or free_port()
     params = EnvoyParams.for_profile("local", jwks_file=str(jwks))
-    envoy = start_envoy(
-        state_dir, params, xds=(xds_address,), mesh_port=mesh_port, mesh_host="127.0.0.1", node_id=node_id
-    )
+    xds = (xds_address,) if isinstance(xds_address, str) else tuple(xds_address)
+    envoy = start_envoy(state_dir, params, xds=xds, mesh_port=mesh_port, mesh_host="127.0.0.1", node_id=node_id)
     return MeshEnvoy(envoy, mesh_port, node_id)
 
 
