@@ -74,7 +74,7 @@ smoke: $(STAMP) models ## on the default ports: make up, the README's examples a
 	$(PY) -m services.stack up
 	$(PY) scripts/smoke.py; rc=$$?; $(PY) -m services.stack status; $(PY) -m services.stack down; exit $$rc
 
-bench: $(STAMP) models ## benchmarks against direct Triton in the same run (BENCH="router edge" for some)
+bench: $(STAMP) models ## benchmarks against direct Triton in the same run (BENCH="mesh batch" for some)
 	$(PY) -m bench $(BENCH)
 
 docs: $(STAMP) ## regenerate docs/api.md (proto comments) and docs/configuration.md (settings classes)
