@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 # Imported for their descriptors: ParseDict resolves every typed_config `@type` through them.
@@ -32,40 +32,24 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from servegrid.registry.v1 import registry_pb2
-from servegrid.router.v1 import router_admin_pb2
 
 from services.mesh import lua, names
 from services.mesh.routes import KservePolicy, duration, kserve_routes, mesh_route_config, public_route_config, typed
+from services.router.backends import EndpointState, EndpointStates
 from services.router.settings import RouterSettings
 from services.router.table import CompiledRoute, RouteTable, VersionTarget
 from services.router.xds import TYPE_CLUSTER, TYPE_ENDPOINT, TYPE_ROUTE, XdsSnapshot
 
-# (backend_id, triton_model_name, triton_model_version) -> router_admin_pb2.EndpointState.
-# A backend's server-wide state may be given under (backend_id, "", ""); without it, it is derived
-# from the backend's model states (server_state). A key that is absent means "not probed yet": the
-# endpoint goes out with health UNKNOWN, which Envoy routes to (passive ejection still guards it),
-# so a router that just started does not black-hole traffic before its first probe round.
-EndpointStates = Mapping[tuple[str, str, str], int]
+# EndpointStates (services.router.backends): (backend_id, triton_model_name, triton_model_version) ->
+# EndpointState. A backend's server-wide state may be given under (backend_id, "", ""); without it, it
+# is derived from the backend's model states (server_state). A key that is absent means "not probed
+# yet": the endpoint goes out with health UNKNOWN, which Envoy routes to (passive ejection still guards
+# it), so a router that just started does not black-hole traffic before its first probe round.
 Resolve = Callable[[str], str]  # host -> IP literal (EDS endpoints must be addresses, not names)
 
-HEALTHY = router_admin_pb2.ENDPOINT_STATE_HEALTHY
-UNHEALTHY = router_admin_pb2.ENDPOINT_STATE_UNHEALTHY
-DRAINING = router_admin_pb2.ENDPOINT_STATE_DRAINING
-_EDS_HEALTH: dict[int, str] = {HEALTHY: "HEALTHY", UNHEALTHY: "UNHEALTHY", DRAINING: "DRAINING"}
-# Defaults for what RouterSettings has no field for yet (getattr: a later settings field wins).
-DEFAULTS: dict[str, Any] = {
-    "max_concurrent_streams": 1024,
-    "retry_per_try_timeout_s": 0.0,
-    "outlier_interval_s": 1.0,
-    "cors_origins": ("*",),
-    "max_requests_per_cluster": 100000,
-}
+HEALTHY, UNHEALTHY, DRAINING = EndpointState.HEALTHY, EndpointState.UNHEALTHY, EndpointState.DRAINING
 _EDS_CONFIG = {"eds_config": {"ads": {}, "resource_api_version": "V3"}}
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
-
-
-def _setting(settings: RouterSettings, name: str) -> Any:
-    return getattr(settings, name, DEFAULTS[name])
 
 
 # --- clusters --------------------------------------------------------------------------------
@@ -96,7 +80,7 @@ def _outlier_detection(settings: RouterSettings) -> dict[str, Any]:
         "failure_percentage_request_volume": settings.breaker_min_requests,
         "failure_percentage_minimum_hosts": 1,  # Envoy's default (5) would never judge a small pool
         "enforcing_success_rate": 0,
-        "interval": duration(_setting(settings, "outlier_interval_s")),
+        "interval": duration(settings.outlier_interval_s),
         "base_ejection_time": duration(settings.eject_base_s),
         "max_ejection_time": duration(settings.eject_max_s),
         "max_ejection_percent": 100,
@@ -104,7 +88,7 @@ def _outlier_detection(settings: RouterSettings) -> dict[str, Any]:
 
 
 def _circuit_breakers(settings: RouterSettings) -> dict[str, Any]:
-    most = _setting(settings, "max_requests_per_cluster")
+    most = settings.max_requests_per_cluster
     budget = {
         "budget_percent": {"value": settings.retry_budget_ratio * 100},
         "min_retry_concurrency": max(1, round(settings.retry_budget_min_per_s)),
@@ -112,12 +96,19 @@ def _circuit_breakers(settings: RouterSettings) -> dict[str, Any]:
     return {"thresholds": [{"max_requests": most, "max_pending_requests": most, "retry_budget": budget}]}
 
 
-def _protocol_options(target: VersionTarget, protocol: names.Protocol, settings: RouterSettings) -> dict[str, Any]:
-    options: dict[str, Any] = {"explicit_http_config": {"http_protocol_options": {}}}
+def _http_options(protocol: names.Protocol, settings: RouterSettings) -> dict[str, Any]:
+    """How Envoy talks to a backend: HTTP/2 with keepalive for gRPC, HTTP/1.1 for KServe REST."""
     if protocol == "grpc":
-        http2 = {"max_concurrent_streams": _setting(settings, "max_concurrent_streams")}
-        http2["connection_keepalive"] = {"interval": "10s", "timeout": "3s"}
-        options = {"explicit_http_config": {"http2_protocol_options": http2}}
+        http2 = {
+            "max_concurrent_streams": settings.max_concurrent_streams,
+            "connection_keepalive": {"interval": "10s", "timeout": "3s"},
+        }
+        return {"explicit_http_config": {"http2_protocol_options": http2}}
+    return {"explicit_http_config": {"http_protocol_options": {}}}
+
+
+def _protocol_options(target: VersionTarget, protocol: names.Protocol, settings: RouterSettings) -> dict[str, Any]:
+    options = _http_options(protocol, settings)
     triton = (target.triton_model_name, target.triton_model_version)
     if lua.needs_rename(*triton, target.model_id, target.version_str):
         # Only where the names differ: the rename copies the request's head (never the tensors).
@@ -162,9 +153,9 @@ def version_cluster(
 
 def server_cluster(protocol: names.Protocol, settings: RouterSettings) -> dict[str, Any]:
     cluster = _base_cluster(names.server_cluster(protocol), registry_pb2.LOAD_BALANCING_ROUND_ROBIN, settings)
-    if protocol == "grpc":
-        options: dict[str, Any] = {"explicit_http_config": {"http2_protocol_options": {}}}
-        cluster["typed_extension_protocol_options"] = {_HTTP_OPTIONS: typed(_HTTP_OPTIONS, **options)}
+    cluster["typed_extension_protocol_options"] = {
+        _HTTP_OPTIONS: typed(_HTTP_OPTIONS, **_http_options(protocol, settings))
+    }
     return cluster
 
 
@@ -211,7 +202,8 @@ def _lb_endpoint(
 ) -> dict[str, Any]:
     endpoint: dict[str, Any] = {
         "endpoint": {"address": _socket(address, resolve), "hostname": backend_id},
-        "health_status": _EDS_HEALTH.get(state or 0, "UNKNOWN"),
+        # EndpointState's names are Envoy's HealthStatus names.
+        "health_status": EndpointState(state).name if state else "UNKNOWN",
         "metadata": {"filter_metadata": {names.METADATA_NAMESPACE: {"backend_id": backend_id}}},
     }
     if weight is not None:
@@ -257,7 +249,7 @@ def server_endpoints(
 def kserve_policy(settings: RouterSettings) -> KservePolicy:
     return KservePolicy(
         num_retries=max(0, settings.retry_max_attempts - 1),
-        per_try_timeout_s=_setting(settings, "retry_per_try_timeout_s"),
+        per_try_timeout_s=settings.retry_per_try_timeout_s,
         retry_backoff_base_s=settings.retry_backoff_base_s,
         retry_backoff_max_s=settings.retry_backoff_max_s,
         rest_timeout_s=settings.rest_timeout_s,
@@ -287,7 +279,7 @@ def endpoint_dicts(table: RouteTable, states: EndpointStates, resolve: Resolve |
 def route_config_dicts(table: RouteTable, settings: RouterSettings) -> list[dict[str, Any]]:
     kserve = kserve_routes(list(table.routes.values()), kserve_policy(settings))
     public = public_route_config(
-        kserve, cors_origins=tuple(_setting(settings, "cors_origins")), rest_timeout_s=settings.rest_timeout_s
+        kserve, cors_origins=tuple(settings.cors_origins), rest_timeout_s=settings.rest_timeout_s
     )
     return [public, mesh_route_config(kserve)]
 
