@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -35,7 +36,7 @@ from servegrid.registry.v1 import registry_pb2
 
 from services.mesh import lua, names
 from services.mesh.routes import KservePolicy, duration, kserve_routes, mesh_route_config, public_route_config, typed
-from services.router.backends import EndpointState, EndpointStates
+from services.router.backends import EndpointState, EndpointStates, address_host
 from services.router.settings import RouterSettings
 from services.router.table import CompiledRoute, RouteTable, VersionTarget
 from services.router.xds import TYPE_CLUSTER, TYPE_ENDPOINT, TYPE_ROUTE, XdsSnapshot
@@ -45,7 +46,10 @@ from services.router.xds import TYPE_CLUSTER, TYPE_ENDPOINT, TYPE_ROUTE, XdsSnap
 # is derived from the backend's model states (server_state). A key that is absent means "not probed
 # yet": the endpoint goes out with health UNKNOWN, which Envoy routes to (passive ejection still guards
 # it), so a router that just started does not black-hole traffic before its first probe round.
-Resolve = Callable[[str], str]  # host -> IP literal (EDS endpoints must be addresses, not names)
+# host -> IP literal, or None while it does not resolve (EDS endpoints must be addresses, not names).
+Resolve = Callable[[str], str | None]
+
+log = logging.getLogger(__name__)
 
 HEALTHY, UNHEALTHY, DRAINING = EndpointState.HEALTHY, EndpointState.UNHEALTHY, EndpointState.DRAINING
 _EDS_CONFIG = {"eds_config": {"ads": {}, "resource_api_version": "V3"}}
@@ -185,23 +189,31 @@ def server_state(backend_id: str, states: EndpointStates) -> int | None:
     return UNHEALTHY
 
 
-def _socket(address: str, resolve: Resolve | None) -> dict[str, Any]:
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
+def _socket(address: str, resolve: Resolve | None) -> dict[str, Any] | None:
+    """The endpoint address; None for a name that does not resolve now (the endpoint is left out)."""
+    _, _, port = address.rpartition(":")
+    name = address_host(address)
+    host: str | None = name
     try:
-        ipaddress.ip_address(host)
+        ipaddress.ip_address(name)
     except ValueError:
         if resolve is None:
             raise ValueError(f"backend address {address!r} is not an IP address; pass resolve=") from None
-        host = resolve(host)
+        host = resolve(name)
+        if host is None:
+            return None
     return {"socket_address": {"address": host, "port_value": int(port)}}
 
 
 def _lb_endpoint(
     backend_id: str, address: str, state: int | None, weight: int | None, resolve: Resolve | None
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
+    socket_address = _socket(address, resolve)
+    if socket_address is None:
+        log.warning("backend %s: %s does not resolve; Envoy gets no endpoint for it", backend_id, address)
+        return None
     endpoint: dict[str, Any] = {
-        "endpoint": {"address": _socket(address, resolve), "hostname": backend_id},
+        "endpoint": {"address": socket_address, "hostname": backend_id},
         # EndpointState's names are Envoy's HealthStatus names.
         "health_status": EndpointState(state).name if state else "UNKNOWN",
         "metadata": {"filter_metadata": {names.METADATA_NAMESPACE: {"backend_id": backend_id}}},
@@ -226,7 +238,9 @@ def version_endpoints(
         if not address:
             continue
         state = states.get((ref.backend_id, *target.backend_key))
-        endpoints.append(_lb_endpoint(ref.backend_id, address, state, ref.weight if weighted else None, resolve))
+        endpoint = _lb_endpoint(ref.backend_id, address, state, ref.weight if weighted else None, resolve)
+        if endpoint is not None:
+            endpoints.append(endpoint)
     name = names.version_cluster(target.model_id, target.version, protocol)
     return {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}] if endpoints else []}
 
@@ -237,8 +251,9 @@ def server_endpoints(
     endpoints = []
     for backend_id, spec in sorted(table.backends().items()):
         address = spec.address if protocol == "grpc" else spec.http_address
-        if address:
-            endpoints.append(_lb_endpoint(backend_id, address, server_state(backend_id, states), None, resolve))
+        endpoint = address and _lb_endpoint(backend_id, address, server_state(backend_id, states), None, resolve)
+        if endpoint:
+            endpoints.append(endpoint)
     name = names.server_cluster(protocol)
     return {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}] if endpoints else []}
 

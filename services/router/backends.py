@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import ipaddress
 import logging
+import socket
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -101,6 +103,29 @@ class TritonProbeClient:
 ProbeClientFactory = Callable[[str], ProbeClient]
 
 
+def address_host(address: str) -> str:
+    """The host of "host:port" ("[v6]:port" too)."""
+    return address.rpartition(":")[0].strip("[]")
+
+
+async def resolve_host(host: str) -> str | None:
+    """An IP literal for `host` (itself when it is one), or None when it does not resolve now.
+
+    EDS endpoints are addresses, not names, while a Kubernetes StatefulSet's Tritons register by DNS
+    name; resolving here, on the probe's own schedule, follows a pod that moves.
+    """
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return None
+    return str(infos[0][4][0]) if infos else None
+
+
 class ProbedBackend:
     """One Triton as the probes see it: server readiness, per-model readiness, the operator's drain flag."""
 
@@ -112,6 +137,7 @@ class ProbedBackend:
         self.model_ready: dict[ModelKey, bool] = {}  # only models probed at least once
         self.drained = False
         self.probed_at = 0.0
+        self.resolved: dict[str, str | None] = {}  # host of the gRPC / HTTP address -> IP, at the last probe
 
     @property
     def models(self) -> frozenset[ModelKey]:
@@ -133,9 +159,15 @@ class ProbedBackend:
     def unprobed(self) -> bool:
         return self.health == UNSPECIFIED or any(m not in self.model_ready for m in self.models)
 
+    async def resolve(self) -> None:
+        hosts = {address_host(a) for a in (self.spec.address, self.spec.http_address) if a}
+        found = await asyncio.gather(*(resolve_host(h) for h in sorted(hosts)))
+        self.resolved = dict(zip(sorted(hosts), found, strict=True))
+
     async def probe(self, timeout_s: float, only_unprobed: bool = False) -> None:
         """ServerReady, then ModelReady for every Triton model the table sends here (concurrently)."""
         models = sorted(m for m in self.models if not only_unprobed or m not in self.model_ready)
+        await self.resolve()
         ready = await self.client.server_ready(timeout_s)
         if not ready:
             self._set_health(UNHEALTHY)
@@ -172,6 +204,7 @@ class BackendProbes:
         self._client_factory = client_factory or (lambda address: TritonProbeClient(address, settings))
         self._listeners: list[Callable[[], None]] = []
         self._states: dict[EndpointKey, EndpointState] = {}
+        self._resolved: dict[str, str | None] = {}
         self._task: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -206,6 +239,10 @@ class BackendProbes:
 
     def get(self, backend_id: str) -> ProbedBackend | None:
         return self.backends.get(backend_id)
+
+    def resolve(self, host: str) -> str | None:
+        """The IP the last probe found for a backend host (services.mesh.resources' `resolve`)."""
+        return self._resolved.get(host)
 
     def set_drained(self, backend_id: str, drained: bool) -> ProbedBackend | None:
         """Drain or undrain; None when the table names no such backend."""
@@ -246,9 +283,11 @@ class BackendProbes:
             for backend_id, backend in self.backends.items()
             for name, version in backend.models
         }
-        if states == self._states:
+        resolved = {h: ip for b in self.backends.values() for h, ip in b.resolved.items()}
+        if states == self._states and resolved == self._resolved:
             return
         self._states = states
+        self._resolved = resolved
         for state in EndpointState:
             metrics.ENDPOINT_STATES.labels(state.name.lower()).set(sum(1 for s in states.values() if s is state))
         for listener in self._listeners:

@@ -45,10 +45,14 @@ class Router:
     watcher: RegistryWatcher | None
 
 
-def _mesh_builder() -> SnapshotBuilder:
+def _mesh_builder(probes: BackendProbes) -> SnapshotBuilder:
     from services.mesh.resources import build_snapshot
 
-    return build_snapshot
+    def build(table: RouteTable, endpoints: EndpointStates, settings: RouterSettings) -> XdsSnapshot:
+        # Backends registered by DNS name go to Envoy as the addresses the probes resolved.
+        return build_snapshot(table, endpoints, settings, resolve=probes.resolve)
+
+    return build
 
 
 def build_router(
@@ -64,7 +68,7 @@ def build_router(
     ads = AdsServer()
 
     def build() -> XdsSnapshot:
-        builder = build_snapshot or _mesh_builder()
+        builder = build_snapshot or _mesh_builder(probes)
         return builder(table, probes.states(), settings)
 
     publisher = SnapshotPublisher(

@@ -280,3 +280,20 @@ def test_envoy_accepts_every_resource(snapshot: XdsSnapshot, tmp_path: Path) -> 
     path.write_text(json.dumps(_static_bootstrap(snapshot, jwks)))  # JSON is YAML
     result = validate_config(path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_backends_by_dns_name_go_to_envoy_as_resolved_addresses() -> None:
+    named = registry_pb2.RouteBackend(
+        backend_id="t0", address="triton-0.triton:8001", http_address="triton-0.triton:8000"
+    )
+    gone = registry_pb2.RouteBackend(backend_id="t1", address="triton-1.triton:8001")
+    version = registry_pb2.RouteVersion(version=1, stage=PRODUCTION, triton_model_name="m", backends=[named, gone])
+    table = RouteTable()
+    table.reset([registry_pb2.Route(model_id="m", versions=[version])], revision=1)
+    addresses = {"triton-0.triton": "10.1.2.3"}  # triton-1 does not resolve (its pod is being rescheduled)
+    snapshot = build_snapshot(table, {}, RouterSettings(), resolve=addresses.get)
+    assignment: Any = snapshot.resources[TYPE_ENDPOINT][names.version_cluster("m", 1, "grpc")]
+    grpc_lbs = assignment.endpoints[0].lb_endpoints
+    assert [(e.endpoint.hostname, e.endpoint.address.socket_address.address) for e in grpc_lbs] == [("t0", "10.1.2.3")]
+    with pytest.raises(ValueError, match="not an IP address"):
+        build_snapshot(table, {}, RouterSettings())  # a name with no resolver is a wiring mistake, said loudly

@@ -121,3 +121,17 @@ async def test_removed_backends_are_forgotten_and_their_clients_closed(
     assert set(probes.backends) == {"a"} and ("b", "affine", "") not in probes.states()
     await probes.close()
     assert clients.clients[A[1]].closed
+
+
+async def test_backends_registered_by_dns_name_resolve_for_eds_and_a_change_is_heard(
+    probes: BackendProbes, clients: FakeProbeClients
+) -> None:
+    # How a Kubernetes StatefulSet's Tritons register: a DNS name, which Envoy's EDS cannot take.
+    named = ("t0", "localhost:8001", "localhost:8000")
+    probes.sync(table_with(route("m", [(1, "affine", 100, [named])])).backends())
+    heard: list[int] = []
+    probes.on_change(lambda: heard.append(1))
+    assert probes.resolve("localhost") is None  # not probed yet: nothing to tell Envoy
+    await probes.probe_all()
+    assert probes.resolve("localhost") in ("127.0.0.1", "::1")
+    assert heard, "the resolved address must trigger a new snapshot"
