@@ -220,9 +220,13 @@ async def test_ten_thousand_digits_each_correct_exactly_once(
         elapsed = time.monotonic() - started
         final = updates[-1].job
         assert_exactly_once(schema, final, total)
-        assert any(u.items_per_second > 0 and u.job.state == batch_pb2.BATCH_JOB_STATE_RUNNING for u in updates) or (
-            len(updates) == 1
-        )
+        # Every update after the first that has finished items reports a rate (while running: over the
+        # recent window, which the first look cannot have; at the end: the job's average). Whether a
+        # running update with finished items comes at all depends on how fast the job is against the
+        # watch interval, so that is not what is asserted.
+        later = updates[1:] or updates
+        with_items = [u for u in later if u.job.succeeded_items + u.job.failed_items > 0]
+        assert with_items and all(u.items_per_second > 0 for u in with_items), updates
         print(f"\n10,000 digits: {elapsed:.1f} s end to end, {total / elapsed:.0f} items/s")
 
         results = await all_results(stub, job_id)
