@@ -81,8 +81,13 @@ def _header(key: str, value: str) -> dict[str, Any]:
     return {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
 
 
-# Streams pass untouched (a 600 KB tensor needs no buffering) and nothing is transcoded.
-_STREAMING = {BUFFER_FILTER: disabled(), TRANSCODER_FILTER: disabled()}
+def _streaming() -> dict[str, Any]:
+    """Streams pass untouched (a 600 KB tensor needs no buffering) and nothing is transcoded.
+
+    Fresh dicts per route: json_format.ParseDict deletes and restores `@type` in every Any it parses,
+    so a dict shared between routes breaks when two snapshots are built at once (two router replicas
+    in one process)."""
+    return {BUFFER_FILTER: disabled(), TRANSCODER_FILTER: disabled()}
 
 
 def _rate_limits(route_name: str) -> list[dict[str, Any]]:
@@ -117,7 +122,7 @@ def grpc_reply(name: str, match: dict[str, Any], code: int, message: str, reason
         "match": match,
         "direct_response": {"status": 200},
         "response_headers_to_add": headers,
-        "typed_per_filter_config": dict(_STREAMING),
+        "typed_per_filter_config": _streaming(),
     }
 
 
@@ -130,7 +135,7 @@ def json_reply(name: str, match: dict[str, Any], status: int, error: str) -> Rou
             "status": status,
             "body_format": {"json_format": {"error": error}, "content_type": "application/json"},
         },
-        "typed_per_filter_config": dict(_STREAMING),
+        "typed_per_filter_config": _streaming(),
     }
 
 
@@ -217,7 +222,7 @@ def not_found_route() -> Route:
             "body": {"inline_string": '{"code":5,"message":"no such API path or method"}\n'},
         },
         "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
-        "typed_per_filter_config": dict(_STREAMING),
+        "typed_per_filter_config": _streaming(),
     }
 
 
@@ -330,7 +335,7 @@ def _weighted(route: CompiledRoute, protocol: names.Protocol) -> dict[str, Any]:
 
 
 def _route_to(name: str, match: dict[str, Any], action: dict[str, Any], headers: Sequence[dict] = ()) -> Route:
-    route: Route = {"name": name, "match": match, "route": action, "typed_per_filter_config": dict(_STREAMING)}
+    route: Route = {"name": name, "match": match, "route": action, "typed_per_filter_config": _streaming()}
     if headers:
         route["request_headers_to_add"] = list(headers)
     return route
