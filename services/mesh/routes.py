@@ -11,17 +11,14 @@
 
 from __future__ import annotations
 
-import base64
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import code_pb2
 
-from services.mesh import names
+from services.mesh import names, replies
 from services.mesh.names import (
     BUFFER_FILTER,
     EXT_AUTHZ_FILTER,
@@ -98,15 +95,6 @@ def _rate_limits(route_name: str) -> list[dict[str, Any]]:
     ]
 
 
-@cache
-def _status_details(code: int, message: str, reason: str) -> str:
-    """grpc-status-details-bin: google.rpc.Status with an ErrorInfo, as every servegrid service sends it."""
-    info = any_pb2.Any()
-    info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=names.ERROR_DOMAIN))
-    status = status_pb2.Status(code=code, message=message, details=[info])
-    return base64.b64encode(status.SerializeToString(deterministic=True)).decode()
-
-
 def grpc_reply(name: str, match: dict[str, Any], code: int, message: str, reason: str = "") -> Route:
     """A trailers-only gRPC reply: HTTP 200, no body, the status in the headers that end the stream.
 
@@ -116,7 +104,7 @@ def grpc_reply(name: str, match: dict[str, Any], code: int, message: str, reason
     headers.append(_header("grpc-message", message))
     if reason:
         static = re.sub(r"\s*'%[^%]+%'", "", message)
-        headers.append(_header("grpc-status-details-bin", _status_details(code, static, reason)))
+        headers.append(_header("grpc-status-details-bin", replies.status_details(code, static, reason)))
     return {
         "name": name,
         "match": match,
