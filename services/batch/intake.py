@@ -47,10 +47,16 @@ def _ndjson_items(payload: bytes) -> Iterator[tuple[int, batch_pb2.BatchItem]]:
         if not line.strip():
             continue
         item = batch_pb2.BatchItem()
+        field_name = f"items_ndjson[line {line_no}]"
         try:
-            json_format.Parse(line, item)
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            message = f"line {line_no}: not UTF-8 (byte {error.start + 1} of the line); JSON Lines must be UTF-8"
+            raise _invalid(message, field_name, "INVALID_ITEM") from error
+        try:
+            json_format.Parse(text, item)
         except json_format.ParseError as error:
-            raise _invalid(f"line {line_no}: {error}", f"items_ndjson[line {line_no}]", "INVALID_ITEM") from error
+            raise _invalid(f"line {line_no}: {error}", field_name, "INVALID_ITEM") from error
         yield line_no, item
 
 

@@ -63,9 +63,17 @@ def tenant_of(forwarder: BatchForwarder, context: grpc.aio.ServicerContext) -> s
     return identity.tenant
 
 
+# The only trailer relayed: the google.rpc.Status (ErrorInfo, BadRequest) the batch service attached.
+_RELAYED_TRAILERS = ("grpc-status-details-bin",)
+
+
 async def relay(error: grpc.aio.AioRpcError, context: grpc.aio.ServicerContext) -> None:
-    """Pass the batch service's status on unchanged: code, message and ErrorInfo details."""
-    await context.abort(error.code(), error.details() or "", error.trailing_metadata() or ())
+    """Pass the batch service's status on unchanged: code, message and ErrorInfo details.
+
+    `context.abort` wants a tuple of (key, value) pairs; an RPC error's trailers are a
+    grpc.aio.Metadata, which it refuses (a TypeError that turned every relayed error into INTERNAL)."""
+    trailers = tuple((key, value) for key, value in error.trailing_metadata() or () if key in _RELAYED_TRAILERS)
+    await context.abort(error.code(), error.details() or "", trailers)
 
 
 def create_request(tenant: str, request: gateway_pb2.CreateBatchJobRequest) -> batch_pb2.CreateBatchJobRequest:

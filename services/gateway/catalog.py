@@ -52,6 +52,26 @@ class ModelCatalog:
         models = [_model(m, r) for m, r in zip(page.models, routes, strict=True) if r is not None and r.versions]
         return models, page.next_page_token
 
+    async def require_servable(self, model_id: str, version: int) -> None:
+        """NOT_FOUND unless `model_id` (and `version`, when not 0) can be served right now.
+
+        A batch job is checked here at submit: otherwise it is accepted and every one of its items
+        fails later with the same error."""
+        if not model_id:
+            raise InvalidArgument("model_id is required", field_violations=[("model_id", "required")])
+        route = await self.registry.resolve_route(model_id)
+        if route is None or not route.versions:
+            raise NotFound(
+                f"model {model_id!r} has no servable version", reason="MODEL_NOT_FOUND", metadata={"model_id": model_id}
+            )
+        served = sorted(v.version for v in route.versions)
+        if version and version not in served:
+            raise NotFound(
+                f"model {model_id!r} has no servable version {version}; servable: {', '.join(map(str, served))}",
+                reason="VERSION_NOT_FOUND",
+                metadata={"model_id": model_id, "version": str(version)},
+            )
+
     async def get(self, model_id: str) -> gateway_pb2.Model:
         if not model_id:
             raise InvalidArgument("model_id is required", field_violations=[("model_id", "required")])

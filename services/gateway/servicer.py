@@ -113,6 +113,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self, request: gateway_pb2.CreateBatchJobRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.CreateBatchJobResponse:
         forwarded = batch.create_request(batch.tenant_of(self.batch, context), request)
+        await self.catalog.require_servable(request.model_id, request.version)
         reply: batch_pb2.CreateBatchJobResponse = await batch.unary(self.batch, context, "CreateBatchJob", forwarded)
         return gateway_pb2.CreateBatchJobResponse(job=reply.job, created=reply.created)
 

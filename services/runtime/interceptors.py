@@ -7,11 +7,11 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
-from services.runtime.errors import ServegridError, abort_with, internal_status
+from services.runtime.errors import InvalidArgument, ServegridError, abort_with, internal_status
 from services.runtime.metrics import RPC_IN_FLIGHT, RPC_LATENCY, RPC_REQUESTS
 
 log = logging.getLogger(__name__)
@@ -43,13 +43,19 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     - `ServegridError` → its status code, message and ErrorInfo (as `grpc-status-details-bin`).
     - anything else → INTERNAL with a generic message; the traceback goes to the log only.
 
-    `passthrough` names full methods ("/pkg.Service/Method") left untouched: hot paths that map
-    their own errors and record richer metrics of their own, where wrapping each call would cost
-    a noticeable share of the request (a new handler, a wrapper coroutine and three metric updates).
+    - a request that is not valid protobuf → INVALID_ARGUMENT (reason MALFORMED_REQUEST), one log line.
+
+    `passthrough` names full methods ("/pkg.Service/Method") that skip the mapping and the metrics:
+    hot paths that map their own errors and record richer metrics of their own, where the wrapper's
+    three metric updates would cost a noticeable share of the request. They keep the malformed-request
+    check, one type test per call.
     """
 
     def __init__(self, passthrough: Collection[str] = ()) -> None:
         self._passthrough = frozenset(passthrough)
+        # Wrapped handlers per method: the generic handlers hand back the same handler on every call,
+        # so each method is wrapped once, not once per request.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -58,32 +64,33 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         method: str = details.method
-        if handler is None or method in self._passthrough or method.startswith(_UNMEASURED_PREFIXES):
+        if handler is None or method.startswith(_UNMEASURED_PREFIXES):
             return handler
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         service, name = _split(method)
+        deserializer = tolerant(handler.request_deserializer)
+        serializer = handler.response_serializer
+        passthrough = method in self._passthrough
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, service, name),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            unary = handler.unary_unary
+            behavior = _guarded(unary) if passthrough else self._wrap_unary(unary, service, name)
+            return grpc.unary_unary_rpc_method_handler(behavior, deserializer, serializer)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, service, name),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            streaming = handler.unary_stream
+            behavior = _guarded_stream(streaming) if passthrough else self._wrap_stream(streaming, service, name)
+            return grpc.unary_stream_rpc_method_handler(behavior, deserializer, serializer)
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(handler.stream_unary, service, name),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream(handler.stream_stream, service, name),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+            behavior = self._wrap_unary(_guarded_requests(handler.stream_unary), service, name)
+            return grpc.stream_unary_rpc_method_handler(behavior, deserializer, serializer)
+        behavior = self._wrap_stream(_guarded_requests(handler.stream_stream), service, name)
+        return grpc.stream_stream_rpc_method_handler(behavior, deserializer, serializer)
 
     def _wrap_unary(self, behavior: Callable[..., Any], service: str, name: str) -> Callable[..., Any]:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -92,6 +99,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             in_flight.inc()
             code = "OK"
             try:
+                if request.__class__ is Undecodable:
+                    raise request.error()
                 response = await behavior(request, context)
                 code = _code_name(context)
                 return response
@@ -113,6 +122,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             in_flight.inc()
             code = "OK"
             try:
+                if request.__class__ is Undecodable:
+                    raise request.error()
                 result = behavior(request, context)
                 if inspect.isasyncgen(result):
                     async for item in result:
@@ -130,6 +141,89 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 _record(service, name, code, started)
 
         return call
+
+
+class Undecodable:
+    """What a request that is not valid protobuf for its method decodes to.
+
+    gRPC's own answer to a deserializer that raises is UNKNOWN "Unexpected <class ...DecodeError>"
+    and a traceback in the log; the handler instead sees this and answers INVALID_ARGUMENT."""
+
+    __slots__ = ("cause", "type_name")
+
+    def __init__(self, type_name: str, cause: Exception) -> None:
+        self.type_name = type_name
+        self.cause = cause
+
+    def error(self) -> InvalidArgument:
+        return InvalidArgument(
+            f"the request is not a valid {self.type_name} message (garbage or truncated protobuf): {self.cause}",
+            reason="MALFORMED_REQUEST",
+        )
+
+
+def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """`deserializer`, returning an Undecodable instead of raising on bytes it cannot parse."""
+    if deserializer is None:
+        return None
+    owner = getattr(deserializer, "__self__", None)
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    type_name = getattr(descriptor, "full_name", "request")
+    parse = deserializer
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as error:  # protobuf's DecodeError, or whatever a custom deserializer raises
+            return Undecodable(type_name, error)
+
+    return deserialize
+
+
+async def _reject(request: Undecodable, context: grpc.aio.ServicerContext) -> NoReturn:
+    error = request.error()
+    log.info("rejected an undecodable %s: %s", request.type_name, request.cause, extra={"reason": error.reason})
+    await abort_with(context, error.to_grpc_status())
+
+
+def _guarded(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    """A passthrough unary method: untouched, except that an undecodable request is refused first."""
+
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if request.__class__ is Undecodable:
+            await _reject(request, context)
+        return await behavior(request, context)
+
+    return call
+
+
+def _guarded_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if request.__class__ is Undecodable:
+            await _reject(request, context)
+        result = behavior(request, context)
+        if inspect.isasyncgen(result):
+            async for item in result:
+                yield item
+        else:
+            await result
+
+    return call
+
+
+def _guarded_requests(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    """A client-streaming method: each message is checked as it is read."""
+
+    def call(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        async def checked() -> AsyncIterator[Any]:
+            async for message in requests:
+                if message.__class__ is Undecodable:
+                    raise message.error()
+                yield message
+
+        return behavior(checked(), context)
+
+    return call
 
 
 def _classify(

@@ -98,6 +98,26 @@ async def test_unexpected_error_is_internal_without_leaking_details(channel: grp
     assert "secret" not in str(caught.value.trailing_metadata())
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"\xff\xff\xff\xff\xff\xff", id="garbage"),
+        pytest.param(pb.DrainBackendRequest(backend_id="triton-a").SerializeToString()[:-3], id="truncated"),
+    ],
+)
+async def test_undecodable_request_is_invalid_argument_naming_the_message(
+    channel: grpc.aio.Channel, body: bytes
+) -> None:
+    # gRPC's own answer would be UNKNOWN "Unexpected <class 'google.protobuf.message.DecodeError'>".
+    call = channel.unary_unary(f"/{SERVICE}/DrainBackend", request_serializer=None, response_deserializer=None)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(body, timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "servegrid.router.v1.DrainBackendRequest" in (caught.value.details() or "")
+    _, info = status_details(caught.value.trailing_metadata())
+    assert info is not None and info.reason == "MALFORMED_REQUEST"
+
+
 def _scrape(metrics_port: int) -> str:
     # The metrics endpoint runs in its own thread, so a blocking read is fine here.
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
