@@ -7,22 +7,31 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from google.rpc import code_pb2
+
 from services.batch.metrics import LEASES_EXPIRED
-from services.batch.store import BatchStore
+from services.batch.settings import BatchSettings
+from services.batch.store import BatchStore, Outcomes
+from services.batch.worker import record_outcomes
 
 log = logging.getLogger(__name__)
 
 _BATCH = 10_000
+_WORKER_LOST = "a worker took the item and stopped before recording a result (lease expired)"
 
 
 class Reconciler:
     """A lease runs out when the message was lost (a broker that kept nothing across a restart), its
-    worker died before committing, or the result write failed. The item goes back to the outbox; if the
-    old message is still delivered later, the duplicate finds the item done and writes nothing."""
+    worker died before committing, or the result write failed. An item a worker had taken counts the
+    expiry as one attempt: it goes back after the retry backoff or, out of attempts, fails for good into
+    the dead-letter topic. One never taken (a lost message, no worker up) goes back at once, uncounted.
+    If the old message is still delivered later, the duplicate finds the item done
+    or already retried and writes nothing twice."""
 
-    def __init__(self, store: BatchStore, interval_s: float, on_due: Callable[[], None]) -> None:
+    def __init__(self, store: BatchStore, settings: BatchSettings, on_due: Callable[[], None]) -> None:
         self._store = store
-        self._interval_s = interval_s
+        self._settings = settings
+        self._interval_s = settings.reconcile_interval_s
         self._on_due = on_due
         self._task: asyncio.Task[None] | None = None
 
@@ -36,16 +45,18 @@ class Reconciler:
                 await self._task
 
     async def reconcile_once(self) -> int:
-        expired = 0
-        while (count := await self._store.expire_leases(_BATCH)) > 0:
-            expired += count
-            if count < _BATCH:
-                break
-        if expired:
-            LEASES_EXPIRED.inc(expired)
-            log.info("republishing items whose lease expired", extra={"items": expired})
+        lost, crashed = await self._store.expire_leases(_BATCH)
+        for job_id, indices in crashed.items():
+            outcomes = Outcomes(transient=[(index, code_pb2.UNAVAILABLE, _WORKER_LOST) for index in indices])
+            await record_outcomes(self._store, self._settings, job_id, outcomes)
+        count = lost + sum(len(indices) for indices in crashed.values())
+        if count:
+            LEASES_EXPIRED.inc(count)
+            log.info(
+                "republishing items whose lease expired", extra={"items": count, "taken_by_a_worker": count - lost}
+            )
             self._on_due()
-        return expired
+        return count
 
     async def _run(self) -> None:
         while True:

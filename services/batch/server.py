@@ -19,7 +19,7 @@ SERVICE = batch_pb2.DESCRIPTOR.services_by_name["BatchService"].full_name
 def build_app(settings: BatchSettings) -> ServiceApp:
     store = BatchStore(settings.database_url, settings.db_schema, max_size=settings.db_pool_max)
     relay = OutboxRelay(settings, store)
-    reconciler = Reconciler(store, settings.reconcile_interval_s, relay.wake)
+    reconciler = Reconciler(store, settings, relay.wake)
     inference = KServeBatchClient(
         settings.inference_address, timeout_s=settings.request_timeout_s, config_ttl_s=settings.model_config_ttl_s
     )

@@ -406,7 +406,7 @@ class BatchStore:
                         chunks.append(DueChunk(job_id, indices[start : start + chunk_size]))
                 await publish(chunks)
                 await conn.execute(
-                    """UPDATE items SET due_at = NULL, lease_until = now() + make_interval(secs => %s)
+                    """UPDATE items SET due_at = NULL, taken_at = NULL, lease_until = now() + make_interval(secs => %s)
                        FROM unnest(%s::uuid[], %s::bigint[]) AS claimed(job_id, item_index)
                        WHERE items.job_id = claimed.job_id AND items.item_index = claimed.item_index""",
                     (lease_s, [r[0] for r in rows], [r[1] for r in rows]),
@@ -439,30 +439,46 @@ class BatchStore:
             )
         return len(letters)
 
-    async def expire_leases(self, limit: int) -> int:
-        """Make items whose lease ran out without a result due again (their message was lost or its worker died)."""
+    async def expire_leases(self, limit: int) -> tuple[int, dict[uuid.UUID, list[int]]]:
+        """Deal with items whose lease ran out without a result.
+
+        Not taken by any worker (the message was lost, or no worker was up): due again at once, no
+        attempt counted; the count of those is returned. Taken (the worker died on it): returned by
+        job, for the caller to record as a failed attempt, so an item that keeps killing its worker
+        ends in the dead-letter topic instead of going round forever."""
         async with self._pool.connection() as conn:
             cur = await conn.execute(
                 """UPDATE items SET due_at = now(), lease_until = NULL
                    WHERE (job_id, item_index) IN (
                        SELECT job_id, item_index FROM items
-                       WHERE state = %s AND due_at IS NULL AND lease_until < now()
+                       WHERE state = %s AND due_at IS NULL AND lease_until < now() AND taken_at IS NULL
                        LIMIT %s FOR UPDATE SKIP LOCKED)""",
                 (ITEM_PENDING, limit),
             )
-            return cur.rowcount
+            lost = cur.rowcount
+            cur = await conn.execute(
+                """SELECT job_id, item_index FROM items
+                   WHERE state = %s AND due_at IS NULL AND lease_until < now() AND taken_at IS NOT NULL
+                   ORDER BY job_id LIMIT %s""",
+                (ITEM_PENDING, limit),
+            )
+            crashed: dict[uuid.UUID, list[int]] = {}
+            for job_id, index in await cur.fetchall():
+                crashed.setdefault(job_id, []).append(int(index))
+            return lost, crashed
 
     # --- workers --------------------------------------------------------------------------------------
 
     async def load_pending(self, keys: Sequence[tuple[uuid.UUID, int]]) -> list[PendingItem]:
         """The items of a worker round that still want a result (duplicates and cancelled ones drop out here)."""
         async with self._pool.connection() as conn:
+            # Marks the take as it reads: a lease that expires from here on counts as an attempt.
             cur = await conn.execute(
-                """SELECT i.job_id, i.item_index, i.request, j.model_id, j.version, i.attempts
-                   FROM unnest(%s::uuid[], %s::bigint[]) AS k(job_id, item_index)
-                   JOIN items i ON i.job_id = k.job_id AND i.item_index = k.item_index
-                   JOIN jobs j ON j.job_id = i.job_id
-                   WHERE i.state = %s AND j.state IN (%s, %s)""",
+                """UPDATE items i SET taken_at = now()
+                   FROM unnest(%s::uuid[], %s::bigint[]) AS k(job_id, item_index), jobs j
+                   WHERE i.job_id = k.job_id AND i.item_index = k.item_index AND j.job_id = i.job_id
+                     AND i.state = %s AND j.state IN (%s, %s)
+                   RETURNING i.job_id, i.item_index, i.request, j.model_id, j.version, i.attempts""",
                 ([k[0] for k in keys], [k[1] for k in keys], ITEM_PENDING, JOB_QUEUED, JOB_RUNNING),
                 # Binary results: text format would hex-encode every stored tensor (2x the bytes, then decode).
                 binary=True,

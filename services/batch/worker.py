@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import grpc
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from google.rpc import code_pb2
+from servegrid.batch.v1 import batch_pb2
 from tritonclient.grpc import service_pb2
 
 from services.batch.inference import InferenceFailure, KServeBatchClient
@@ -34,8 +35,6 @@ from services.batch.store import BatchStore, Outcomes, PendingItem
 from services.batch.tensors import ModelShape, Pack, make_packs, unpack_response
 
 log = logging.getLogger(__name__)
-
-_JOB_STATE_NAMES = {3: "succeeded", 4: "failed", 6: "cancelled"}
 
 
 def decode_chunk(value: bytes) -> tuple[uuid.UUID, list[int]]:
@@ -168,20 +167,7 @@ class WorkerPool:
             await self._record(job_id, outcomes)
 
     async def _record(self, job_id: uuid.UUID, outcomes: Outcomes) -> None:
-        s = self._settings
-        written = await self._store.record(
-            job_id,
-            outcomes,
-            max_attempts=s.max_attempts,
-            backoff_s=s.retry_backoff_s,
-            backoff_max_s=s.retry_backoff_max_s,
-        )
-        ITEMS_DONE.labels("succeeded").inc(written.succeeded)
-        ITEMS_DONE.labels("failed").inc(written.failed)
-        ITEM_RETRIES.inc(written.retried)
-        if written.ended and written.duration_s is not None:
-            JOB_DURATION.labels(_JOB_STATE_NAMES.get(written.job_state, "other")).observe(written.duration_s)
-            log.info("job ended", extra={"job_id": str(job_id), "state": written.job_state})
+        await record_outcomes(self._store, self._settings, job_id, outcomes)
 
     async def _infer_job(self, work: _JobWork) -> Outcomes:
         outcomes = Outcomes()
@@ -277,6 +263,29 @@ def main() -> None:
         uvloop.run(run_worker_process(settings))
     else:
         asyncio.run(run_worker_process(settings))
+
+
+def _state_label(state: int) -> str:
+    """'succeeded' for BATCH_JOB_STATE_SUCCEEDED: the metric label of a job's end state."""
+    return batch_pb2.BatchJobState.Name(state).removeprefix("BATCH_JOB_STATE_").lower()  # type: ignore[arg-type]
+
+
+async def record_outcomes(store: BatchStore, settings: BatchSettings, job_id: uuid.UUID, outcomes: Outcomes) -> None:
+    """Write a round's outcomes for one job and count them: the one way results are recorded, by a
+    worker's round and by the reconciler's lease expiries alike."""
+    written = await store.record(
+        job_id,
+        outcomes,
+        max_attempts=settings.max_attempts,
+        backoff_s=settings.retry_backoff_s,
+        backoff_max_s=settings.retry_backoff_max_s,
+    )
+    ITEMS_DONE.labels("succeeded").inc(written.succeeded)
+    ITEMS_DONE.labels("failed").inc(written.failed)
+    ITEM_RETRIES.inc(written.retried)
+    if written.ended and written.duration_s is not None:
+        JOB_DURATION.labels(_state_label(written.job_state)).observe(written.duration_s)
+        log.info("job ended", extra={"job_id": str(job_id), "state": _state_label(written.job_state)})
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from servegrid.common.v1 import tensor_pb2
 from models.digits import HeldOutSplit
 from services.batch.server import build_app
 from services.batch.settings import BatchSettings
+from services.batch.store import BatchStore
+from services.batch.worker import decode_chunk
 from services.runtime.errors import status_details
 from services.runtime.server import ServiceApp
 from services.stack.kafka import KafkaBroker, start_broker
@@ -361,6 +363,68 @@ async def test_poison_item_fails_into_the_dead_letter_topic_and_the_rest_succeed
         again = await wait_for(stub, final.job_id)
         assert (again.state, again.succeeded_items, again.failed_items) == (FAILED, 299, 1)
         assert db_counts(schema, final.job_id) == (300, 300, 0)
+
+
+async def test_an_item_that_keeps_killing_its_worker_is_dead_lettered_after_max_attempts(
+    schema: str, broker: KafkaBroker
+) -> None:
+    # A "worker" that takes every item it is handed (what a real worker's first step does, through the
+    # store) and then dies on it, before any result: each lease that then expires counts an attempt,
+    # and after max_attempts the item fails for good instead of going round forever.
+    settings = make_settings(
+        schema, broker, "127.0.0.1:1", workers=0, lease_s=0.5, max_attempts=2, reconcile_interval_s=0.1
+    )
+    tensor = tensor_pb2.Tensor(name="x", datatype="FP32", shape=[1, 1], data=tensor_pb2.TensorData(fp32=[1.0]))
+    items = [batch_pb2.BatchItem(item_id=f"doomed-{i}", inputs=[tensor]) for i in range(3)]
+    store = BatchStore(DATABASE_URL, schema)
+    consumer = AIOKafkaConsumer(
+        settings.items_topic,
+        bootstrap_servers=broker.bootstrap,
+        group_id=settings.consumer_group,
+        auto_offset_reset="earliest",
+    )
+
+    async def take_and_die() -> None:
+        async for message in consumer:
+            job_id, indices = decode_chunk(message.value)
+            await store.load_pending([(job_id, i) for i in indices])
+
+    async with running(settings) as stub:
+        await store.open()
+        await consumer.start()
+        doomed = asyncio.create_task(take_and_die())
+        try:
+            created = await stub.CreateBatchJob(create_request(items))
+            final = await wait_for(stub, created.job.job_id, timeout_s=60)
+        finally:
+            doomed.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await doomed
+            await consumer.stop()
+            await store.close()
+        assert (final.state, final.failed_items) == (FAILED, 3)
+        results = await all_results(stub, final.job_id)
+        assert {r.attempts for r in results} == {2}
+        assert all("lease expired" in r.error.message for r in results), results
+        letters = await _dead_letters(settings, broker, schema, 3)
+        assert sorted(letter["item_id"] for letter in letters) == ["doomed-0", "doomed-1", "doomed-2"]
+        assert {letter["error"]["reason"] for letter in letters} == {"RETRIES_EXHAUSTED"}
+
+
+async def _dead_letters(settings: BatchSettings, broker: KafkaBroker, schema: str, want: int) -> list[dict[str, Any]]:
+    consumer = AIOKafkaConsumer(
+        settings.dlq_topic, bootstrap_servers=broker.bootstrap, group_id=f"dlq-{schema}", auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    try:
+        letters: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 20
+        while len(letters) < want and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            letters += [json.loads(m.value) for ms in batch.values() for m in ms]
+        return letters
+    finally:
+        await consumer.stop()
 
 
 async def test_cancel_mid_job_stops_writing_results(
