@@ -9,6 +9,7 @@ from servegrid.batch.v1 import batch_pb2
 
 from services.batch.store import NewJob, request_digest
 from services.batch.tensors import TensorError, check_tensor, item_request
+from services.mesh.names import MAX_NAME_BYTES, name_too_long
 from services.runtime.errors import InvalidArgument
 
 MAX_PRIORITY = 9
@@ -24,6 +25,8 @@ def new_job(request: batch_pb2.CreateBatchJobRequest) -> NewJob:
         raise _invalid("tenant is required", "tenant")
     if not request.model_id:
         raise _invalid("model_id is required", "model_id")
+    if name_too_long(request.model_id):
+        raise _invalid(f"model_id is longer than {MAX_NAME_BYTES} bytes", "model_id", "NAME_TOO_LONG")
     if not request.idempotency_key or len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY:
         raise _invalid(f"idempotency_key is required, at most {MAX_IDEMPOTENCY_KEY} characters", "idempotency_key")
     if not 0 <= request.priority <= MAX_PRIORITY:

@@ -11,6 +11,8 @@ import numpy as np
 from servegrid.common.v1 import tensor_pb2
 from tritonclient.grpc import service_pb2
 
+from services.mesh.names import MAX_NAME_BYTES, name_too_long
+
 # KServe v2 datatype -> (numpy dtype, TensorData list that carries it). BYTES is length-prefixed raw.
 _NUMERIC: dict[str, tuple[type[np.generic], str]] = {
     "BOOL": (np.bool_, "bool"),
@@ -45,6 +47,8 @@ def check_tensor(tensor: tensor_pb2.Tensor, where: str) -> None:
     """Raise TensorError when name, datatype, shape and data do not agree."""
     if not tensor.name:
         raise TensorError(f"{where}.name", "tensor name is required")
+    if name_too_long(tensor.name):
+        raise TensorError(f"{where}.name", f"tensor name is longer than {MAX_NAME_BYTES} bytes")
     if tensor.datatype not in DATATYPES:
         raise TensorError(f"{where}.datatype", f"unknown datatype {tensor.datatype!r}")
     if any(d < 0 for d in tensor.shape):

@@ -17,6 +17,7 @@ from services.gateway.catalog import ModelCatalog
 from services.gateway.identity import TENANT_HEADER, identity_from_metadata
 from services.gateway.tensors import TensorError, from_infer_response, to_infer_inputs
 from services.gateway.upstream import KServeClient
+from services.mesh.names import MAX_NAME_BYTES, name_too_long
 from services.runtime import InvalidArgument, ServegridError
 from services.runtime.errors import abort_with, internal_status
 
@@ -58,6 +59,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         problems: list[tuple[str, str]] = []
         if not request.model_id:
             problems.append(("model_id", "required: the model to run"))
+        elif name_too_long(request.model_id):
+            problems.append(("model_id", f"longer than {MAX_NAME_BYTES} bytes"))
         if request.version < 0:
             problems.append(("version", "must be >= 0 (0 follows the model's traffic policy)"))
         try:

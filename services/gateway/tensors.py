@@ -12,6 +12,8 @@ import numpy as np
 from servegrid.common.v1 import tensor_pb2
 from tritonclient.grpc import service_pb2
 
+from services.mesh.names import MAX_NAME_BYTES, name_too_long
+
 
 @dataclass(frozen=True)
 class DataType:
@@ -67,6 +69,8 @@ def validate(tensor: tensor_pb2.Tensor, where: str) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     if not tensor.name:
         problems.append((f"{where}.name", "required: the model input's name"))
+    elif name_too_long(tensor.name):
+        problems.append((f"{where}.name", f"longer than {MAX_NAME_BYTES} bytes"))
     spec = DATATYPES.get(tensor.datatype)
     if spec is None:
         problems.append(

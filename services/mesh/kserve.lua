@@ -35,6 +35,9 @@ local EXTRACTION_NAMESPACE = "envoy.filters.http.grpc_field_extraction"
 local ERROR_DOMAIN = "servegrid.dev"
 local INVALID_ARGUMENT = 3
 local WINDOW = 4096
+-- Longest model name, version or input name accepted (bytes). Registry ids are at most 63; a name
+-- echoed in an error must also fit a client's 8 KiB metadata limit with room to spare.
+local MAX_NAME = 256
 local TWO_32 = 4294967296
 local TWO_53 = 9007199254740992
 local TWO_63 = 9223372036854775808
@@ -228,7 +231,10 @@ local function check_input(reader, start, stop)
   local state = { name = "?", elements = 1 }
   reader:walk(start, stop, function(number, wire, value, value_stop)
     if number == 1 and wire == 2 then
-      state.name = reader:bytes(value, math.min(value_stop - value, 256))
+      if value_stop - value > MAX_NAME then
+        refuse("NAME_TOO_LONG", format("an input name is longer than %d bytes", MAX_NAME))
+      end
+      state.name = reader:bytes(value, value_stop - value)
     elseif number == 3 and wire == 0 then
       check_dim(state, value)
     elseif number == 3 and wire == 2 then
@@ -280,8 +286,8 @@ local function read_model(body, check_shapes)
       if seen[number] ~= nil then
         refuse("MODEL_NAME_REPEATED", field .. " appears twice in the request; send it once")
       end
-      if value_stop - value > 1024 then
-        refuse("MALFORMED_REQUEST", field .. " is longer than 1024 bytes")
+      if value_stop - value > MAX_NAME then
+        refuse("NAME_TOO_LONG", format("%s is longer than %d bytes", field, MAX_NAME))
       end
       seen[number] = reader:bytes(value, value_stop - value)
     elseif check_shapes and number == 5 and wire == 2 then
@@ -304,6 +310,9 @@ local function publish(handle, name, version)
   -- The headers object taken before body() is gone once body() returned: take it again.
   local headers = handle:headers()
   local sent_name, sent_version = headers:get(MODEL_HEADER), headers:get(VERSION_HEADER)
+  if (sent_name ~= nil and #sent_name > MAX_NAME) or (sent_version ~= nil and #sent_version > MAX_NAME) then
+    refuse("NAME_TOO_LONG", format("the %s header is longer than %d bytes", MODEL_HEADER, MAX_NAME))
+  end
   if sent_name ~= nil and name ~= nil and sent_name ~= name then
     refuse("MODEL_NAME_MISMATCH", format("the %s header names %q but the request names %q", MODEL_HEADER, sent_name, name))
   end
@@ -380,10 +389,67 @@ local function route(handle, method)
   publish(handle, name, version)
 end
 
+---------------------------------------------------------------------------------------------
+-- KServe REST inference: the same shape rules on the JSON request (routes match on the path)
+---------------------------------------------------------------------------------------------
+
+local function check_json_dims(list)
+  local elements = 1
+  for dim in list:gmatch("[^,%s]+") do
+    local value = tonumber(dim)
+    if value == nil or value < 0 or value ~= floor(value) then
+      refuse("INVALID_SHAPE", format("shape [%s] has a dimension that is not a non-negative integer", list))
+    end
+    elements = elements * value
+  end
+  if elements > MAX_ELEMENTS then
+    refuse("INVALID_SHAPE", format("shape [%s] has more elements than the %.0f this deployment accepts", list, MAX_ELEMENTS))
+  end
+end
+
+-- With the binary-data extension only the JSON head (Inference-Header-Content-Length bytes) is
+-- read; otherwise the whole JSON body. Every "shape" array in it is checked, wherever it appears.
+local function check_rest_shapes(handle)
+  local head_length = tonumber(handle:headers():get("inference-header-content-length") or "")
+  local body = handle:body()
+  if body == nil then
+    return
+  end
+  local total = body:length()
+  local json = body:getBytes(0, head_length ~= nil and math.min(head_length, total) or total)
+  for list in json:gmatch('"shape"%s*:%s*%[([^%]]*)%]') do
+    check_json_dims(list)
+  end
+end
+
+local function respond_invalid_json(handle, message)
+  local escaped = message:gsub('[%c"\\]', function(c)
+    return format("\\u%04x", byte(c))
+  end)
+  handle:respond({ [":status"] = "400", ["content-type"] = "application/json" }, '{"error":"' .. escaped .. '"}')
+end
+
+local function is_rest_infer(handle, path)
+  return sub(path, 1, 11) == "/v2/models/"
+    and handle:headers():get(":method") == "POST"
+    and path:gsub("%?.*$", ""):match("/infer$") ~= nil
+end
+
 function envoy_on_request(handle)
   local path = handle:headers():get(":path")
+  if path ~= nil and is_rest_infer(handle, path) then
+    local ok, err = pcall(check_rest_shapes, handle)
+    if not ok then
+      if getmetatable(err) == Refusal then
+        respond_invalid_json(handle, err.message)
+        return
+      end
+      error(err, 0)
+    end
+    return
+  end
   if path == nil or sub(path, 1, #SERVICE_PREFIX) ~= SERVICE_PREFIX then
-    return -- KServe REST (/v2/...) and every other API: routes match on the path
+    return -- every other API: routes match on the path
   end
   local method = sub(path, #SERVICE_PREFIX + 1)
   local ok, err = pcall(route, handle, method)

@@ -98,3 +98,13 @@ def model_headers(model: str, version: str = "") -> list[tuple[str, str]]:
     if version:
         headers.append((VERSION_HEADER, version))
     return headers
+
+
+# Longest model id, version or tensor name accepted anywhere (bytes): longer is INVALID_ARGUMENT
+# (NAME_TOO_LONG) at the first hop, instead of an echo in an error that overflows a client's 8 KiB
+# metadata limit. kserve.lua carries the same number (a unit test keeps them equal).
+MAX_NAME_BYTES = 256
+
+
+def name_too_long(value: str) -> bool:
+    return len(value.encode()) > MAX_NAME_BYTES

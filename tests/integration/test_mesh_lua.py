@@ -436,6 +436,64 @@ def test_shapes_that_overflow_or_exceed_the_limit_are_refused(
     assert _reason(error) == "INVALID_SHAPE"
 
 
+@pytest.mark.parametrize(
+    ("request_", "metadata"),
+    [
+        pytest.param(service_pb2.ModelInferRequest(model_name="m" * 5000), (), id="model-name"),
+        pytest.param(service_pb2.ModelInferRequest(model_name="affine", model_version="9" * 300), (), id="version"),
+        pytest.param(
+            service_pb2.ModelInferRequest(
+                model_name="affine",
+                inputs=[service_pb2.ModelInferRequest.InferInputTensor(name="x" * 100_000, datatype="FP32", shape=[4])],
+            ),
+            (),
+            id="input-name",
+        ),
+        pytest.param(
+            service_pb2.ModelInferRequest(model_name="affine"), (("x-servegrid-model", "m" * 5000),), id="header"
+        ),
+    ],
+)
+def test_overlong_names_are_invalid_argument_not_an_echo_that_overflows_metadata(
+    raw_channel: grpc.Channel, request_: service_pb2.ModelInferRequest, metadata: tuple[tuple[str, str], ...]
+) -> None:
+    # Echoed back in a NOT_FOUND, a 5,000-byte name overflowed the client's metadata limit and came
+    # back RESOURCE_EXHAUSTED.
+    error = _error(raw_channel, "ModelInfer", request_.SerializeToString(), metadata=metadata)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _reason(error) == "NAME_TOO_LONG"
+    assert len(error.details() or "") < 200
+
+
+def _rest_infer(envoy: Envoy, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    connection = http.client.HTTPConnection(envoy.address, timeout=10)
+    try:
+        connection.request(
+            "POST", "/v2/models/affine/infer", body=json.dumps(body), headers={"content-type": "application/json"}
+        )
+        reply = connection.getresponse()
+        return reply.status, json.loads(reply.read() or b"{}")
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("shape", [[2**62 + 1, 4], [-1, 4], [2**31 + 1], [1.5, 4]])
+def test_rest_shapes_that_overflow_or_exceed_the_limit_are_refused(envoy: Envoy, shape: list[float]) -> None:
+    # 2^62+1 x 4 wraps to 4 elements in 64 bits: Triton ran it with 4 values.
+    tensor = {"name": "x", "datatype": "FP32", "shape": shape, "data": [1.0, 2.0, 3.0, 4.0]}
+    status, body = _rest_infer(envoy, {"inputs": [tensor]})
+    assert status == 400
+    # Refused in Envoy (Triton's own wording is different, and it ran the wrapping one).
+    assert "non-negative integer" in body["error"] or "this deployment accepts" in body["error"], body
+
+
+def test_rest_infer_with_a_sound_shape_still_runs(envoy: Envoy) -> None:
+    tensor = {"name": "x", "datatype": "FP32", "shape": [4], "data": [0.0, 1.0, 2.0, 3.0]}
+    status, body = _rest_infer(envoy, {"inputs": [tensor]})
+    assert status == 200, body
+    assert body["outputs"][0]["data"] == [1.0, 3.0, 5.0, 7.0]
+
+
 def test_renamed_cluster_speaks_the_clients_name(envoy: Envoy) -> None:
     with grpcclient.InferenceServerClient(envoy.address) as client:
         assert client.is_model_ready(RENAMED)

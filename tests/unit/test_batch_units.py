@@ -145,6 +145,15 @@ def test_item_ids_default_to_positions_and_limits_hold() -> None:
     with pytest.raises(InvalidArgument) as error:
         storable_items(create(items_ndjson=b"{not json}"), max_inline=10, max_items=10)
     assert error.value.reason == "INVALID_ITEM"
+    with pytest.raises(InvalidArgument) as error:
+        good = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": {"fp32": [1]}}]}'
+        storable_items(create(items_ndjson=good + b"\n\xff\xfe\n"), max_inline=10, max_items=10)
+    assert (error.value.reason, error.value.field_violations[0][0]) == ("INVALID_ITEM", "items_ndjson[line 2]")
+    with pytest.raises(InvalidArgument, match="longer than 256"):
+        new_job(create(model_id="m" * 300))
+    long_name = batch_pb2.BatchItem(inputs=[fp32("x" * 300, [1], [1.0])])
+    with pytest.raises(InvalidArgument, match="longer than 256"):
+        storable_items(create(items=batch_pb2.BatchItems(items=[long_name])), max_inline=10, max_items=10)
 
 
 def test_same_request_same_digest_different_request_different_digest() -> None:

@@ -85,6 +85,11 @@ def test_typed_output_contents_are_read_when_raw_is_absent() -> None:
             "inputs[0].name",
             "required",
         ),
+        (
+            tensor_pb2.Tensor(name="x" * 100_000, datatype="FP32", shape=[1], data=tensor_pb2.TensorData(fp32=[1])),
+            "inputs[0].name",
+            "longer than 256 bytes",
+        ),
     ],
 )
 def test_bad_tensors_name_the_field_to_fix(tensor: tensor_pb2.Tensor, field: str, words: str) -> None:

@@ -9,7 +9,7 @@ from envoy.extensions.filters.http.upstream_codec.v3 import upstream_codec_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import descriptor_pb2, json_format
 
-from services.mesh import lua
+from services.mesh import lua, names
 
 
 def _parse_lua(filter_dict: dict[str, object]) -> lua_pb2.Lua:
@@ -25,6 +25,10 @@ def test_downstream_filter_carries_its_limits() -> None:
     assert "local TRUST_HEADER = true\n" in lua.downstream_source(trust_header=True)
     with pytest.raises(ValueError):
         lua.downstream_source(2**60)
+
+
+def test_the_filter_caps_names_where_every_service_does() -> None:
+    assert f"local MAX_NAME = {names.MAX_NAME_BYTES}\n" in lua.downstream_source()
 
 
 def test_upstream_rename_filters_fit_http_protocol_options() -> None:
