@@ -52,12 +52,13 @@ check-gen: $(STAMP) $(TS_STAMP) ## fail when gen/ (or anything else generated) d
 	$(PY) -m services.edge.envoy_api.generate --check
 	$(PY) -m services.mesh.bootstrap --write-defaults --check
 
-lint: $(STAMP) check-gen ## buf lint, ruff and mypy on hand-written code; generated code and docs are fresh
+lint: $(STAMP) check-gen ## buf lint, ruff, mypy and bandit on hand-written code; generated code and docs are fresh
 	$(PY) scripts/gen_docs.py --check
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/bandit -q -c pyproject.toml -r services sdk/python scripts bench models
 
 fmt: $(STAMP) ## format hand-written code
 	$(VENV)/bin/ruff check --fix .

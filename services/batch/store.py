@@ -35,6 +35,8 @@ TERMINAL_JOB_STATES = (JOB_SUCCEEDED, JOB_FAILED, JOB_CANCELLED)
 
 _JOB_COLUMNS = """job_id, tenant, idempotency_key, model_id, version, priority, labels, state, total_items,
     succeeded_items, failed_items, cancelled_items, create_time, start_time, end_time"""
+# Composed into queries with psycopg.sql, never by string formatting.
+_COLUMNS = sql.SQL(_JOB_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -220,10 +222,10 @@ class BatchStore:
         job_id = uuid.uuid4()
         async with self._pool.connection() as conn, conn.transaction():
             cur = await conn.execute(
-                f"""INSERT INTO jobs (job_id, tenant, idempotency_key, request_sha256, model_id, version, priority,
-                        labels, state, total_items)
+                sql.SQL("""INSERT INTO jobs (job_id, tenant, idempotency_key, request_sha256, model_id, version,
+                        priority, labels, state, total_items)
                     VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-                    ON CONFLICT (tenant, idempotency_key) DO NOTHING RETURNING {_JOB_COLUMNS}""",
+                    ON CONFLICT (tenant, idempotency_key) DO NOTHING RETURNING {}""").format(_COLUMNS),
                 (
                     job_id,
                     new.tenant,
@@ -241,7 +243,9 @@ class BatchStore:
             if row is None:
                 # The key was used before (a concurrent insert of it waited for that commit above).
                 cur = await conn.execute(
-                    f"SELECT {_JOB_COLUMNS}, request_sha256 FROM jobs WHERE tenant = %s AND idempotency_key = %s",
+                    sql.SQL("SELECT {}, request_sha256 FROM jobs WHERE tenant = %s AND idempotency_key = %s").format(
+                        _COLUMNS
+                    ),
                     (new.tenant, new.idempotency_key),
                 )
                 existing = await cur.fetchone()
@@ -265,7 +269,8 @@ class BatchStore:
     async def get_job(self, tenant: str, job_id: uuid.UUID) -> Job:
         async with self._pool.connection() as conn:
             cur = await conn.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id = %s AND tenant = %s", (job_id, tenant)
+                sql.SQL("SELECT {} FROM jobs WHERE job_id = %s AND tenant = %s").format(_COLUMNS),
+                (job_id, tenant),
             )
             row = await cur.fetchone()
         if row is None:
@@ -277,14 +282,14 @@ class BatchStore:
         async with self._pool.connection() as conn:
             if after is None:
                 cur = await conn.execute(
-                    f"""SELECT {_JOB_COLUMNS} FROM jobs WHERE tenant = %s
-                        ORDER BY create_time DESC, job_id DESC LIMIT %s""",
+                    sql.SQL("""SELECT {} FROM jobs WHERE tenant = %s
+                        ORDER BY create_time DESC, job_id DESC LIMIT %s""").format(_COLUMNS),
                     (tenant, limit),
                 )
             else:
                 cur = await conn.execute(
-                    f"""SELECT {_JOB_COLUMNS} FROM jobs WHERE tenant = %s AND (create_time, job_id) < (%s, %s)
-                        ORDER BY create_time DESC, job_id DESC LIMIT %s""",
+                    sql.SQL("""SELECT {} FROM jobs WHERE tenant = %s AND (create_time, job_id) < (%s, %s)
+                        ORDER BY create_time DESC, job_id DESC LIMIT %s""").format(_COLUMNS),
                     (tenant, after[0], after[1], limit),
                 )
             return [Job.from_row(r) for r in await cur.fetchall()]
@@ -304,8 +309,8 @@ class BatchStore:
                 (ITEM_CANCELLED, job_id, ITEM_PENDING),
             )
             cur = await conn.execute(
-                f"""UPDATE jobs SET state = %s, cancelled_items = cancelled_items + %s, end_time = now()
-                    WHERE job_id = %s RETURNING {_JOB_COLUMNS}""",
+                sql.SQL("""UPDATE jobs SET state = %s, cancelled_items = cancelled_items + %s, end_time = now()
+                    WHERE job_id = %s RETURNING {}""").format(_COLUMNS),
                 (JOB_CANCELLED, cur.rowcount, job_id),
             )
             row = await cur.fetchone()
@@ -330,8 +335,8 @@ class BatchStore:
             if requeued == 0:
                 return job, 0
             cur = await conn.execute(
-                f"""UPDATE jobs SET failed_items = failed_items - %s, state = %s, end_time = NULL
-                    WHERE job_id = %s RETURNING {_JOB_COLUMNS}""",
+                sql.SQL("""UPDATE jobs SET failed_items = failed_items - %s, state = %s, end_time = NULL
+                    WHERE job_id = %s RETURNING {}""").format(_COLUMNS),
                 (requeued, JOB_RUNNING, job_id),
             )
             row = await cur.fetchone()
@@ -357,7 +362,8 @@ class BatchStore:
 
     async def _lock_job(self, conn: psycopg.AsyncConnection[Any], tenant: str, job_id: uuid.UUID) -> Job:
         cur = await conn.execute(
-            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id = %s AND tenant = %s FOR UPDATE", (job_id, tenant)
+            sql.SQL("SELECT {} FROM jobs WHERE job_id = %s AND tenant = %s FOR UPDATE").format(_COLUMNS),
+            (job_id, tenant),
         )
         row = await cur.fetchone()
         if row is None:

@@ -79,7 +79,7 @@ class RegistryWatcher:
             except Exception:  # a bad message must not end watching
                 log.exception("registry watch failed")
             self._set_connected(False)
-            await asyncio.sleep(random.uniform(delay / 2, delay))
+            await asyncio.sleep(random.uniform(delay / 2, delay))  # nosec B311
             delay = min(self.backoff_max_s, delay * 2)
 
     def _set_connected(self, connected: bool) -> None:

@@ -18,7 +18,7 @@ from services.stack import datastores
 from services.stack.kafka import broker_command, tansu_binary
 from services.stack.ports import port_open
 from services.stack.supervisor import Part
-from services.stack.triton import SHM_PREFIX, TritonDistribution, triton_command
+from services.stack.triton import SHM_DIR, SHM_PREFIX, TritonDistribution, triton_command
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -106,7 +106,7 @@ def triton_part(settings: StackSettings) -> Part:
         },
         ready=lambda: http_ready(f"http://{settings.host}:{settings.triton_http_port}/v2/health/ready"),
         ready_timeout_s=settings.ready_timeout_s,
-        leftovers_glob=f"/dev/shm/{shm_prefix}*",
+        leftovers_glob=str(SHM_DIR / f"{shm_prefix}*"),
         prepare=lambda: dist.prepare_backends(scratch),
     )
 

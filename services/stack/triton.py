@@ -23,7 +23,7 @@ from types import TracebackType
 
 from services.stack.ports import free_port, port_open
 
-SHM_DIR = Path("/dev/shm")
+SHM_DIR = Path("/dev/shm")  # nosec B108
 # The Python backend's own default prefix; ours appends a per-instance token so cleanup can tell
 # this instance's regions from every other Triton's on the host.
 SHM_PREFIX = "triton_python_backend_shm_region_"
