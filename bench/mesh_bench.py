@@ -9,6 +9,8 @@
 #   direct    client → Triton (the Triton model the mesh name maps to)
 #   mesh      client → Envoy mesh listener → Triton                     (the data plane, no auth)
 #   public    client → Envoy public (JWT + rate limit + model routing) → Triton   (tritonclient, no change)
+#   public-key    the same with an API key (x-api-key): one ext_authz call to the edge per request
+#   public-token  the same with the token that key exchanges for (AuthService): Envoy verifies it alone
 #   gateway   client → Envoy public → gateway → Envoy mesh → Triton     (the typed servegrid API)
 # For every path: req/s, ratio to direct, p50/p99 added, and CPU µs per request of every process from
 # /proc. Triton's own statistics must account for the requests the load tool claims, so a run of
@@ -25,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,7 +42,7 @@ from bench.proc import CpuMeter
 from bench.triton_direct import model_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
-PATHS = ("direct", "mesh", "public", "gateway")
+PATHS = ("direct", "mesh", "public", "public-key", "public-token", "gateway")
 SCENARIOS = {"affine": (1, 8, 32), "resnet18": (1, 4)}
 QUICK = {"affine": (8,)}
 # Mesh name → the Triton model it runs (the seed maps `affine` to Triton's batched variant).
@@ -69,7 +72,9 @@ class Stack:
     home: Path
     ports: dict[str, int]
     pids: dict[str, int]
-    token: str
+    token: str  # from the development identity provider
+    api_key: str
+    exchanged_token: str  # what api_key exchanges for
 
     def address(self, port: str) -> str:
         return f"127.0.0.1:{self.ports[port]}"
@@ -123,9 +128,31 @@ def running_stack(home: Path) -> Iterator[Stack]:
         subprocess.run([*command, "up"], env=env, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         pids = {name: entry.pid for name, entry in Supervisor(home).load().items()}
         token = DevIssuer.load_or_create(home / "edge").token("bench", ttl_s=3600)
-        yield Stack(home, ports, pids, token)
+        api_key = _create_api_key(env)
+        yield Stack(home, ports, pids, token, api_key, _exchange(ports["ENVOY_PORT"], api_key))
     finally:
         subprocess.run([*command, "down"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, check=False)
+
+
+def _create_api_key(env: Mapping[str, str]) -> str:
+    created = subprocess.run(
+        [sys.executable, "-m", "services.cli.main", "keys", "create", "--tenant", "bench", "--role", "user"],
+        env=env,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return str(json.loads(created.stdout.strip().splitlines()[-1])["api_key"])
+
+
+def _exchange(envoy_port: int, api_key: str) -> str:
+    """The API key's access token, from the public REST mapping of AuthService.CreateAccessToken."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{envoy_port}/v1/auth:token", data=b"{}", headers={"x-api-key": api_key}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        return str(json.loads(reply.read())["accessToken"])
 
 
 def triton_successes(address: str, triton_model: str) -> int:
@@ -159,6 +186,8 @@ def measure(
         "direct": (triton, triton_model, {}),
         "mesh": (stack.address("ENVOY_MESH_PORT"), model, {}),
         "public": (stack.address("ENVOY_PORT"), model, auth),
+        "public-key": (stack.address("ENVOY_PORT"), model, {"x-api-key": stack.api_key}),
+        "public-token": (stack.address("ENVOY_PORT"), model, {"authorization": f"Bearer {stack.exchanged_token}"}),
         "gateway": (stack.address("ENVOY_PORT"), model, auth),
     }[path]
     meter = CpuMeter(stack.pids)
@@ -224,7 +253,7 @@ def _line(row: Row, direct: Row | None) -> str:
     added = row.p50_ms - direct.p50_ms if direct else math.nan
     check = "ok" if row.verified else f"UNVERIFIED (Triton served {row.served} of {row.claimed}, {row.errors} errors)"
     return (
-        f"{row.model:9} c={row.concurrency:<3} {row.path:8} {row.rps:9,.1f} req/s  x{ratio:4.2f}  "
+        f"{row.model:9} c={row.concurrency:<3} {row.path:12} {row.rps:9,.1f} req/s  x{ratio:4.2f}  "
         f"p50 {row.p50_ms:7.2f} ms (+{added:5.2f})  p99 {row.p99_ms:7.2f} ms  cpu us/req: {_cpu(row)}  [{check}]"
     )
 

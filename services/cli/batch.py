@@ -58,6 +58,28 @@ def _watch(stub: gateway_pb2_grpc.GatewayServiceStub, metadata: Metadata, job_id
     return state
 
 
+def _first_failure(stub: gateway_pb2_grpc.GatewayServiceStub, metadata: Metadata, job_id: str) -> str:
+    """'item ID: REASON: message' for the job's first failed item, or '' when none failed."""
+    request = gateway_pb2.ListBatchJobResultsRequest(
+        job_id=job_id, page_size=1, state=batch_pb2.BATCH_ITEM_STATE_FAILED
+    )
+    page = stub.ListBatchJobResults(request, metadata=metadata, timeout=30)
+    if not page.results:
+        return ""
+    result = page.results[0]
+    # The batch service writes the item's error as "REASON: message" (BatchResult.error).
+    return f"item {result.item_id or result.item_index}: {result.error.message}"
+
+
+def _report_end(stub: gateway_pb2_grpc.GatewayServiceStub, metadata: Metadata, job_id: str, state: str) -> None:
+    """The job's end state, and why items failed when some did (the first failure; `results` has all)."""
+    err.print(f"job {job_id} {state}")
+    first = _first_failure(stub, metadata, job_id) if state != "SUCCEEDED" else ""
+    if first:
+        err.print(f"first failure: {first}", markup=False, soft_wrap=True)
+        err.print(f"every failure: servegrid batch results {job_id}", markup=False, soft_wrap=True)
+
+
 @app.command()
 def submit(
     file: Annotated[
@@ -87,7 +109,7 @@ def submit(
         print(job.job_id)
         if wait:
             state = _watch(stub, metadata, job.job_id)
-            err.print(f"job {job.job_id} {state}")
+            _report_end(stub, metadata, job.job_id, state)
             if state != "SUCCEEDED":
                 raise typer.Exit(1)
 
@@ -96,7 +118,7 @@ def submit(
 def watch(job_id: str, target: TargetOpt = "", token: TokenOpt = "") -> None:
     """Live progress of a job until it ends."""
     with gateway(target, token) as (stub, metadata):
-        err.print(f"job {job_id} {_watch(stub, metadata, job_id)}")
+        _report_end(stub, metadata, job_id, _watch(stub, metadata, job_id))
 
 
 @app.command()

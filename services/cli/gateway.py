@@ -10,12 +10,19 @@ import grpc
 import typer
 from servegrid.gateway.v1 import gateway_pb2_grpc
 
+from servegrid_sdk import ApiKeyCredential
 from services.cli.errors import exit_on_rpc_error
 from services.stack.local import StackSettings, dev_issuer
 
 TargetOpt = Annotated[str, typer.Option(envvar="SERVEGRID_TARGET", help="Envoy's address (default: the local one).")]
 TokenOpt = Annotated[str, typer.Option(envvar="SERVEGRID_TOKEN", help="JWT; default: a dev token.")]
-ApiKeyOpt = Annotated[str, typer.Option(envvar="SERVEGRID_API_KEY", help="API key instead of a JWT.")]
+ApiKeyOpt = Annotated[
+    str,
+    typer.Option(
+        envvar="SERVEGRID_API_KEY",
+        help="API key instead of a JWT (exchanged for a short-lived token, as the SDK does).",
+    ),
+]
 
 Metadata = list[tuple[str, str]]
 
@@ -27,10 +34,12 @@ def gateway(
     """A stub through Envoy and the metadata carrying the credential (a dev token when none is given)."""
     settings = StackSettings()
     address = target or f"{settings.host}:{settings.envoy_port}"
-    if api_key:
-        metadata = [("x-api-key", api_key)]
-    else:
-        metadata = [("authorization", f"Bearer {token or dev_issuer(settings).token(settings.dev_tenant)}")]
     options = [("grpc.max_send_message_length", 256 << 20)]
     with grpc.insecure_channel(address, options=options) as channel, exit_on_rpc_error():
+        if api_key:
+            # The SDK's exchange: one key check for the token, then Envoy verifies the token itself
+            # (a server without the exchange gets the key on each call instead).
+            metadata = ApiKeyCredential(channel, api_key).metadata(timeout_s=10)
+        else:
+            metadata = [("authorization", f"Bearer {token or dev_issuer(settings).token(settings.dev_tenant)}")]
         yield gateway_pb2_grpc.GatewayServiceStub(channel), metadata

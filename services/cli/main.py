@@ -90,6 +90,10 @@ Everything goes through Envoy at {host}:{port} (REST and gRPC). A dev token for 
 REST:
   curl -s -H "authorization: Bearer $TOKEN" -d '{body}' http://{host}:{port}/v1/models/affine:infer
 
+API keys (`.venv/bin/servegrid keys create --tenant T`): exchange one for a 5-minute token, then use it as above
+(the SDKs do this for you):
+  curl -s -X POST -H "x-api-key: $API_KEY" -d '{{}}' http://{host}:{port}/v1/auth:token
+
 gRPC (reflection, no proto files needed):
   .venv/bin/grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d '{{"model_id":"affine",{body[1:]}' \\
     {host}:{port} servegrid.gateway.v1.GatewayService/Infer

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
+import re
 from dataclasses import dataclass
 
 import grpc
@@ -15,6 +15,8 @@ from services.edge.envoy_api import external_auth_pb2 as pb
 from services.edge.envoy_api import external_auth_pb2_grpc as pb_grpc
 from services.edge.keys import KEY_PREFIX, ApiKeyStore, hash_key
 from services.edge.metrics import count_decision
+from services.mesh import replies
+from services.mesh.replies import Caller
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,12 @@ SUBJECT_HEADER = "x-servegrid-subject"
 ROLES_HEADER = "x-servegrid-roles"
 AUTH_METHOD_HEADER = "x-servegrid-auth"
 _OVERWRITE = pb.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_CHALLENGE = 'Bearer realm="servegrid", ApiKey header="x-api-key"'
+# A gRPC method's path: /package.Service/Method (every servegrid and KServe service has a package).
+_GRPC_PATH = re.compile(r"/[A-Za-z_][\w]*(\.[\w]+)+/[\w]+")
+
+API_KEY_INVALID = "UNAUTHENTICATED_API_KEY_INVALID"
+API_KEY_REVOKED = "UNAUTHENTICATED_API_KEY_REVOKED"
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,7 @@ class Decision:
     http_status: int = 401
     message: str = ""
     outcome: str = "ok"
+    reason: str = "UNAUTHENTICATED"  # a denial's ErrorInfo reason
 
 
 class ApiKeyAuthorizer:
@@ -50,12 +59,10 @@ class ApiKeyAuthorizer:
         if not api_key:
             # Envoy only asks when no JWT was presented, so this is "no credential at all".
             return Decision(
-                False,
-                message="missing credentials: send 'Authorization: Bearer <JWT>' or 'x-api-key: <key>'",
-                outcome="missing",
+                False, message=replies.MISSING_CREDENTIALS, outcome="missing", reason=replies.UNAUTHENTICATED_MISSING
             )
         if not api_key.startswith(KEY_PREFIX) or len(api_key) > 200:
-            return Decision(False, message="invalid API key", outcome="invalid")
+            return _invalid()
         key_hash = hash_key(api_key)
         entry = await self.cache.get(key_hash)
         if entry is None:
@@ -73,20 +80,30 @@ class ApiKeyAuthorizer:
             )
             await self.cache.put(key_hash, entry)
         if not entry["found"]:
-            return Decision(False, message="invalid API key", outcome="invalid")
+            return _invalid()
         if entry["revoked"]:
             return Decision(
-                False, tenant=entry["tenant"], message=f"API key {entry['key_id']} has been revoked", outcome="revoked"
+                False,
+                tenant=entry["tenant"],
+                message=f"API key {entry['key_id']} has been revoked; ask the tenant's admin for a new one",
+                outcome="revoked",
+                reason=API_KEY_REVOKED,
             )
         return Decision(True, tenant=entry["tenant"], subject=f"apikey:{entry['key_id']}", roles=tuple(entry["roles"]))
+
+
+def _invalid() -> Decision:
+    return Decision(
+        False, message="invalid API key: check the x-api-key header", outcome="invalid", reason=API_KEY_INVALID
+    )
 
 
 def _header(key: str, value: str) -> pb.HeaderValueOption:
     return pb.HeaderValueOption(header=pb.HeaderValue(key=key, value=value), append_action=_OVERWRITE)
 
 
-def check_response(decision: Decision) -> pb.CheckResponse:
-    """The CheckResponse Envoy acts on: identity headers on allow, a JSON error body on deny."""
+def check_response(decision: Decision, caller: Caller = "rest") -> pb.CheckResponse:
+    """The CheckResponse Envoy acts on: identity headers on allow, on deny an error in the caller's shape."""
     if decision.allowed:
         metadata = struct_pb2.Struct()
         metadata.update({"tenant": decision.tenant, "subject": decision.subject, "roles": list(decision.roles)})
@@ -104,17 +121,46 @@ def check_response(decision: Decision) -> pb.CheckResponse:
             ),
             dynamic_metadata=metadata,
         )
-    code = code_pb2.UNAUTHENTICATED if decision.http_status == 401 else code_pb2.PERMISSION_DENIED
-    body = json.dumps({"code": code, "message": decision.message, "details": []})
-    headers = [_header("content-type", "application/json")]
-    if decision.http_status == 401:
-        headers.append(_header("www-authenticate", 'Bearer realm="servegrid", ApiKey header="x-api-key"'))
     return pb.CheckResponse(
-        status=status_pb2.Status(code=code, message=decision.message),
-        denied_response=pb.DeniedHttpResponse(
-            status=pb.HttpStatus(code=decision.http_status), headers=headers, body=body
-        ),
+        status=status_pb2.Status(code=_code(decision), message=decision.message),
+        denied_response=_denial(decision, caller),
     )
+
+
+def caller_of(request: pb.AttributeContext.HttpRequest) -> Caller:
+    """Who is asking, so the denial comes in the shape it reads. ext_authz sends only the allowed headers
+    (content-type, when it is among them) and the path, and a gRPC method's path never looks like a REST
+    one (/v1/..., /v2/...)."""
+    content_type = request.headers.get("content-type", "")
+    path = request.path.split("?", 1)[0]
+    if content_type.startswith("application/grpc") or (not content_type and _GRPC_PATH.fullmatch(path)):
+        return "grpc"
+    return "kserve" if path == "/v2" or path.startswith("/v2/") else "rest"
+
+
+def _code(decision: Decision) -> int:
+    return code_pb2.UNAUTHENTICATED if decision.http_status == 401 else code_pb2.PERMISSION_DENIED
+
+
+def _denial(decision: Decision, caller: Caller) -> pb.DeniedHttpResponse:
+    """gRPC: Envoy turns the body into grpc-message (the sentence) and keeps these headers, the ErrorInfo
+    among them. REST: the services' JSON error; KServe v2 REST: `{"error": ...}` (tritonclient)."""
+    code = _code(decision)
+    reason = decision.reason
+    headers = [_header("www-authenticate", _CHALLENGE)] if decision.http_status == 401 else []
+    if caller == "grpc":
+        headers.append(_header("grpc-status", str(code)))
+        headers.append(_header("grpc-status-details-bin", replies.encode_status(code, decision.message, reason)))
+        body = decision.message
+    else:
+        headers.append(_header("content-type", "application/json"))
+        kserve = caller == "kserve"
+        body = (
+            replies.kserve_error_json(decision.message)
+            if kserve
+            else replies.error_json(code, decision.message, reason)
+        )
+    return pb.DeniedHttpResponse(status=pb.HttpStatus(code=decision.http_status), headers=headers, body=body)
 
 
 class AuthorizationServicer(pb_grpc.AuthorizationServicer):
@@ -124,15 +170,15 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):
         self.authorizer = authorizer
 
     async def Check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext) -> pb.CheckResponse:
-        headers = request.attributes.request.http.headers
+        http = request.attributes.request.http
         try:
-            decision = await self.authorizer.decide(headers.get(API_KEY_HEADER))
+            decision = await self.authorizer.decide(http.headers.get(API_KEY_HEADER))
         except Exception:
             # The store is unreachable: answer with an error so Envoy applies its configured
-            # failure mode (fail closed for authentication, see envoy/render.py).
+            # failure mode (fail closed for authentication: services/mesh/bootstrap.py _ext_authz_filter).
             log.exception("api-key check failed")
             count_decision("authz", "", "error")
             await context.abort(grpc.StatusCode.UNAVAILABLE, "api-key store unavailable")
             raise  # unreachable: abort raises
         count_decision("authz", decision.tenant, decision.outcome)
-        return check_response(decision)
+        return check_response(decision, caller_of(http))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 import uuid
 from collections.abc import Sequence
@@ -15,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jwt
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+
+from services.edge.tokens import SigningKey
 
 DEFAULT_DIR = Path(".servegrid") / "edge"
 DEFAULT_ISSUER = "https://auth.servegrid.local"
@@ -28,7 +27,8 @@ JWKS_FILE = "jwks.json"
 
 @dataclass(frozen=True)
 class DevIssuer:
-    """Signs tokens with one RSA key; `jwks` is what Envoy verifies them against."""
+    """Signs tokens with one RSA key (as a typical identity provider does); `jwks` is what Envoy
+    verifies them against. The key handling is the edge's own (services/edge/tokens.py SigningKey)."""
 
     private_key: rsa.RSAPrivateKey
     key_id: str
@@ -48,31 +48,25 @@ class DevIssuer:
         """The key under `directory` (made, with its JWKS, on first use; the key file is 0600)."""
         key_path = directory / KEY_FILE
         if key_path.exists():
-            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-            assert isinstance(key, rsa.RSAPrivateKey)
             kid = json.loads((directory / JWKS_FILE).read_text())["keys"][0]["kid"]
+            key = SigningKey.load(key_path, kid).private_key
+            assert isinstance(key, rsa.RSAPrivateKey)
             return cls(key, kid, issuer, audience)
         dev = cls.generate(issuer, audience)
         dev.write(directory)
         return dev
 
+    @property
+    def signing_key(self) -> SigningKey:
+        return SigningKey(self.private_key, self.key_id)
+
     def write(self, directory: Path) -> Path:
         """Write the private key (owner-only) and the JWKS; returns the JWKS path."""
-        directory.mkdir(parents=True, exist_ok=True)
-        key_path = directory / KEY_FILE
-        pem = self.private_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(pem)
-        jwks_path = directory / JWKS_FILE
-        jwks_path.write_text(json.dumps(self.jwks(), indent=2))
-        return jwks_path
+        self.signing_key.write(directory / KEY_FILE, directory / JWKS_FILE)
+        return directory / JWKS_FILE
 
     def jwks(self) -> dict[str, Any]:
-        public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.private_key.public_key()))
-        return {"keys": [{**public, "kid": self.key_id, "alg": "RS256", "use": "sig"}]}
+        return self.signing_key.jwks()
 
     def token(
         self,
@@ -84,7 +78,9 @@ class DevIssuer:
         issuer: str | None = None,
         audience: str | list[str] | None = None,
         extra: dict[str, Any] | None = None,
+        omit: Sequence[str] = (),
     ) -> str:
+        """A signed token; `extra` overrides or adds claims, `omit` drops some (tests: a token without exp)."""
         now = int(time.time())
         claims: dict[str, Any] = {
             "iss": issuer if issuer is not None else self.issuer,
@@ -97,7 +93,9 @@ class DevIssuer:
             "exp": now + ttl_s,
             **(extra or {}),
         }
-        return jwt.encode(claims, self.private_key, algorithm="RS256", headers={"kid": self.key_id})
+        for name in omit:
+            claims.pop(name, None)
+        return self.signing_key.sign(claims)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

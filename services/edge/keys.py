@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import re
 import secrets
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -23,11 +24,13 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from services.mesh.names import TENANT_PATTERN
+
 if TYPE_CHECKING:
     from services.edge.settings import EdgeSettings
 
 KEY_PREFIX = "sgk_"
-_ROLE_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_:.")
+_IDENTITY_NAME = re.compile(TENANT_PATTERN)
 # Keeps concurrent edge replicas from racing on CREATE TABLE IF NOT EXISTS.
 _MIGRATION_LOCK = 0x5E_ED6E
 
@@ -60,9 +63,10 @@ def new_key() -> tuple[str, str]:
 
 
 def validate_identity(tenant: str, roles: Sequence[str]) -> None:
-    """Tenant and role names travel as HTTP header values: keep them plain."""
+    """Tenant and role names travel as HTTP header values: keep them plain (the rule Envoy also
+    applies to a JWT's tenant claim, names.TENANT_PATTERN)."""
     for name, value in [("tenant", tenant), *(("role", r) for r in roles)]:
-        if not value or not set(value) <= _ROLE_CHARS or len(value) > 64:
+        if not _IDENTITY_NAME.fullmatch(value):
             raise ValueError(f"{name} {value!r} must be 1-64 of [a-z0-9-_:.]")
 
 

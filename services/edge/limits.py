@@ -1,54 +1,32 @@
-"""Fixed-window request limits per tenant (and optionally per route), counted atomically in Redis."""
+"""Per-tenant and per-route request limits in fixed windows, and the Redis ledger that leases them out."""
 
 from __future__ import annotations
 
-import asyncio
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
-
-from services.edge.resp import RespConnection, RespError, encode_evalsha
 
 UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
-TENANT_KEY = "tenant"
-ROUTE_KEY = "route"
 
 
 @dataclass(frozen=True)
 class Limit:
-    """One limit that applies to a descriptor: `requests` per window, counted under `counter`."""
+    """One limit a bucket draws on: `requests` per window, counted under `counter`."""
 
-    counter: str  # the Redis key suffix that identifies what is counted, e.g. "t=acme" or "t=acme|r=infer"
+    counter: str  # the Redis key part that names what is counted: "t=acme" or "t=acme|r=infer"
     requests: int
-    name: str  # shown to operators (RLS current_limit.name)
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """The decision for one descriptor: None limit means nothing limits it."""
-
-    limit: Limit | None
-    used: int = 0
-    reset_s: int = 0
-
-    @property
-    def over(self) -> bool:
-        return self.limit is not None and self.used > self.limit.requests
-
-    @property
-    def remaining(self) -> int:
-        return 0 if self.limit is None else max(self.limit.requests - self.used, 0)
+    name: str  # shown to operators and in logs: "tenant:acme", "route:acme/infer"
 
 
 class LimitPolicy:
-    """Maps an Envoy descriptor to the limit that governs it.
+    """The one place that maps a tenant and a route to the limits that govern them.
 
-    Descriptors Envoy sends (see envoy/render.py):
-      [("tenant", T)]                  → the tenant's limit (its override, else the default)
-      [("tenant", T), ("route", R)]    → "T/R" or "R" from route_limits, else unlimited
-    Anything else is not ours to limit and passes.
+    Envoy's buckets are (tenant, route), route being the rate-limit name of the route (services/mesh/
+    routes.py: infer, gateway, admin, kserve). A bucket always draws on the tenant's limit (its
+    override, else the default), and also on a route limit when one names "tenant/route" or "route":
+    hierarchical accounting, so a tenant's routes share its limit while one route can be held lower.
     """
 
     def __init__(self, default_limit: int, tenant_limits: Mapping[str, int], route_limits: Mapping[str, int]) -> None:
@@ -56,118 +34,114 @@ class LimitPolicy:
         self.tenant_limits = dict(tenant_limits)
         self.route_limits = dict(route_limits)
 
-    def limit_for(self, entries: Sequence[tuple[str, str]]) -> Limit | None:
-        keys = [k for k, _ in entries]
-        values = dict(entries)
-        tenant = values.get(TENANT_KEY, "")
-        if keys == [TENANT_KEY] and tenant:
-            requests = self.tenant_limits.get(tenant, self.default_limit)
-            return Limit(f"t={tenant}", requests, f"tenant:{tenant}")
-        if keys == [TENANT_KEY, ROUTE_KEY] and tenant:
-            route = values[ROUTE_KEY]
-            requests_or_none = self.route_limits.get(f"{tenant}/{route}", self.route_limits.get(route))
-            if requests_or_none is None:
-                return None
-            return Limit(f"t={tenant}|r={route}", requests_or_none, f"route:{tenant}/{route}")
-        return None
+    def limits_for(self, tenant: str, route: str) -> tuple[Limit, ...]:
+        """The tenant's limit, then the route's when one is set; nothing for a bucket without a tenant."""
+        if not tenant:
+            return ()
+        limits = [Limit(f"t={tenant}", self.tenant_limits.get(tenant, self.default_limit), f"tenant:{tenant}")]
+        route_limit = self.route_limits.get(f"{tenant}/{route}", self.route_limits.get(route)) if route else None
+        if route_limit is not None:
+            limits.append(Limit(f"t={tenant}|r={route}", route_limit, f"route:{tenant}/{route}"))
+        return tuple(limits)
 
 
-# INCRBY and, when the key is new, EXPIRE, as one atomic step: the count a hit gets back is exact no
-# matter how many replicas share the Redis, and a key never lives without its expiry.
-_HIT_SCRIPT = """
-local count = redis.call('INCRBY', KEYS[1], ARGV[1])
-if count == tonumber(ARGV[1]) then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
-return count
+@dataclass(frozen=True)
+class Window:
+    """One fixed window: [index * length_s, (index + 1) * length_s) in Unix seconds."""
+
+    index: int
+    length_s: int
+
+    @property
+    def end(self) -> float:
+        return float((self.index + 1) * self.length_s)
+
+    def seconds_left(self, now: float) -> float:
+        return max(self.end - now, 0.0)
+
+
+class WindowClock:
+    """Which window `now` falls in. Windows start on multiples of their length since the epoch, so every
+    edge replica (and Envoy, for its retry-after header) agrees on them without talking."""
+
+    def __init__(self, length_s: int, clock: Callable[[], float] = time.time) -> None:
+        self.length_s = length_s
+        self.clock = clock
+
+    def now(self) -> float:
+        return self.clock()
+
+    def current(self) -> Window:
+        return Window(int(self.clock() // self.length_s), self.length_s)
+
+
+# Refund, then grant, as one atomic step over every counter the bucket draws on. ARGV[1] is the refund:
+# the unused part of the bucket's previous lease (negative when Envoy reported more use than it was
+# leased: that use is charged now, even past the limit, because it happened). ARGV[2] is the lease
+# wanted, ARGV[3] the key TTL, ARGV[3 + i] the limit of KEYS[i]. The grant is what fits under every
+# limit: counters never pass a limit by a grant, so any number of edge replicas sharing the Redis never
+# lease more than the limit between them.
+_LEASE_SCRIPT = """
+local refund = tonumber(ARGV[1])
+local grant = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[3])
+local used = {}
+for i, key in ipairs(KEYS) do
+  local count
+  if refund ~= 0 then  -- (never INCRBY -0: Lua writes it as "-0", which Redis refuses as an integer)
+    count = redis.call('INCRBY', key, 0 - refund)
+    if redis.call('TTL', key) < 0 then redis.call('EXPIRE', key, ttl) end
+  else
+    count = tonumber(redis.call('GET', key) or '0')
+  end
+  used[i] = count
+  local room = tonumber(ARGV[3 + i]) - count
+  if room < grant then grant = room end
+end
+if grant < 0 then grant = 0 end
+if grant > 0 then
+  for i, key in ipairs(KEYS) do
+    used[i] = redis.call('INCRBY', key, grant)
+    if redis.call('TTL', key) < 0 then redis.call('EXPIRE', key, ttl) end
+  end
+end
+return {grant, used[1]}
 """
 
 
-class RedisWindowCounter:
-    """Counts hits per fixed window in Redis; concurrent hits share round trips.
+@dataclass(frozen=True)
+class Grant:
+    """What the ledger leased: `tokens` (0: nothing left) and the first counter's value after it."""
 
-    Each hit is its own atomic script call (INCRBY + EXPIRE), so any number of edge replicas (and
-    the Envoys in front of them) sharing one Redis count every hit exactly once; the window start
-    is in the key, so a new window starts from zero without a reset race. Hits that arrive while a
-    round trip is in flight wait for the next one and go together in one pipeline: under load that
-    turns hundreds of Redis calls per second into a few dozen, which is what lets one Python
-    process answer Envoy's per-request RLS calls.
+    tokens: int
+    used: int
+
+
+class RedisQuotaLedger:
+    """Fixed-window counters in Redis that count what was leased to Envoys, net of refunds.
+
+    The window is in the key, so a new window starts from zero without a reset race, and keys expire
+    after two windows (longer than one, so clock skew between replicas cannot reuse a key).
     """
 
-    def __init__(
-        self,
-        redis: Any,
-        prefix: str,
-        window_s: int,
-        clock: Callable[[], float] = time.time,
-        *,
-        hot: RespConnection | None = None,
-    ) -> None:
-        self.redis = redis  # redis-py: loads the script
-        self.hot = hot or _connection_of(redis)  # the bare connection the hits go through
+    def __init__(self, redis: Any, prefix: str, domain: str) -> None:
+        self.redis = redis
         self.prefix = prefix
-        self.window_s = window_s
-        self.clock = clock
-        self._sha: bytes | None = None
-        self._pending: list[tuple[str, int, asyncio.Future[int]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self.domain = domain
+        # redis-py's Script: EVALSHA, reloading the script when Redis forgot it (restart, SCRIPT FLUSH).
+        self._script = redis.register_script(_LEASE_SCRIPT)
 
-    async def hit(self, domain: str, limits: Sequence[Limit], hits: int) -> tuple[list[int], int]:
-        """Add `hits` to every limit's counter; returns the counts after the hit and seconds to reset."""
-        now = self.clock()
-        window = int(now // self.window_s)
-        reset_s = max(int((window + 1) * self.window_s - now), 1)
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[int]] = []
-        for limit in limits:
-            future: asyncio.Future[int] = loop.create_future()
-            self._pending.append((f"{self.prefix}rl:{domain}:{limit.counter}:{window}", hits, future))
-            futures.append(future)
-        if self._flusher is None:
-            self._flusher = loop.create_task(self._flush())
-        return [await f for f in futures], reset_s
+    def key(self, limit: Limit, window: Window) -> str:
+        return f"{self.prefix}rl:{self.domain}:{limit.counter}:{window.index}"
 
-    async def _flush(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                try:
-                    counts = await self._send(batch)
-                except Exception as error:
-                    for *_, future in batch:
-                        if not future.done():
-                            future.set_exception(error)
-                    continue
-                for (*_, future), count in zip(batch, counts, strict=True):
-                    if not future.done():
-                        future.set_result(int(count))
-        finally:
-            self._flusher = None
-
-    async def _send(self, batch: Sequence[tuple[str, int, asyncio.Future[int]]]) -> list[int]:
-        ttl = self.window_s * 2  # longer than the window, so clock skew between replicas cannot reuse a key
-        replies: list[int | RespError] = [RespError("NOSCRIPT not sent yet")] * len(batch)
-        # Redis forgets scripts on restart or SCRIPT FLUSH: load once, and on NOSCRIPT reload and
-        # resend only the calls that got it (a NOSCRIPT call ran nothing, so each hit counts once).
-        for attempt in (1, 2):
-            todo = [i for i, r in enumerate(replies) if isinstance(r, RespError) and str(r).startswith("NOSCRIPT")]
-            if not todo:
-                break
-            if attempt == 2 or self._sha is None:
-                self._sha = str(await self.redis.script_load(_HIT_SCRIPT)).encode()
-            sent = await self.hot.call_many([encode_evalsha(self._sha, batch[i][0], batch[i][1], ttl) for i in todo])
-            for i, reply in zip(todo, sent, strict=True):
-                replies[i] = reply
-        counts: list[int] = []
-        for reply in replies:
-            if isinstance(reply, RespError):
-                raise reply
-            counts.append(reply)
-        return counts
+    async def lease(self, window: Window, limits: Sequence[Limit], *, refund: int, want: int) -> Grant:
+        keys = [self.key(limit, window) for limit in limits]
+        args = [refund, want, window.length_s * 2, *(limit.requests for limit in limits)]
+        tokens, used = await self._script(keys=keys, args=args)
+        return Grant(int(tokens), int(used))
 
 
-def _connection_of(redis: Any) -> RespConnection:
-    """A bare connection to the same server, database and credentials as a redis-py client."""
-    kwargs = redis.connection_pool.connection_kwargs
-    host, port, db = kwargs.get("host", "127.0.0.1"), kwargs.get("port", 6379), kwargs.get("db", 0)
-    user, password = kwargs.get("username"), kwargs.get("password")
-    auth = f"{quote(user or '')}:{quote(password)}@" if password else ""
-    return RespConnection(f"redis://{auth}{host}:{port}/{db}", kwargs.get("socket_timeout") or 1.0)
+def lease_floor(limits: Sequence[Limit], fraction: float) -> int:
+    """The smallest lease worth sending: a share of the tightest limit, at least one token."""
+    tightest = min((limit.requests for limit in limits), default=0)
+    return max(1, math.ceil(tightest * fraction))

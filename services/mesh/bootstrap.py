@@ -14,7 +14,7 @@
 #   cors → header scrub (identity headers) → grpc_field_extraction (ModelStreamInfer's first message)
 #        → kserve Lua (model name from header or body; before any per-route auth decision, because it
 #          clears the route cache) → jwt_authn → ext_authz (API keys; skipped when a JWT verified)
-#        → rbac (audience, tenant present; admin role by path) → ratelimit → buffer (REST body cap)
+#        → rbac (audience, tenant present; admin role by path) → route tag + rate_limit_quota → buffer (REST body cap)
 #        → grpc_json_transcoder → router
 # The transcoder comes after everything path-based, so the auth and limit filters see the path the
 # client sent; it re-routes on the gRPC path afterwards. The mesh listener (gateway, batch workers;
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -33,9 +34,9 @@ from urllib.parse import urlsplit
 
 import yaml
 from google.protobuf import descriptor_pb2
-from google.rpc import error_details_pb2
+from google.rpc import code_pb2, error_details_pb2
 
-from services.mesh import lua, names
+from services.mesh import lua, names, replies
 from services.mesh.names import (
     BUFFER_FILTER,
     CORS_FILTER,
@@ -48,9 +49,11 @@ from services.mesh.names import (
     TENANT_HEADER,
     TRANSCODER_FILTER,
 )
-from services.mesh.routes import duration, typed
+from services.mesh.routes import NOT_FOUND_ROUTE, RATELIMIT_ROUTE_HEADER, RATELIMIT_TAG_FILTER, duration, typed
 
 JWT_PROVIDER = "servegrid"
+TOKEN_PROVIDER = "servegrid-edge"  # tokens the edge minted in exchange for an API key
+CHART_TOKEN_JWKS = "/etc/servegrid/token-jwks/jwks.json"  # where the Helm chart mounts the edge's JWKS
 JWT_METADATA_KEY = "jwt_payload"
 HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 Profile = Literal["local", "kubernetes"]
@@ -98,13 +101,23 @@ class EnvoyParams:
     admin_role: str = "admin"
     jwks_file: str = ".servegrid/edge/jwks.json"  # local profile
     jwks_uri: str = ""  # kubernetes profile: the identity provider's JWKS endpoint
+    # Every token must carry `exp`; this bounds how far ahead it may lie (exp - now), so a leaked
+    # long-lived token cannot be used for months. 0: no bound beyond requiring `exp`.
+    jwt_max_lifetime_s: int = 24 * 3600
+    # The edge's own short-lived tokens (an API key exchanged for a JWT, services/edge/tokens.py):
+    # their issuer, the JWKS of the edge's signing key, and their longest accepted lifetime.
+    # An empty token_jwks_file: Envoy trusts no exchanged token.
+    token_issuer: str = names.TOKEN_ISSUER
+    token_jwks_file: str = ".servegrid/edge/token-jwks.json"
+    token_max_lifetime_s: int = 3600
     ratelimit_domain: str = "servegrid"
-    # Past this the request passes unlimited (fail open): long enough for a busy edge, short
-    # enough that a hung one adds at most this much latency.
-    ratelimit_timeout_s: float = 0.5
-    # Fail open: when the edge or its Redis cannot answer, requests pass unlimited (and are
-    # counted in Envoy's ratelimit.error stat and the edge's decisions metric): an outage of the
-    # counter store must not take the API down. Authentication still fails closed.
+    # The edge's limit window (SERVEGRID_EDGE_LIMIT_UNIT in seconds): a 429's retry-after counts down
+    # to its end. Windows start on multiples of it since the epoch, so Envoy needs no call to know.
+    ratelimit_window_s: int = 60
+    # Fail open: a bucket the edge has not assigned (a new one, or one whose assignment expired because
+    # the edge is gone) passes unlimited; an outage of the edge or its Redis must not take the API down
+    # (the edge counts Redis outages, Envoy the edge's: cluster.edge_quota.*). Authentication still
+    # fails closed. True: such buckets deny instead (a new bucket's first request too).
     ratelimit_fail_closed: bool = False
     ext_authz_timeout_s: float = 1.0
     max_request_body_bytes: int = 8 * 1024 * 1024
@@ -131,6 +144,9 @@ class EnvoyParams:
                 edge="servegrid-edge:50055",
                 jwks_file="",
                 jwks_uri="https://auth.servegrid.example/.well-known/jwks.json",
+                # The chart mounts the edge's JWKS here when `tokens.existingSecret` is set; the bundled
+                # config trusts none (Envoy refuses to start on a missing JWKS file).
+                token_jwks_file="",
             )
         router = overrides.pop("router", None)
         if router is not None and overrides.get("xds") is None:
@@ -234,9 +250,14 @@ def _jwt_claim(key: str, value: dict[str, Any]) -> dict[str, Any]:
     return _metadata(JWT_FILTER, [JWT_METADATA_KEY, key], value)
 
 
+def _no_jwt() -> dict[str, Any]:
+    """No JWT verified on this request: the caller came with an API key, which ext_authz checked."""
+    return {"not_id": _metadata(JWT_FILTER, [JWT_METADATA_KEY], {"present_match": True})}
+
+
 def _audience_ok(audience: str) -> dict[str, Any]:
     """No JWT (an API key, which ext_authz checked), or a JWT whose aud names us (string or list)."""
-    no_jwt = {"not_id": _metadata(JWT_FILTER, [JWT_METADATA_KEY], {"present_match": True})}
+    no_jwt = _no_jwt()
     return {
         "or_ids": {
             "ids": [
@@ -248,9 +269,110 @@ def _audience_ok(audience: str) -> dict[str, Any]:
     }
 
 
-def _tenant_present() -> dict[str, Any]:
-    # A credential without a tenant cannot be rate limited or attributed: refuse it.
-    return {"header": {"name": TENANT_HEADER, "present_match": True}}
+def _tenant_chars() -> dict[str, Any]:
+    return {"safe_regex": {"regex": f"{names.TENANT_CHARS}+"}}
+
+
+def _tenant_too_long() -> dict[str, Any]:
+    # One byte range per position keeps RE2's program small; the charset check makes bytes = characters.
+    return {"safe_regex": {"regex": f"[\\x00-\\x7f]{{{names.TENANT_MAX_LENGTH + 1},}}"}}
+
+
+def _tenant_valid(params: EnvoyParams) -> dict[str, Any]:
+    """The tenant is a plain tenant id (names.TENANT_PATTERN), in the header and, for a JWT, in the claim.
+
+    A credential without one cannot be rate limited or attributed. The claim is checked as well as the
+    header because claim_to_headers writes a number claim as its digits (a valid-looking id) and a
+    list or object as base64 of its JSON; a metadata string match only matches a claim that is a string.
+    Checked in Envoy, per request, with no call to a service. Refused as 401 (_tenant_reply_mappers)."""
+    header = {
+        "and_ids": {
+            "ids": [
+                {"header": {"name": TENANT_HEADER, "string_match": _tenant_chars()}},
+                {"not_id": {"header": {"name": TENANT_HEADER, "string_match": _tenant_too_long()}}},
+            ]
+        }
+    }
+    claim = {
+        "and_ids": {
+            "ids": [
+                _jwt_claim(params.tenant_claim, {"string_match": _tenant_chars()}),
+                {"not_id": _jwt_claim(params.tenant_claim, {"string_match": _tenant_too_long()})},
+            ]
+        }
+    }
+    return {"and_ids": {"ids": [header, {"or_ids": {"ids": [_no_jwt(), claim]}}]}}
+
+
+def _claim_not_a_string(tenant_claim: str) -> dict[str, Any]:
+    """An access-log filter: the JWT's tenant claim is a number or a boolean.
+
+    Those are the claims whose header (claim_to_headers: digits, "true") could pass for a tenant id;
+    a list's or an object's header is base64 of its JSON, which always has an upper-case letter among
+    its first three characters, so the header checks catch them. (This filter cannot invert a match:
+    Envoy's access-log metadata filter ignores the matcher's `invert`.)"""
+    any_number = {"double_match": {"range": {"start": -sys.float_info.max, "end": sys.float_info.max}}}
+    kinds = [any_number, {"bool_match": True}, {"bool_match": False}]
+    matcher = {"filter": JWT_FILTER, "path": [{"key": JWT_METADATA_KEY}, {"key": tenant_claim}]}
+    # No JWT (no such key): the API key's tenant came from the edge, which only stores valid ones.
+    return {
+        "metadata_filter": {
+            "matcher": {**matcher, "value": {"or_match": {"value_matchers": kinds}}},
+            "match_if_key_not_found": False,
+        }
+    }
+
+
+def _tenant_reply_mappers(tenant_claim: str) -> list[dict[str, Any]]:
+    """Local-reply mappers turning RBAC's 403 into 401 UNAUTHENTICATED when the tenant is what failed.
+
+    A bad tenant is a bad credential, not a missing permission: the caller needs another token, not
+    another role. The condition is _tenant_valid's negation (no tenant header, a header that is not a
+    tenant id, a JWT claim that is not a string); these mappers must come before any generic 403 mapper.
+    `tenant_claim` is EnvoyParams.tenant_claim."""
+    bad_tenant = {
+        "or_filter": {
+            "filters": [
+                _header_filter(TENANT_HEADER, {"present_match": False}),
+                _header_filter(TENANT_HEADER, {"string_match": _tenant_chars(), "invert_match": True}),
+                _header_filter(TENANT_HEADER, {"string_match": _tenant_too_long()}),
+                _claim_not_a_string(tenant_claim),
+            ]
+        }
+    }
+    denied = {
+        "status_code_filter": {
+            "comparison": {"op": "EQ", "value": {"default_value": 403, "runtime_key": "servegrid.tenant_denied_status"}}
+        }
+    }
+    message = "the credential's tenant must be a string of 1-64 of [a-z0-9-_:.]; get a token with a valid tenant"
+    reason = "UNAUTHENTICATED_TENANT_INVALID"
+    grpc = _header_filter("content-type", {"string_match": {"prefix": "application/grpc"}})
+    challenge = {"header": {"key": "www-authenticate", "value": 'Bearer realm="servegrid", error="invalid_token"'}}
+    return [
+        {
+            # gRPC: the body becomes grpc-message, 401 becomes UNAUTHENTICATED; the ErrorInfo rides along.
+            "filter": {"and_filter": {"filters": [denied, bad_tenant, grpc]}},
+            "status_code": 401,
+            "headers_to_add": [
+                challenge,
+                _static_header("grpc-status", str(code_pb2.UNAUTHENTICATED)),
+                _static_header(
+                    "grpc-status-details-bin", replies.status_details(code_pb2.UNAUTHENTICATED, message, reason)
+                ),
+            ],
+            "body_format_override": {"text_format_source": {"inline_string": message}},
+        },
+        {
+            "filter": {"and_filter": {"filters": [denied, bad_tenant]}},
+            "status_code": 401,
+            "headers_to_add": [challenge],
+            "body_format_override": {
+                "text_format_source": {"inline_string": replies.error_json(code_pb2.UNAUTHENTICATED, message, reason)},
+                "content_type": "application/json",
+            },
+        },
+    ]
 
 
 def _has_role(params: EnvoyParams, role: str) -> dict[str, Any]:
@@ -266,15 +388,19 @@ def _has_role(params: EnvoyParams, role: str) -> dict[str, Any]:
 
 
 def _admin_paths() -> dict[str, Any]:
-    """The registry admin API: its gRPC package and its REST prefix (paths as the client sent them,
-    normalized by the HCM; the transcoder runs after RBAC)."""
+    """The registry admin API (its gRPC package and REST prefix) and KServe's ModelStatistics: paths as
+    the client sent them, normalized by the HCM; the transcoder runs after RBAC."""
     prefixes = (names.REGISTRY_PACKAGE_PREFIX, names.ADMIN_REST_PREFIX)
-    return {"or_rules": {"rules": [{"url_path": {"path": {"prefix": p}}} for p in prefixes]}}
+    rules: list[dict[str, Any]] = [{"url_path": {"path": {"prefix": p}}} for p in prefixes]
+    # Triton's statistics count every tenant's requests to a model: operators only. (Over REST the
+    # statistics paths are not served at all: routes.REST_NOT_SERVED.)
+    rules.append({"url_path": {"path": {"exact": f"/{names.KSERVE_SERVICE}/ModelStatistics"}}})
+    return {"or_rules": {"rules": rules}}
 
 
 def _rbac_rules(params: EnvoyParams) -> dict[str, Any]:
     """ALLOW when a policy matches: any authenticated tenant off the admin paths, admins on them."""
-    tenant = [_audience_ok(params.audience), _tenant_present()]
+    tenant = [_audience_ok(params.audience), _tenant_valid(params)]
     return {
         "action": "ALLOW",
         "policies": {
@@ -323,18 +449,22 @@ def _header_scrub() -> dict[str, Any]:
     }
 
 
-def _jwt_filter(params: EnvoyParams) -> dict[str, Any]:
-    provider = {
-        "issuer": params.issuer,
+def _jwt_provider(params: EnvoyParams, issuer: str, jwks: dict[str, Any], max_lifetime_s: int) -> dict[str, Any]:
+    """One trusted issuer. Both providers write the same metadata and headers, so RBAC, limits and
+    the services treat an exchanged token exactly like the identity provider's."""
+    provider: dict[str, Any] = {
+        "issuer": issuer,
         # No `audiences` here on purpose: jwt_authn answers a wrong audience with 401,
         # but a valid token for another service is a 403; the rbac filter checks it.
-        **_jwks_source(params),
+        **jwks,
         "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}],
         "forward": False,
         "payload_in_metadata": JWT_METADATA_KEY,
         "clock_skew_seconds": 30,
+        # A token without `exp` would be valid forever: refused (401).
+        "require_expiration": True,
         # Verified tokens are cached (keyed by the token): a client reusing its token pays
-        # for the RS256 check once, not on every request.
+        # for the signature check once, not on every request.
         "jwt_cache_config": {"jwt_cache_size": 10000},
         "claim_to_headers": [
             {"header_name": TENANT_HEADER, "claim_name": params.tenant_claim},
@@ -342,12 +472,32 @@ def _jwt_filter(params: EnvoyParams) -> dict[str, Any]:
             {"header_name": ROLES_HEADER, "claim_name": params.roles_claim},
         ],
     }
-    requires_any = {"requirements": [{"provider_name": JWT_PROVIDER}, {"allow_missing": {}}]}
+    if max_lifetime_s > 0:
+        # exp may lie at most this far ahead (it implies require_expiration).
+        provider["max_lifetime"] = duration(max_lifetime_s)
+    return provider
+
+
+def _jwt_filter(params: EnvoyParams) -> dict[str, Any]:
+    providers = {JWT_PROVIDER: _jwt_provider(params, params.issuer, _jwks_source(params), params.jwt_max_lifetime_s)}
+    if params.token_jwks_file:
+        # The edge's exchanged tokens (an API key swapped for a short-lived JWT): verified here like
+        # any other, so an API-key client that exchanged once costs no call to the edge per request.
+        providers[TOKEN_PROVIDER] = _jwt_provider(
+            params,
+            params.token_issuer,
+            {"local_jwks": {"filename": params.token_jwks_file}},
+            params.token_max_lifetime_s,
+        )
+    # Any one trusted issuer (a provider whose issuer differs from the token's fails, and the next is
+    # tried); no token at all passes on to the API-key check.
+    requirements: list[dict[str, Any]] = [{"provider_name": name} for name in providers]
+    requires_any = {"requirements": [*requirements, {"allow_missing": {}}]}
     return {
         "name": JWT_FILTER,
         "typed_config": typed(
             "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
-            providers={JWT_PROVIDER: provider},
+            providers=providers,
             rules=[
                 {"match": {"prefix": f"/{names.HEALTH_SERVICE}/"}},
                 {"match": {"path": "/healthz"}},
@@ -372,7 +522,8 @@ def _ext_authz_filter(params: EnvoyParams) -> dict[str, Any]:
             # Fail closed: when keys cannot be checked, nobody gets in on a key (JWTs still work).
             failure_mode_allow=False,
             status_on_error={"code": 503},
-            allowed_headers={"patterns": [{"exact": "x-api-key"}]},
+            # content-type: the edge answers a gRPC caller in gRPC's shape (services/edge/authz.py).
+            allowed_headers={"patterns": [{"exact": "x-api-key"}, {"exact": "content-type"}]},
             # Only requests without a verified JWT need an API key, so only they pay for the call.
             filter_enabled_metadata={
                 "filter": JWT_FILTER,
@@ -384,22 +535,125 @@ def _ext_authz_filter(params: EnvoyParams) -> dict[str, Any]:
     }
 
 
-def _ratelimit_filter(params: EnvoyParams) -> dict[str, Any]:
+# --- rate limits (the edge is the quota server: services/edge/quota.py) -------------------------
+
+QUOTA_FILTER = "envoy.filters.http.rate_limit_quota"
+QUOTA_CLUSTER = "edge_quota"  # its own cluster: one long-lived stream per Envoy, its own stats
+RATE_LIMITED_MESSAGE = replies.RATE_LIMITED.message
+RATE_LIMITED_REASON = replies.RATE_LIMITED.reason
+# Envoy's response code details on a quota denial (rate_limit_quota filter, 1.40).
+QUOTA_DENIED_DETAILS = "rate_limited_by_quota"
+
+
+def _quota_cluster(params: EnvoyParams) -> dict[str, Any]:
+    """The edge again, for the quota stream: keepalive notices an edge that vanished without a FIN, so
+    Envoy reopens the stream (to another replica) instead of reporting into a dead one."""
+    cluster = _cluster(QUOTA_CLUSTER, [params.edge], connect_timeout="0.5s")
+    cluster["typed_extension_protocol_options"] = _http2_options(
+        connection_keepalive={"interval": "5s", "timeout": "3s"}
+    )
+    return cluster
+
+
+def _header_input(header: str) -> dict[str, Any]:
     return {
-        "name": names.RATELIMIT_FILTER,
+        "custom_value": {
+            "name": header,
+            "typed_config": typed("envoy.type.matcher.v3.HttpRequestHeaderMatchInput", header_name=header),
+        }
+    }
+
+
+def _static_header(key: str, value: str) -> dict[str, Any]:
+    return {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+
+
+def _deny_settings(grpc: bool) -> dict[str, Any]:
+    """The 429 / RESOURCE_EXHAUSTED reply in the API's error shape (services/mesh/replies.py).
+
+    Envoy sends these bytes as they are (no formatter), and uses a gRPC message, when one is set, as the
+    HTTP body too: so gRPC and REST callers get separate settings. retry-after and x-ratelimit-reset
+    need the clock: _ratelimit_reply_headers adds them."""
+    code = code_pb2.RESOURCE_EXHAUSTED
+    headers = [_static_header("x-ratelimit-remaining", "0")]
+    settings: dict[str, Any] = {"http_status": {"code": 429}}
+    if grpc:
+        settings["grpc_status"] = {"code": code, "message": RATE_LIMITED_MESSAGE}
+        details = replies.status_details(code, RATE_LIMITED_MESSAGE, RATE_LIMITED_REASON)
+        headers.append(_static_header("grpc-status-details-bin", details))
+    else:
+        body = replies.error_json(code, RATE_LIMITED_MESSAGE, RATE_LIMITED_REASON)
+        settings["http_body"] = {"value": base64.b64encode(body.encode()).decode()}
+        headers.append(_static_header("content-type", "application/json"))
+    settings["response_headers_to_add"] = headers
+    return settings
+
+
+def _bucket_settings(params: EnvoyParams, grpc: bool) -> dict[str, Any]:
+    """One bucket per (tenant, route): the tenant Envoy established (jwt_authn or ext_authz), the route's
+    rate-limit name (routes.RATELIMIT_ROUTE_HEADER). A request missing either is not limited (health)."""
+    builder = {"tenant": _header_input(TENANT_HEADER), "route": _header_input(RATELIMIT_ROUTE_HEADER)}
+    unassigned = "DENY_ALL" if params.ratelimit_fail_closed else "ALLOW_ALL"
+    return {
+        "name": "grpc" if grpc else "http",
         "typed_config": typed(
-            "envoy.extensions.filters.http.ratelimit.v3.RateLimit",
-            domain=params.ratelimit_domain,
-            timeout=duration(params.ratelimit_timeout_s),
-            failure_mode_deny=params.ratelimit_fail_closed,
-            enable_x_ratelimit_headers="DRAFT_VERSION_03",
-            rate_limited_as_resource_exhausted=True,
-            rate_limit_service={
-                "grpc_service": {"envoy_grpc": {"cluster_name": names.EDGE_CLUSTER}},
-                "transport_api_version": "V3",
-            },
+            "envoy.extensions.filters.http.rate_limit_quota.v3.RateLimitQuotaBucketSettings",
+            bucket_id_builder={"bucket_id_builder": builder},
+            # Envoy 1.40 reports every 5 s whatever this says (and a new bucket at once); kept equal.
+            reporting_interval="5s",
+            deny_response_settings=_deny_settings(grpc),
+            # No assignment yet, or an expired one (no expired_assignment_behavior: the bucket goes
+            # back to this): fail open, so an edge outage degrades limits, never the API.
+            no_assignment_behavior={"fallback_rate_limit": {"blanket_rule": unassigned}},
         ),
     }
+
+
+def _ratelimit_reply_headers(params: EnvoyParams) -> list[dict[str, Any]]:
+    """retry-after and x-ratelimit-reset (draft 03: seconds) on a quota denial: seconds to the window's
+    end, from Envoy's clock (windows are epoch-aligned). CEL, because the quota filter's own headers are
+    static. Added by the 429 local-reply mapper, so only a denial evaluates them (as a response header
+    mutation they cost ~5 µs of Envoy CPU on every response)."""
+    window = params.ratelimit_window_s
+    seconds = f"%CEL(response.code_details == '{QUOTA_DENIED_DETAILS}' ? {window} - int(request.time) % {window} : '')%"
+    return [_static_header(key, seconds) for key in ("retry-after", "x-ratelimit-reset")]
+
+
+def _ratelimit_filters(params: EnvoyParams) -> list[dict[str, Any]]:
+    """The route tag (a client's copy removed; the route's own written by its per-route config) and
+    the quota filter, which enforces the leases the edge assigns with no call per request."""
+    tag = {
+        "name": RATELIMIT_TAG_FILTER,
+        "typed_config": typed(
+            "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            mutations={"request_mutations": [{"remove": RATELIMIT_ROUTE_HEADER}]},
+        ),
+    }
+    grpc_request = {
+        "single_predicate": {
+            "input": {
+                "name": "content-type",
+                "typed_config": typed("envoy.type.matcher.v3.HttpRequestHeaderMatchInput", header_name="content-type"),
+            },
+            "value_match": {"prefix": "application/grpc"},
+        }
+    }
+    matchers = {
+        "matcher_list": {
+            "matchers": [{"predicate": grpc_request, "on_match": {"action": _bucket_settings(params, True)}}]
+        },
+        "on_no_match": {"action": _bucket_settings(params, False)},
+    }
+    quota = {
+        "name": QUOTA_FILTER,
+        "typed_config": typed(
+            "envoy.extensions.filters.http.rate_limit_quota.v3.RateLimitQuotaFilterConfig",
+            rlqs_server={"envoy_grpc": {"cluster_name": QUOTA_CLUSTER}},
+            domain=params.ratelimit_domain,
+            bucket_matchers=matchers,
+        ),
+    }
+    return [tag, quota]
 
 
 def _transcoder_filter(params: EnvoyParams, descriptor_bin: bytes) -> dict[str, Any]:
@@ -408,7 +662,7 @@ def _transcoder_filter(params: EnvoyParams, descriptor_bin: bytes) -> dict[str, 
         "typed_config": typed(
             "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
             proto_descriptor_bin=base64.b64encode(descriptor_bin).decode(),
-            services=[names.GATEWAY_SERVICE, names.REGISTRY_SERVICE],
+            services=[names.GATEWAY_SERVICE, names.AUTH_SERVICE, names.REGISTRY_SERVICE],
             # Server streams come out as newline-delimited JSON, one message per line.
             print_options={
                 "add_whitespace": False,
@@ -454,7 +708,7 @@ def _public_filters(params: EnvoyParams, descriptor_bin: bytes) -> list[dict[str
         _jwt_filter(params),
         _ext_authz_filter(params),
         rbac,
-        _ratelimit_filter(params),
+        *_ratelimit_filters(params),
         body_limit,
         _transcoder_filter(params, descriptor_bin),
         _router_filter(),
@@ -499,10 +753,240 @@ def _header_filter(name: str, match: dict[str, Any]) -> dict[str, Any]:
     return {"header_filter": {"header": {"name": name, **match}}}
 
 
-def _local_replies() -> dict[str, Any]:
-    """Envoy's own replies on KServe keep servegrid's meaning: no healthy backend (or a cluster not known
-    yet) is UNAVAILABLE / 503 naming the model, not a bare "no healthy upstream". Other routes (the
-    gateway, the registry) keep Envoy's reply."""
+# --- Envoy's own replies ---------------------------------------------------------------------
+# Every reply Envoy writes itself (a filter's denial, a direct response, an upstream it could not
+# reach) goes through the listener's local_reply_config. The mappers below give each such reply the
+# services' error shape; the first that matches wins, so the narrow ones come first.
+
+CEL_FILTER = "envoy.access_loggers.extension_filters.cel"
+# Why a request to the gateway, registry or edge got a 503 from Envoy: no healthy host, connect
+# failure, overflow, no cluster yet, retries used up, reset by the upstream or its connection.
+UPSTREAM_FAILURE_FLAGS = ("UH", "UF", "UO", "NC", "URX", "UC", "UR")
+CALLERS: tuple[replies.Caller, ...] = ("grpc", "kserve", "rest")
+
+
+@dataclass(frozen=True)
+class _Case:
+    """Which local replies (all of `when`) get `refusal`, and in which callers' shapes."""
+
+    when: tuple[dict[str, Any], ...]
+    refusal: replies.Refusal
+    callers: tuple[replies.Caller, ...] = CALLERS
+    headers: tuple[dict[str, Any], ...] = ()  # added to every caller's reply (formatters allowed)
+
+
+def _cel(expression: str) -> dict[str, Any]:
+    """A mapper filter on a CEL expression: response.code_details names the filter and its reason
+    (`jwt_authn_access_denied{Jwt_is_expired}`), which no other mapper filter can see."""
+    config = typed("envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter", expression=expression)
+    return {"extension_filter": {"name": CEL_FILTER, "typed_config": config}}
+
+
+def _details(*prefixes: str) -> dict[str, Any]:
+    return _cel(" || ".join(f"response.code_details.startsWith({json.dumps(p)})" for p in prefixes))
+
+
+def _status_is(code: int) -> dict[str, Any]:
+    # First in each case: a reply with another status never evaluates the CEL after it.
+    value = {"default_value": code, "runtime_key": "servegrid.local_reply.status"}
+    return {"status_code_filter": {"comparison": {"op": "EQ", "value": value}}}
+
+
+def _all(*filters: dict[str, Any]) -> dict[str, Any]:
+    return filters[0] if len(filters) == 1 else {"and_filter": {"filters": list(filters)}}
+
+
+def _grpc_caller() -> tuple[dict[str, Any], ...]:
+    """A gRPC client. A REST request the transcoder took on carries application/grpc by the time a body
+    error is answered (it rewrote the headers) and x-envoy-original-path, so that one is REST's."""
+    grpc = _header_filter("content-type", {"string_match": {"prefix": "application/grpc"}})
+    return grpc, _header_filter("x-envoy-original-path", {"present_match": False})
+
+
+def _overwrite(key: str, value: str) -> dict[str, Any]:
+    return {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+
+
+def _case_mappers(case: _Case) -> list[dict[str, Any]]:
+    """One case in each caller's shape. gRPC: Envoy turns the body into grpc-message, so it is the
+    sentence (Refusal.grpc_message), and the ErrorInfo rides in grpc-status-details-bin. KServe v2 REST:
+    `{"error": ...}` (tritonclient). servegrid REST: `{"code", "message", "details"}`."""
+    refusal = case.refusal
+    mappers: list[dict[str, Any]] = []
+    if "grpc" in case.callers:
+        mappers.append(
+            {
+                "filter": _all(*case.when, *_grpc_caller()),
+                "headers_to_add": [
+                    _overwrite("grpc-status", str(refusal.grpc_code)),
+                    _overwrite("grpc-status-details-bin", refusal.grpc_status_details),
+                    *case.headers,
+                ],
+                "body_format_override": {"text_format_source": {"inline_string": refusal.grpc_message}},
+            }
+        )
+    if "kserve" in case.callers:
+        kserve = _header_filter(":path", {"string_match": {"prefix": "/v2"}})
+        mappers.append(
+            {
+                "filter": _all(*case.when, kserve),
+                "status_code": refusal.http_status,
+                **({"headers_to_add": list(case.headers)} if case.headers else {}),
+                "body_format_override": {"json_format": {"error": refusal.message}, "content_type": "application/json"},
+            }
+        )
+    if "rest" in case.callers:
+        mappers.append(
+            {
+                "filter": _all(*case.when),
+                "status_code": refusal.http_status,
+                **({"headers_to_add": list(case.headers)} if case.headers else {}),
+                "body_format_override": {"json_format": refusal.rest_body(), "content_type": "application/json"},
+            }
+        )
+    return mappers
+
+
+def _token_cases() -> list[_Case]:
+    """jwt_authn's 401s, by the reason it writes into the response code details."""
+    denied = "jwt_authn_access_denied"
+    unauthenticated = code_pb2.UNAUTHENTICATED
+    return [
+        _Case(
+            (_status_is(401), _cel(f"response.code_details == '{denied}{{Jwt_is_expired}}'")),
+            replies.Refusal(
+                401, unauthenticated, "UNAUTHENTICATED_TOKEN_EXPIRED", "the bearer token has expired; get a new one"
+            ),
+        ),
+        _Case(
+            (_status_is(401), _cel(f"response.code_details == '{denied}{{Jwt_is_missing}}'")),
+            replies.Refusal(401, unauthenticated, replies.UNAUTHENTICATED_MISSING, replies.MISSING_CREDENTIALS),
+        ),
+        _Case(
+            (_status_is(401), _details(denied)),
+            replies.Refusal(
+                401,
+                unauthenticated,
+                "UNAUTHENTICATED_TOKEN_INVALID",
+                "the bearer token was refused (%LOCAL_REPLY_BODY%); send a token from a trusted issuer",
+            ),
+        ),
+    ]
+
+
+def _audience_mismatch(audience: str) -> str:
+    """CEL: a JWT verified but its aud (a string or a list) does not name us: rbac's 403 is about it."""
+    jwt = f"metadata.filter_metadata[{json.dumps(JWT_FILTER)}]"
+    payload = f"{jwt}.{JWT_METADATA_KEY}"
+    aud = f"{payload}.aud"
+    ours = json.dumps(audience)
+    named = f"(type({aud}) == string ? {aud} == {ours} : (type({aud}) == list && {ours} in {aud}))"
+    present = f"{json.dumps(JWT_FILTER)} in metadata.filter_metadata && {json.dumps(JWT_METADATA_KEY)} in {jwt}"
+    return f"{present} && !({json.dumps('aud')} in {payload} && {named})"
+
+
+def _admin_path_cel() -> str:
+    """CEL: the request's path is one rbac keeps for the admin role (_admin_paths, read, not repeated)."""
+    tests = []
+    for rule in _admin_paths()["or_rules"]["rules"]:
+        ((kind, value),) = rule["url_path"]["path"].items()
+        tests.append(
+            f"request.path.startsWith({json.dumps(value)})"
+            if kind == "prefix"
+            else f"request.path == {json.dumps(value)}"
+        )
+    return " || ".join(tests)
+
+
+def _permission_cases(params: EnvoyParams) -> list[_Case]:
+    """rbac's 403s: the audience, the admin role on the admin paths, or anything else it refused."""
+    rbac = "response.code_details.startsWith('rbac_access_denied')"
+    admin_path = _admin_path_cel()
+    denied = code_pb2.PERMISSION_DENIED
+    return [
+        _Case(
+            (_status_is(403), _cel(f"{rbac} && {_audience_mismatch(params.audience)}")),
+            replies.Refusal(
+                403,
+                denied,
+                "AUDIENCE_MISMATCH",
+                f"the token was issued for another audience; get one whose aud includes '{params.audience}'",
+            ),
+        ),
+        _Case(
+            (_status_is(403), _cel(f"{rbac} && ({admin_path})")),
+            replies.Refusal(403, denied, "ADMIN_ROLE_REQUIRED", f"this method needs the '{params.admin_role}' role"),
+        ),
+        _Case(
+            (_status_is(403), _cel(rbac)),
+            replies.Refusal(403, denied, "PERMISSION_DENIED", "this credential may not call this method"),
+        ),
+    ]
+
+
+def _request_cases(params: EnvoyParams) -> list[_Case]:
+    """What Envoy refuses about the request itself: no route, a body too large, JSON the transcoder
+    cannot turn into the method's message (REST only: a gRPC request is never transcoded)."""
+    transcoder = ("early_grpc_json_transcode_failure", "grpc_json_transcode_failure")
+    return [
+        # The not-found route's own 404 (not an auth filter's refusal of a request that matched it).
+        _Case(
+            (_status_is(404), _cel(f"xds.route_name == {json.dumps(NOT_FOUND_ROUTE)}")),
+            replies.UNKNOWN_METHOD,
+            ("grpc",),
+        ),
+        _Case((_status_is(404), _details(transcoder[0])), replies.UNKNOWN_PATH, ("rest",)),
+        _Case(
+            (_status_is(400), _details(*transcoder)),
+            replies.Refusal(
+                400,
+                code_pb2.INVALID_ARGUMENT,
+                "MALFORMED_REQUEST",
+                "the request does not fit the method's message: %LOCAL_REPLY_BODY%",
+            ),
+            ("rest",),
+        ),
+        _Case(
+            (_status_is(413),),
+            replies.Refusal(
+                413,
+                code_pb2.RESOURCE_EXHAUSTED,
+                "REQUEST_TOO_LARGE",
+                f"the request body is larger than {params.max_request_body_bytes} bytes; send a smaller one",
+            ),
+        ),
+        _Case((_status_is(429),), replies.RATE_LIMITED, headers=tuple(_ratelimit_reply_headers(params))),
+    ]
+
+
+def _availability_cases() -> list[_Case]:
+    """503s: the API-key check could not answer (ext_authz fails closed), or the service behind a
+    route cannot be reached (after the KServe mappers, which name the model)."""
+    return [
+        _Case(
+            ({"response_flag_filter": {"flags": ["UAEX"]}}, _cel("response.code_details == 'ext_authz_error'")),
+            replies.Refusal(
+                503,
+                code_pb2.UNAVAILABLE,
+                "API_KEY_CHECK_UNAVAILABLE",
+                "API keys cannot be checked right now; retry shortly, or authenticate with a bearer token",
+            ),
+        ),
+        _Case(
+            ({"response_flag_filter": {"flags": list(UPSTREAM_FAILURE_FLAGS)}},),
+            replies.Refusal(
+                503,
+                code_pb2.UNAVAILABLE,
+                "SERVICE_UNAVAILABLE",
+                "the %UPSTREAM_CLUSTER% service cannot be reached; retry shortly",
+            ),
+        ),
+    ]
+
+
+def _kserve_no_backend_mappers() -> list[dict[str, Any]]:
+    """No healthy backend (or a cluster not known yet) on KServe is UNAVAILABLE / 503 naming the model,
+    not a bare "no healthy upstream"; REST keeps KServe's `{"error"}` shape."""
     no_backend = {"response_flag_filter": {"flags": ["UH", "NC"]}}
     grpc = [
         no_backend,
@@ -511,21 +995,33 @@ def _local_replies() -> dict[str, Any]:
     ]
     rest = [no_backend, _header_filter(":path", {"string_match": {"prefix": "/v2/"}})]
     message = f"model '%REQ({MODEL_HEADER})%' has no healthy backend"
+    return [
+        {
+            # For gRPC the body becomes grpc-message; 503 becomes grpc-status UNAVAILABLE.
+            "filter": {"and_filter": {"filters": grpc}},
+            "body_format_override": {"text_format_source": {"inline_string": message}},
+        },
+        {
+            "filter": {"and_filter": {"filters": rest}},
+            "status_code": 503,
+            "body_format_override": {
+                "json_format": {"error": "no healthy backend for %REQ(:PATH)%"},
+                "content_type": "application/json",
+            },
+        },
+    ]
+
+
+def _local_replies(params: EnvoyParams) -> dict[str, Any]:
+    """Envoy's own replies in the services' error shape (see _case_mappers). Not mapped: replies that
+    already have it (the API-key check's denials, the routes' direct responses) and 2xx."""
+    cases = [*_token_cases(), *_permission_cases(params), *_request_cases(params)]
     return {
         "mappers": [
-            {
-                # For gRPC the body becomes grpc-message; 503 becomes grpc-status UNAVAILABLE.
-                "filter": {"and_filter": {"filters": grpc}},
-                "body_format_override": {"text_format_source": {"inline_string": message}},
-            },
-            {
-                "filter": {"and_filter": {"filters": rest}},
-                "status_code": 503,
-                "body_format_override": {
-                    "json_format": {"error": "no healthy backend for %REQ(:PATH)%"},
-                    "content_type": "application/json",
-                },
-            },
+            *_tenant_reply_mappers(params.tenant_claim),  # first: RBAC's 403 for a bad tenant is a 401
+            *(mapper for case in cases for mapper in _case_mappers(case)),
+            *_kserve_no_backend_mappers(),
+            *(mapper for case in _availability_cases() for mapper in _case_mappers(case)),
         ]
     }
 
@@ -551,7 +1047,7 @@ def _hcm(params: EnvoyParams, stat_prefix: str, filters: list[dict[str, Any]]) -
         "normalize_path": True,
         "merge_slashes": True,
         "rds": _rds(stat_prefix),
-        "local_reply_config": _local_replies(),
+        "local_reply_config": _local_replies(params),
         "http_filters": filters,
     }
     if params.otlp_endpoint:
@@ -611,6 +1107,7 @@ def _static_clusters(params: EnvoyParams) -> list[dict[str, Any]]:
         _cluster(names.GATEWAY_CLUSTER, [params.gateway]),
         _cluster(names.REGISTRY_CLUSTER, [params.registry]),
         _cluster(names.EDGE_CLUSTER, [params.edge]),
+        _quota_cluster(params),
         _xds_cluster(params),
     ]
     if params.jwks_uri:
@@ -685,6 +1182,10 @@ def rendered_defaults(root: Path | None = None) -> dict[Path, str]:
     rendered[root / "deploy" / "helm" / "servegrid" / "files" / "envoy.yaml"] = rendered[
         root / "envoy" / "envoy.kubernetes.yaml"
     ]
+    # The chart's config when `tokens.existingSecret` is set: it also trusts the edge's exchanged tokens,
+    # with the JWKS the chart mounts from that Secret.
+    with_tokens = EnvoyParams.for_profile("kubernetes", token_jwks_file=CHART_TOKEN_JWKS)
+    rendered[root / "deploy" / "helm" / "servegrid" / "files" / "envoy-tokens.yaml"] = render_yaml(with_tokens)
     return rendered
 
 
@@ -729,7 +1230,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--audience")
     parser.add_argument("--jwks-file", help="local JWKS file (local profile)")
     parser.add_argument("--jwks-uri", help="remote JWKS URL (kubernetes profile)")
+    parser.add_argument(
+        "--jwt-max-lifetime-s", type=int, help="refuse tokens whose exp lies further ahead (default 86400; 0: no bound)"
+    )
+    parser.add_argument(
+        "--token-jwks-file", help="JWKS of the edge's token signing key (exchanged API keys); '' to trust none"
+    )
+    parser.add_argument("--token-issuer", help=f"issuer of exchanged tokens (default {names.TOKEN_ISSUER})")
+    parser.add_argument("--token-max-lifetime-s", type=int, help="longest exchanged-token lifetime accepted (3600)")
     parser.add_argument("--ratelimit-fail-closed", action="store_true", default=None)
+    parser.add_argument(
+        "--ratelimit-window-s", type=int, help="the edge's limit window in seconds (SERVEGRID_EDGE_LIMIT_UNIT; 60)"
+    )
     parser.add_argument("--max-request-body-bytes", type=int)
     parser.add_argument("--access-log-path")
     parser.add_argument("--otlp-endpoint", help="host:port of an OTLP/gRPC collector")
@@ -761,7 +1273,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         audience=args.audience,
         jwks_file=args.jwks_file,
         jwks_uri=args.jwks_uri,
+        jwt_max_lifetime_s=args.jwt_max_lifetime_s,
+        token_jwks_file=args.token_jwks_file,
+        token_issuer=args.token_issuer,
+        token_max_lifetime_s=args.token_max_lifetime_s,
         ratelimit_fail_closed=args.ratelimit_fail_closed,
+        ratelimit_window_s=args.ratelimit_window_s,
         max_request_body_bytes=args.max_request_body_bytes,
         access_log_path=args.access_log_path,
         otlp_endpoint=args.otlp_endpoint,

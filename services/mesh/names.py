@@ -15,6 +15,16 @@ TENANT_HEADER = "x-servegrid-tenant"
 SUBJECT_HEADER = "x-servegrid-subject"
 ROLES_HEADER = "x-servegrid-roles"
 AUTH_METHOD_HEADER = "x-servegrid-auth"
+# The API key on the token-exchange route only: Envoy copies x-api-key here for the edge, because the
+# public listener strips x-api-key before any upstream sees it.
+EXCHANGE_KEY_HEADER = "x-servegrid-exchange-key"
+# What a tenant (and a role) name may be: they travel as header values and key rate-limit counters.
+# TENANT_PATTERN is matched against the whole value (Python: re.fullmatch). Envoy checks the same rule
+# as two smaller regexes (its RE2 program-size limit of 100 refuses `{1,64}`): TENANT_CHARS one or more
+# times, and not TENANT_MAX_LENGTH + 1 ASCII bytes or more.
+TENANT_CHARS = "[a-z0-9_:.-]"
+TENANT_MAX_LENGTH = 64
+TENANT_PATTERN = f"{TENANT_CHARS}{{1,{TENANT_MAX_LENGTH}}}"
 JWT_HEADER_PREFIX = "x-jwt-"  # Envoy's own payload-forwarding headers
 # Internal to the data plane: the mirror policy marks a mirrored request (value: the shadow version),
 # and the router's comparison re-asks carry the compare header (see services/router/shadow.py).
@@ -27,6 +37,7 @@ SCRUBBED_HEADERS = (
     SUBJECT_HEADER,
     ROLES_HEADER,
     AUTH_METHOD_HEADER,
+    EXCHANGE_KEY_HEADER,
     MIRROR_HEADER,
     SHADOW_COMPARE_HEADER,
 )
@@ -67,12 +78,18 @@ ROUTE_CONFIGS = (PUBLIC, MESH)
 # --- metadata --------------------------------------------------------------------------------
 METADATA_NAMESPACE = "servegrid"  # cluster filter_metadata: model_id, version, triton_model_name, ...
 
+# --- exchanged tokens ------------------------------------------------------------------------
+# The `iss` of the short-lived JWTs the edge mints for an API key (services/edge/tokens.py); Envoy's
+# second jwt_authn provider trusts this issuer with the edge's JWKS.
+TOKEN_ISSUER = "servegrid-edge"
+
 # --- errors ----------------------------------------------------------------------------------
 ERROR_DOMAIN = "servegrid.dev"
 
 # --- services and filters --------------------------------------------------------------------
 KSERVE_SERVICE = "inference.GRPCInferenceService"
 GATEWAY_SERVICE = "servegrid.gateway.v1.GatewayService"
+AUTH_SERVICE = "servegrid.gateway.v1.AuthService"  # served by the edge (API key → token exchange)
 REGISTRY_SERVICE = "servegrid.registry.v1.RegistryService"
 REGISTRY_PACKAGE_PREFIX = "/servegrid.registry.v1."
 ADMIN_REST_PREFIX = "/v1/admin/"
@@ -83,7 +100,10 @@ HEADER_SCRUB_FILTER = "servegrid.header_scrub"
 JWT_FILTER = "envoy.filters.http.jwt_authn"
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
 RBAC_FILTER = "envoy.filters.http.rbac"
-RATELIMIT_FILTER = "envoy.filters.http.ratelimit"
+# Rate limits: the quota filter's buckets are (tenant, route); each limited route names itself in this
+# header through the tag filter's per-route config (a client's copy is removed first).
+RATELIMIT_TAG_FILTER = "servegrid.ratelimit_route"
+RATELIMIT_ROUTE_HEADER = "x-servegrid-ratelimit-route"
 BUFFER_FILTER = "envoy.filters.http.buffer"
 TRANSCODER_FILTER = "envoy.filters.http.grpc_json_transcoder"
 ROUTER_FILTER = "envoy.filters.http.router"

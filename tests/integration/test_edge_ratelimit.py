@@ -1,139 +1,304 @@
-"""The edge's rate limiter against a real Redis: exact under concurrency, honest when Redis is gone."""
+"""Rate limits end to end: Envoy's rate_limit_quota filter, the edge as its quota server, one Redis.
+
+Real processes: two Envoys, their edges, gateway, a stand-in registry, Redis. Limits count per UTC day
+here (SERVEGRID_EDGE_LIMIT_UNIT=day), so a test never straddles a window boundary (the module waits
+out the last minutes of a day), and every test checks that its tenant's counters sit in one window.
+
+The bounds asserted (services/edge/quota.py derives them): a tenant at limit L gets at least L and at
+most L + (what passed before each Envoy's first assignment) + (what passed from a replaced lease in
+the round trip before its replacement), a few requests per Envoy: L to L + 10 through two Envoys;
+alone on one Envoy, serially, L - 1 to L + 1.
+"""
 
 from __future__ import annotations
 
-import asyncio
+import json
 import secrets
+import signal
+import subprocess
+import threading
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
-import redis.asyncio as aioredis
+import redis
+from google.rpc import error_details_pb2, status_pb2
+from servegrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from services.edge.envoy_api import rls_pb2 as pb
-from services.edge.limits import LimitPolicy, RedisWindowCounter
-from services.edge.ratelimit import RateLimiter, RateLimitServicer
+from services.edge.limits import UNIT_SECONDS
+from services.stack.ports import free_port
+from tests.support.edge_stack import REDIS_URL, EdgeStack, edge_stack, http
+from tests.support.router_harness import wait_for
 
 pytestmark = pytest.mark.integration
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
+SUFFIX = secrets.token_hex(3)
+DUO, SOLO, ROUTED, PHOENIX, LAZARUS = (f"{name}-{SUFFIX}" for name in ("duo", "solo", "routed", "phoenix", "lazarus"))
+LIMITS = {DUO: 30, SOLO: 20, PHOENIX: 3, LAZARUS: 3}
+ROUTE_LIMIT = 4  # ROUTED's "gateway" route (GET /v1/models); its tenant limit is the stack's 100000
+DAY = UNIT_SECONDS["day"]
+# Two usage reports (Envoy 1.40 reports every 5 s): long enough for any over-admission to show.
+SETTLE_S = 11.0
+EDGE_SETTINGS = {
+    "SERVEGRID_EDGE_LIMIT_UNIT": "day",
+    "SERVEGRID_EDGE_ROUTE_LIMITS": json.dumps({f"{ROUTED}/gateway": ROUTE_LIMIT}),
+    "SERVEGRID_EDGE_QUOTA_ASSIGNMENT_TTL_S": "6",  # fail open soon after an edge dies
+}
 
 
-@pytest.fixture
-async def prefix() -> AsyncIterator[str]:
-    value = f"servegrid:edgetest:{secrets.token_hex(4)}:"
-    yield value
-    client = aioredis.from_url(REDIS_URL)
-    async for key in client.scan_iter(f"{value}*"):
-        await client.delete(key)
-    await client.aclose()
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeStack]:
+    left = DAY - time.time() % DAY
+    if left < 300:  # keep the whole module inside one window
+        time.sleep(left + 1)
+    # No Triton: these tests use the gateway's routes (GET /v1/models), which need none.
+    with edge_stack(
+        tmp_path_factory.mktemp("ratelimit"),
+        "127.0.0.1:1",
+        LIMITS,
+        "127.0.0.1:1",
+        edge_settings=EDGE_SETTINGS,
+        envoy_overrides={"ratelimit_window_s": DAY},
+    ) as running:
+        yield running
 
 
-def _request(tenant: str, route: str | None = None) -> pb.RateLimitRequest:
-    descriptors = [pb.RateLimitDescriptor(entries=[pb.RateLimitDescriptor.Entry(key="tenant", value=tenant)])]
-    if route:
-        descriptors.append(
-            pb.RateLimitDescriptor(
-                entries=[
-                    pb.RateLimitDescriptor.Entry(key="tenant", value=tenant),
-                    pb.RateLimitDescriptor.Entry(key="route", value=route),
-                ]
-            )
+def bearer(stack: EdgeStack, tenant: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {stack.issuer.token(tenant)}"}
+
+
+class Load:
+    """Threads sending GET requests round their target URLs (repeat one to weight it) until stopped."""
+
+    def __init__(self, urls: list[str], headers: dict[str, str]) -> None:
+        self.statuses: Counter[int] = Counter()
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(url, headers), daemon=True) for url in urls]
+
+    def _run(self, url: str, headers: dict[str, str]) -> None:
+        while not self.stop.is_set():
+            status = http("GET", url, headers=headers).status
+            with self.lock:
+                self.statuses[status] += 1
+            self.stop.wait(0.002)
+
+    def allowed(self) -> int:
+        with self.lock:
+            return self.statuses[200]
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(30)
+
+
+def run_to_the_limit(urls: list[str], headers: dict[str, str], limit: int, timeout_s: float = 60.0) -> Counter[int]:
+    """Load until `limit` requests passed, then SETTLE_S more (the load's length, not an assertion)."""
+    with Load(urls, headers) as load:
+        wait_for(lambda: load.allowed() >= limit, timeout_s)
+        load.stop.wait(SETTLE_S)
+    assert set(load.statuses) <= {200, 429}, load.statuses
+    return load.statuses
+
+
+def one_window(stack: EdgeStack, tenant: str) -> int:
+    """The tenant's counted total; fails if its counters span two windows (the test would be void)."""
+    keys = stack.counter_keys(tenant)
+    windows = {key.rsplit(":", 1)[1] for key in keys}
+    assert len(windows) == 1, keys
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        tenant_key = next(k for k in keys if "|r=" not in k)
+        return int(client.get(tenant_key) or 0)
+    finally:
+        client.close()
+
+
+def metric(port: int, name: str, labels: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        for line in reply.read().decode().splitlines():
+            if line.startswith(f"{name}{{{labels}}}"):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+# --- exactness -------------------------------------------------------------------------------
+
+
+def test_one_tenant_through_two_envoys_and_two_edges_stays_within_the_bound(stack: EdgeStack) -> None:
+    second = stack.start_envoy("envoy-duo", stack.start_edge("edge-duo"))
+    # Uneven: three of every four requests through the first Envoy.
+    urls = [f"{stack.envoy.url}/v1/models"] * 3 + [f"{second.url}/v1/models"]
+    statuses = run_to_the_limit(urls, bearer(stack, DUO), LIMITS[DUO])
+    assert LIMITS[DUO] <= statuses[200] <= LIMITS[DUO] + 10, statuses
+    assert statuses[429] > 0
+    assert one_window(stack, DUO) >= LIMITS[DUO]  # every lease was charged to the one shared counter
+
+
+def test_a_tenant_alone_on_one_envoy_gets_its_limit(stack: EdgeStack) -> None:
+    statuses = run_to_the_limit([f"{stack.envoy.url}/v1/models"], bearer(stack, SOLO), LIMITS[SOLO])
+    assert LIMITS[SOLO] - 1 <= statuses[200] <= LIMITS[SOLO] + 1, statuses
+    assert one_window(stack, SOLO) in range(LIMITS[SOLO] - 1, LIMITS[SOLO] + 2)
+
+
+def test_a_429_speaks_the_api_error_shape_with_retry_after(stack: EdgeStack) -> None:
+    run_to_the_limit([f"{stack.envoy.url}/v1/models"], bearer(stack, PHOENIX), LIMITS[PHOENIX])
+    reply = http("GET", f"{stack.envoy.url}/v1/models", headers=bearer(stack, PHOENIX))
+    assert reply.status == 429
+    assert reply.headers["content-type"] == "application/json"
+    body = reply.json()
+    assert body["code"] == 8 and body["details"][0]["reason"] == "RATE_LIMITED", body
+    assert body["details"][0]["domain"] == "servegrid.dev" and "retry" in body["message"]
+    until_midnight = DAY - time.time() % DAY
+    assert abs(int(reply.headers["retry-after"]) - until_midnight) <= 2  # the window's end
+    assert reply.headers["x-ratelimit-reset"] == reply.headers["retry-after"]
+    assert reply.headers["x-ratelimit-remaining"] == "0"
+    # gRPC callers: RESOURCE_EXHAUSTED, a sentence, and the ErrorInfo in the details.
+    with grpc.insecure_channel(stack.envoy.address) as channel, pytest.raises(grpc.RpcError) as limited:
+        gateway_pb2_grpc.GatewayServiceStub(channel).ListModels(
+            gateway_pb2.ListModelsRequest(), metadata=list(bearer(stack, PHOENIX).items()), timeout=5
         )
-    return pb.RateLimitRequest(domain="servegrid", descriptors=descriptors)
-
-
-class _Context:
-    """Just enough of grpc.aio.ServicerContext for abort()."""
-
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
-        raise grpc.RpcError(code, details)
-
-
-def _servicer(
-    client: Any, prefix: str, limits: dict[str, int], routes: dict[str, int] | None = None
-) -> RateLimitServicer:
-    counter = RedisWindowCounter(client, prefix, 60)
-    return RateLimitServicer(RateLimiter("servegrid", LimitPolicy(100, limits, routes or {}), counter))
-
-
-async def test_two_replicas_hammering_one_redis_allow_exactly_the_limit(prefix: str) -> None:
-    # Two clients stand for two edge replicas (each behind its own Envoy) sharing one Redis.
-    clients = [aioredis.from_url(REDIS_URL), aioredis.from_url(REDIS_URL)]
-    servicers = [_servicer(c, prefix, {"acme": 50}) for c in clients]
-    if 60 - time.time() % 60 < 3:  # keep the burst inside one window
-        await asyncio.sleep(60 - time.time() % 60 + 0.1)
-    replies = await asyncio.gather(
-        *(servicers[i % 2].ShouldRateLimit(_request("acme"), _Context()) for i in range(200))
+    error = limited.value
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not error.details().startswith("{")
+    trailers = dict(error.trailing_metadata())
+    status = status_pb2.Status.FromString(trailers["grpc-status-details-bin"])
+    info = error_details_pb2.ErrorInfo()
+    status.details[0].Unpack(info)
+    assert (info.reason, info.domain) == ("RATE_LIMITED", "servegrid.dev")
+    assert (
+        trailers["retry-after"] == reply.headers["retry-after"]
+        or abs(int(trailers["retry-after"]) - until_midnight) <= 2
     )
-    for client in clients:
+    # Another tenant is unaffected.
+    assert http("GET", f"{stack.envoy.url}/v1/models", headers=bearer(stack, SOLO + "-other")).status == 200
+
+
+def test_a_route_limit_bites_on_its_route_only(stack: EdgeStack) -> None:
+    statuses = run_to_the_limit([f"{stack.envoy.url}/v1/models"], bearer(stack, ROUTED), ROUTE_LIMIT)
+    assert ROUTE_LIMIT <= statuses[200] <= ROUTE_LIMIT + 2, statuses
+    # The tenant's other routes are not held by the gateway route's limit (infer: no Triton behind it
+    # here, so it fails further on, but not with 429).
+    infer = http("POST", f"{stack.envoy.url}/v1/models/affine:infer", {"inputs": []}, bearer(stack, ROUTED))
+    assert infer.status != 429, infer
+
+
+# --- fail open, and recovery -----------------------------------------------------------------
+
+
+def test_limits_fail_open_while_the_edge_is_down_and_count_again_after(stack: EdgeStack) -> None:
+    port = free_port()
+    edge = stack.start_edge("edge-phoenix", SERVEGRID_EDGE_PORT=str(port))
+    envoy = stack.start_envoy("envoy-phoenix", edge)
+    url, headers = f"{envoy.url}/v1/models", bearer(stack, PHOENIX)  # PHOENIX's day is already used up
+    wait_for(lambda: http("GET", url, headers=headers).status == 429, 30)
+    _, api_key = stack.create_key(f"keyed-{SUFFIX}", "user")
+
+    edge.process.send_signal(signal.SIGKILL)
+    edge.process.wait(10)
+    # Envoy's last assignment expires (TTL 6 s) and the bucket falls back to ALLOW_ALL.
+    wait_for(lambda: http("GET", url, headers=headers).status == 200, 30)
+    # Envoy counts the outage: its quota stream cannot reconnect.
+    wait_for(lambda: envoy.stats("cluster.edge_quota.").get("cluster.edge_quota.upstream_cx_connect_fail", 0) > 0, 30)
+    # Authentication still fails closed: an API key cannot be checked without the edge.
+    assert http("GET", url, headers={"x-api-key": api_key}).status in (403, 503)
+
+    stack.start_edge("edge-phoenix-again", SERVEGRID_EDGE_PORT=str(port))
+    # The stream reopens at Envoy's next report; the day's counter is still full in Redis.
+    wait_for(lambda: http("GET", url, headers=headers).status == 429, 30)
+
+
+def test_limits_fail_open_while_redis_is_down_and_count_again_after(stack: EdgeStack, tmp_path: Path) -> None:
+    redis_port, metrics_port = free_port(), free_port()
+
+    def start_redis() -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(
+            ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+            stdout=subprocess.DEVNULL,
+        )
+        wait_for(lambda: _pings(redis_port), 10)
+        return process
+
+    own_redis = start_redis()
+    try:
+        edge = stack.start_edge(
+            "edge-lazarus",
+            SERVEGRID_EDGE_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
+            SERVEGRID_EDGE_REDIS_TIMEOUT_S="0.3",
+            SERVEGRID_EDGE_METRICS_PORT=str(metrics_port),
+        )
+        envoy = stack.start_envoy("envoy-lazarus", edge)
+        url, headers = f"{envoy.url}/v1/models", bearer(stack, LAZARUS)
+        with Load([url], headers) as load:
+            wait_for(lambda: load.statuses[429] > 0 and load.allowed() >= LIMITS[LAZARUS], 30)
+        assert load.allowed() <= LIMITS[LAZARUS] + 1
+
+        own_redis.send_signal(signal.SIGKILL)
+        own_redis.wait(10)
+        wait_for(lambda: http("GET", url, headers=headers).status == 200, 30)  # at the next report
+        assert metric(metrics_port, "servegrid_edge_quota_assignments_total", 'outcome="fail_open"') > 0
+
+        own_redis = start_redis()  # empty: the day starts over for this tenant
+        with Load([url], headers) as load:  # open until the next report finds Redis back
+            wait_for(lambda: load.statuses[429] > 0, 30)
+        # Counted again: what passed while Redis was away is not charged, the new leases are.
+        client = redis.Redis(port=redis_port)
+        try:
+            (key,) = client.keys(f"{stack.redis_prefix}rl:*:t={LAZARUS}:*")
+            assert int(client.get(key) or 0) == LIMITS[LAZARUS]
+        finally:
+            client.close()
+    finally:
+        own_redis.kill()
+        own_redis.wait(10)
+
+
+def _pings(port: int) -> bool:
+    client = redis.Redis(port=port, socket_timeout=0.5)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+# --- the ledger's script, against the real Redis ----------------------------------------------
+
+
+async def test_the_ledger_refunds_grants_under_every_limit_and_expires_its_keys() -> None:
+    import redis.asyncio as aioredis
+
+    from services.edge.limits import Limit, RedisQuotaLedger, Window
+
+    prefix = f"servegrid:edgetest:{secrets.token_hex(4)}:"
+    client = aioredis.from_url(REDIS_URL)
+    ledger = RedisQuotaLedger(client, prefix, "servegrid")
+    window = Window(1000, 60)
+    tenant, route = Limit("t=acme", 10, "tenant:acme"), Limit("t=acme|r=infer", 4, "route:acme/infer")
+    try:
+        first = await ledger.lease(window, [tenant], refund=0, want=3)  # a refund of 0 is "-0" in Lua
+        assert (first.tokens, first.used) == (3, 3)
+        charged = await ledger.lease(window, [tenant], refund=-2, want=2)  # over-use is charged
+        assert (charged.tokens, charged.used) == (2, 7)
+        both = await ledger.lease(window, [tenant, route], refund=0, want=9)  # the route's 4 bites first
+        assert (both.tokens, both.used) == (3, 10)
+        assert (await ledger.lease(window, [tenant], refund=0, want=5)).tokens == 0  # nothing left
+        refunded = await ledger.lease(window, [tenant], refund=4, want=1)
+        assert (refunded.tokens, refunded.used) == (1, 7)
+        assert (await ledger.lease(Window(1001, 60), [tenant], refund=0, want=5)).used == 5  # new window
+        ttl = await client.ttl(ledger.key(tenant, window))
+        assert 0 < ttl <= 120
+    finally:
+        async for key in client.scan_iter(f"{prefix}*"):
+            await client.delete(key)
         await client.aclose()
-    ok = [r for r in replies if r.overall_code == pb.RateLimitResponse.OK]
-    assert len(ok) == 50
-    remaining = sorted(r.statuses[0].limit_remaining for r in ok)
-    assert remaining == list(range(50))  # every hit counted once: 49 down to 0
-    over = [r for r in replies if r.overall_code == pb.RateLimitResponse.OVER_LIMIT]
-    assert len(over) == 150 and all(r.statuses[0].current_limit.requests_per_unit == 50 for r in over)
-
-
-async def test_a_route_limit_bites_before_the_tenant_limit(prefix: str) -> None:
-    client = aioredis.from_url(REDIS_URL)
-    servicer = _servicer(client, prefix, {"acme": 100}, {"acme/infer": 2})
-    codes = [(await servicer.ShouldRateLimit(_request("acme", "infer"), _Context())).overall_code for _ in range(3)]
-    other_route = await servicer.ShouldRateLimit(_request("acme", "models"), _Context())
-    await client.aclose()
-    assert codes == [pb.RateLimitResponse.OK, pb.RateLimitResponse.OK, pb.RateLimitResponse.OVER_LIMIT]
-    assert other_route.overall_code == pb.RateLimitResponse.OK
-    assert len(other_route.statuses) == 2 and not other_route.statuses[1].HasField("current_limit")
-
-
-async def test_a_new_window_starts_from_zero(prefix: str) -> None:
-    client = aioredis.from_url(REDIS_URL)
-    now = [1_000_000.0]
-    counter = RedisWindowCounter(client, prefix, 60, clock=lambda: now[0])
-    limiter = RateLimiter("servegrid", LimitPolicy(1, {}, {}), counter)
-    first = await limiter.decide([[("tenant", "acme")]], 1)
-    second = await limiter.decide([[("tenant", "acme")]], 1)
-    now[0] += 60
-    third = await limiter.decide([[("tenant", "acme")]], 1)
-    await client.aclose()
-    assert [v.over for v in (first[0], second[0], third[0])] == [False, True, False]
-    assert first[0].reset_s == 20  # 1_000_000 is 40 s into its minute
-
-
-async def test_dead_redis_is_an_error_answered_fast_not_a_guess() -> None:
-    # Nothing listens on port 1. The RLS answers UNAVAILABLE within the short Redis timeout, and
-    # Envoy's ratelimit filter (failure_mode_deny false) lets the request through: fail open.
-    client = aioredis.from_url("redis://127.0.0.1:1/0", socket_timeout=0.2, socket_connect_timeout=0.2)
-    servicer = _servicer(client, "servegrid:edgetest:dead:", {})
-    started = time.monotonic()
-    with pytest.raises(grpc.RpcError) as error:
-        await servicer.ShouldRateLimit(_request("acme"), _Context())
-    await client.aclose()
-    assert error.value.args[0] == grpc.StatusCode.UNAVAILABLE
-    assert time.monotonic() - started < 2
-
-
-async def test_unknown_domain_is_refused(prefix: str) -> None:
-    client = aioredis.from_url(REDIS_URL)
-    request = _request("acme")
-    request.domain = "someone-else"
-    with pytest.raises(grpc.RpcError) as error:
-        await _servicer(client, prefix, {}).ShouldRateLimit(request, _Context())
-    await client.aclose()
-    assert error.value.args[0] == grpc.StatusCode.INVALID_ARGUMENT
-
-
-async def test_a_forgotten_script_is_reloaded_and_each_hit_counts_once(prefix: str) -> None:
-    # What a Redis restart or SCRIPT FLUSH looks like to the counter (without flushing a shared Redis).
-    client = aioredis.from_url(REDIS_URL)
-    counter = RedisWindowCounter(client, prefix, 60)
-    limiter = RateLimiter("servegrid", LimitPolicy(10, {}, {}), counter)
-    await limiter.decide([[("tenant", "acme")]], 1)
-    counter._sha = b"0" * 40  # a script Redis does not know
-    verdicts = await asyncio.gather(*(limiter.decide([[("tenant", "acme")]], 1) for _ in range(3)))
-    await counter.hot.close()
-    await client.aclose()
-    assert sorted(v[0].used for v in verdicts) == [2, 3, 4]

@@ -19,6 +19,7 @@ import psycopg.sql
 import redis
 
 from services.edge.devkeys import DevIssuer
+from services.edge.tokens import SIGNING_KEY_FILE, load_or_create_signing_key
 from services.mesh.bootstrap import EnvoyParams
 from tests.support.envoy import EnvoyProcess, start_envoy
 from tests.support.processes import REPO, ServiceProcess, start_service
@@ -42,6 +43,7 @@ class EdgeStack:
     envoy: EnvoyProcess
     params: EnvoyParams
     extra: list[ServiceProcess | EnvoyProcess] = field(default_factory=list)
+    edge_settings: dict[str, str] = field(default_factory=dict)  # SERVEGRID_EDGE_* every edge here gets
 
     def edge_env(self, **overrides: str) -> dict[str, str]:
         return {
@@ -54,6 +56,9 @@ class EdgeStack:
             # asserted in a unit test, and the limits that must bite are set per tenant above.
             "SERVEGRID_EDGE_DEFAULT_LIMIT": "100000",
             "SERVEGRID_EDGE_USE_UVLOOP": "false",
+            # The edge mints exchanged tokens with this key; Envoy trusts its JWKS (params.token_jwks_file).
+            "SERVEGRID_EDGE_TOKEN_SIGNING_KEY_FILE": str(self.state_dir / "tokens" / SIGNING_KEY_FILE),
+            **self.edge_settings,
             **overrides,
         }
 
@@ -135,14 +140,24 @@ def _control_plane(state_dir: Path, triton_grpc: str, triton_http: str) -> Any:
 
 @contextlib.contextmanager
 def edge_stack(
-    state_dir: Path, triton_grpc: str, tenant_limits: dict[str, int], triton_http: str = ""
+    state_dir: Path,
+    triton_grpc: str,
+    tenant_limits: dict[str, int],
+    triton_http: str = "",
+    *,
+    edge_settings: dict[str, str] | None = None,
+    envoy_overrides: dict[str, Any] | None = None,
 ) -> Iterator[EdgeStack]:
-    """Start edge, stand-in registry, a router (xDS), gateway and Envoy in front of one Triton; stop them all."""
+    """Start edge, stand-in registry, a router (xDS), gateway and Envoy in front of one Triton; stop them all.
+
+    `edge_settings` (SERVEGRID_EDGE_* variables) go to every edge of the stack; `envoy_overrides`
+    (EnvoyParams fields) to every Envoy."""
     from services.stack.ports import free_port
 
     token = secrets.token_hex(4)
     issuer = DevIssuer.generate()
     jwks = issuer.write(state_dir / "jwt")
+    _, token_jwks = load_or_create_signing_key(state_dir / "tokens")
     started: list[ServiceProcess | EnvoyProcess] = []
     stack: EdgeStack | None = None
     router = _control_plane(state_dir, triton_grpc, triton_http)
@@ -154,11 +169,12 @@ def edge_stack(
             schema=f"servegrid_edge_{token}",
             redis_prefix=f"servegrid:edgetest:{token}:",
             tenant_limits=tenant_limits,
+            edge_settings=dict(edge_settings or {}),
             edge=None,  # type: ignore[arg-type]
             gateway=None,  # type: ignore[arg-type]
             registry=None,  # type: ignore[arg-type]
             envoy=None,  # type: ignore[arg-type]
-            params=EnvoyParams.for_profile("local", jwks_file=str(jwks)),
+            params=EnvoyParams.for_profile("local", jwks_file=str(jwks), token_jwks_file=str(token_jwks)),
         )
         stack.edge = start_service("edge", "services.edge", "SERVEGRID_EDGE_", state_dir, stack.edge_env())
         started.append(stack.edge)
@@ -179,17 +195,18 @@ def edge_stack(
         started.append(stack.gateway)
         stack.params = EnvoyParams.for_profile(
             "local",
-            # Generous: other suites share this box's two cores, and a timed-out RLS call would
-            # fail open (uncounted) and a timed-out key check closed (503), both flaky here.
-            ratelimit_timeout_s=5.0,
+            # Generous: other suites share this box's two cores, and a timed-out key check fails
+            # closed (503), flaky here.
             ext_authz_timeout_s=5.0,
             jwks_file=str(jwks),
+            token_jwks_file=str(token_jwks),
             gateway=stack.gateway.address,
             xds=(router.address,),
             mesh_host="127.0.0.1",
             mesh_port=mesh_port,
             registry=stack.registry.address,
             edge=stack.edge.address,
+            **(envoy_overrides or {}),
         )
         stack.envoy = start_envoy(state_dir / "envoy", stack.params)
         started.append(stack.envoy)

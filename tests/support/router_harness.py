@@ -303,7 +303,7 @@ def start_mesh_envoy(
 
     jwks = DevIssuer.generate().write(state_dir / "jwt")  # the public listener's jwt_authn needs a JWKS
     mesh_port = mesh_port or free_port()
-    params = EnvoyParams.for_profile("local", jwks_file=str(jwks))
+    params = EnvoyParams.for_profile("local", jwks_file=str(jwks), token_jwks_file=str(jwks))
     xds = (xds_address,) if isinstance(xds_address, str) else tuple(xds_address)
     envoy = start_envoy(state_dir, params, xds=xds, mesh_port=mesh_port, mesh_host="127.0.0.1", node_id=node_id)
     return MeshEnvoy(envoy, mesh_port, node_id)

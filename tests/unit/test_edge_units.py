@@ -1,17 +1,17 @@
-"""Edge service cores without servers: limit policy, key format and hashing, the API-key decision."""
+"""Edge service cores without servers: settings, key format and hashing, the API-key decision."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
-from services.edge.authz import ApiKeyAuthorizer, check_response
+from services.edge.authz import ApiKeyAuthorizer, caller_of, check_response
 from services.edge.envoy_api import external_auth_pb2 as pb
 from services.edge.keys import KEY_PREFIX, ApiKey, hash_key, new_key, validate_identity
-from services.edge.limits import LimitPolicy
 from services.edge.settings import EdgeSettings
 
 
@@ -29,20 +29,6 @@ def test_settings_read_the_stack_wide_database_and_redis_names(monkeypatch: pyte
     settings = EdgeSettings()
     assert settings.database_url == "postgresql://elsewhere/db"
     assert settings.tenant_limits == {"acme": 7}
-
-
-def test_limit_policy() -> None:
-    policy = LimitPolicy(100, {"acme": 1000}, {"infer": 50, "acme/infer": 500})
-    assert policy.limit_for([("tenant", "globex")]).requests == 100  # type: ignore[union-attr]
-    assert policy.limit_for([("tenant", "acme")]).requests == 1000  # type: ignore[union-attr]
-    assert policy.limit_for([("tenant", "globex"), ("route", "infer")]).requests == 50  # type: ignore[union-attr]
-    assert policy.limit_for([("tenant", "acme"), ("route", "infer")]).requests == 500  # type: ignore[union-attr]
-    assert policy.limit_for([("tenant", "acme"), ("route", "admin")]) is None
-    assert policy.limit_for([("remote_address", "1.2.3.4")]) is None
-    assert policy.limit_for([("tenant", "")]) is None
-    # Tenant and route counters never share a key.
-    tenant, route = policy.limit_for([("tenant", "acme")]), policy.limit_for([("tenant", "acme"), ("route", "infer")])
-    assert tenant is not None and route is not None and tenant.counter != route.counter
 
 
 def test_keys_are_high_entropy_and_only_their_hash_is_kept() -> None:
@@ -117,3 +103,52 @@ async def test_check_response_sets_identity_and_drops_the_key() -> None:
     denied = check_response(await authorizer.decide(None))
     assert denied.denied_response.status.code == 401
     assert "x-api-key" in denied.denied_response.body
+
+
+def _http(path: str, **headers: str) -> pb.AttributeContext.HttpRequest:
+    return pb.AttributeContext.HttpRequest(path=path, headers=headers)
+
+
+def test_caller_is_told_apart_by_content_type_or_path() -> None:
+    assert caller_of(_http("/servegrid.gateway.v1.GatewayService/ListModels")) == "grpc"
+    assert caller_of(_http("/inference.GRPCInferenceService/ModelInfer")) == "grpc"
+    assert caller_of(_http("/v1/models/digits:infer")) == "rest"
+    assert caller_of(_http("/v1/models?pageSize=2")) == "rest"
+    assert caller_of(_http("/v2/models/affine/infer")) == "kserve"
+    assert caller_of(_http("/v2")) == "kserve"
+    # When ext_authz passes the content-type, it decides.
+    assert caller_of(_http("/v1/models", **{"content-type": "application/grpc"})) == "grpc"
+    assert caller_of(_http("/a.B/C", **{"content-type": "application/json"})) == "rest"
+
+
+async def test_denials_come_in_the_callers_shape() -> None:
+    import json
+
+    from google.rpc import error_details_pb2, status_pb2
+
+    gone_id, gone = new_key()
+    authorizer = ApiKeyAuthorizer(_Store({hash_key(gone): _record(gone_id, revoked=True)}), _Cache())  # type: ignore[arg-type]
+    decisions = {
+        "UNAUTHENTICATED_MISSING": await authorizer.decide(None),
+        "UNAUTHENTICATED_API_KEY_INVALID": await authorizer.decide("sgk_nope"),
+        "UNAUTHENTICATED_API_KEY_REVOKED": await authorizer.decide(gone),
+    }
+    for reason, decision in decisions.items():
+        assert decision.reason == reason
+        rest = check_response(decision, "rest").denied_response
+        body = json.loads(rest.body)
+        assert body["code"] == 16 and body["message"] == decision.message
+        assert body["details"] == [
+            {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason, "domain": "servegrid.dev"}
+        ]
+        assert {h.header.key: h.header.value for h in rest.headers}["content-type"] == "application/json"
+        assert json.loads(check_response(decision, "kserve").denied_response.body) == {"error": decision.message}
+        # gRPC: Envoy makes the body the grpc-message, so it is the sentence the details repeat.
+        grpc_reply = check_response(decision, "grpc").denied_response
+        assert grpc_reply.body == decision.message and not grpc_reply.body.startswith("{")
+        headers = {h.header.key: h.header.value for h in grpc_reply.headers}
+        assert headers["grpc-status"] == "16" and "content-type" not in headers
+        status = status_pb2.Status.FromString(base64.b64decode(headers["grpc-status-details-bin"]))
+        info = error_details_pb2.ErrorInfo()
+        assert (status.code, status.message) == (16, decision.message) and status.details[0].Unpack(info)
+        assert info.reason == reason

@@ -111,3 +111,32 @@ def test_envoy_config_matches_the_chart_services_and_can_be_replaced() -> None:
 def test_another_release_name_without_a_config_fails_with_a_clear_message() -> None:
     with pytest.raises(helm.HelmError, match=r"set-file envoy\.config"):
         render(name="other")
+
+
+def test_the_token_secret_gives_the_edge_its_key_and_envoy_only_the_jwks_and_a_config_trusting_it() -> None:
+    plain = by_kind(render(), "ConfigMap")["servegrid-envoy"]["data"]["envoy.yaml"]
+    assert "token-jwks" not in plain  # without the Secret, Envoy trusts no exchanged token
+    docs = render({"tokens": {"existingSecret": "servegrid-tokens", "ttlSeconds": 120}})
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    deployments = by_kind(docs, "Deployment")
+    edge = deployments["servegrid-edge"]["spec"]["template"]["spec"]
+    env = env_of(edge["containers"][0])
+    assert env["SERVEGRID_EDGE_TOKEN_SIGNING_KEY_FILE"] == "/etc/servegrid/token-key/signing-key.pem"
+    assert env["SERVEGRID_EDGE_TOKEN_TTL_S"] == "120"
+    (key_volume,) = [v for v in edge["volumes"] if v["name"] == "token-key"]
+    assert key_volume["secret"] == {
+        "secretName": "servegrid-tokens",
+        "items": [{"key": "signing-key.pem", "path": "signing-key.pem"}],
+    }
+    envoy = deployments["servegrid-envoy"]["spec"]["template"]["spec"]
+    (jwks_volume,) = [v for v in envoy["volumes"] if v["name"] == "token-jwks"]
+    assert jwks_volume["secret"]["items"] == [{"key": "jwks.json", "path": "jwks.json"}]
+    mounts = {m["name"]: m["mountPath"] for m in envoy["containers"][0]["volumeMounts"]}
+    config = by_kind(docs, "ConfigMap")["servegrid-envoy"]["data"]["envoy.yaml"]
+    assert f"filename: {mounts['token-jwks']}/jwks.json" in config
+    # No other pod gets the signing key.
+    for name, deployment in deployments.items():
+        volumes = deployment["spec"]["template"]["spec"].get("volumes", [])
+        if name != "servegrid-edge":
+            assert all("signing-key.pem" not in str(v) for v in volumes), name

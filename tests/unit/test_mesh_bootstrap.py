@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,8 @@ from google.protobuf import descriptor_pb2
 from services.edge.devkeys import DevIssuer
 from services.mesh import names
 from services.mesh.bootstrap import (
+    QUOTA_CLUSTER,
+    QUOTA_FILTER,
     EnvoyParams,
     descriptor_set_bytes,
     render_config,
@@ -37,7 +41,8 @@ def jwks(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("profile", ["local", "kubernetes"])
 def test_profile_passes_envoy_validate(profile: str, jwks: Path, tmp_path: Path) -> None:
-    overrides = {"jwks_file": str(jwks)} if profile == "local" else {}
+    # The local profile also trusts the edge's exchanged tokens: it needs that JWKS too.
+    overrides = {"jwks_file": str(jwks), "token_jwks_file": str(jwks)} if profile == "local" else {}
     path = tmp_path / "envoy.yaml"
     path.write_text(render_yaml(EnvoyParams.for_profile(profile, **overrides)))  # type: ignore[arg-type]
     result = validate_config(path)
@@ -58,7 +63,8 @@ def test_filters_run_in_the_order_that_keeps_identity_trustworthy() -> None:
         "envoy.filters.http.jwt_authn",
         "envoy.filters.http.ext_authz",
         "envoy.filters.http.rbac",
-        "envoy.filters.http.ratelimit",
+        "servegrid.ratelimit_route",  # the route's rate-limit name, a client's copy removed
+        "envoy.filters.http.rate_limit_quota",  # no call per request: enforces the edge's leases
         "envoy.filters.http.buffer",
         "envoy.filters.http.grpc_json_transcoder",
         "envoy.filters.http.router",
@@ -102,7 +108,11 @@ def test_header_scrub_removes_identity_but_lets_the_routing_headers_through() ->
 def test_the_admin_api_needs_the_admin_role_by_path_listener_wide() -> None:
     policies = _filter(render_config(EnvoyParams()), names.RBAC_FILTER)["rules"]["policies"]
     admin_paths = policies["admin-only"]["permissions"][0]["or_rules"]["rules"]
-    assert [p["url_path"]["path"]["prefix"] for p in admin_paths] == ["/servegrid.registry.v1.", "/v1/admin/"]
+    assert [p["url_path"]["path"] for p in admin_paths] == [
+        {"prefix": "/servegrid.registry.v1."},
+        {"prefix": "/v1/admin/"},
+        {"exact": "/inference.GRPCInferenceService/ModelStatistics"},  # every tenant's counts
+    ]
     assert "admin" in str(policies["admin-only"]["principals"])
     assert policies["authenticated-tenant"]["permissions"] == [{"not_rule": policies["admin-only"]["permissions"][0]}]
 
@@ -142,11 +152,42 @@ def test_the_router_override_names_the_xds_server() -> None:
 
 
 def test_rate_limits_fail_open_unless_told_otherwise() -> None:
-    def deny(params: EnvoyParams) -> bool:
-        return bool(_filter(render_config(params), names.RATELIMIT_FILTER)["failure_mode_deny"])
+    def unassigned(params: EnvoyParams) -> set[str]:
+        quota = _filter(render_config(params), QUOTA_FILTER)["bucket_matchers"]
+        actions = [quota["on_no_match"]["action"], quota["matcher_list"]["matchers"][0]["on_match"]["action"]]
+        return {a["typed_config"]["no_assignment_behavior"]["fallback_rate_limit"]["blanket_rule"] for a in actions}
 
-    assert deny(EnvoyParams()) is False
-    assert deny(EnvoyParams(ratelimit_fail_closed=True)) is True
+    assert unassigned(EnvoyParams()) == {"ALLOW_ALL"}
+    assert unassigned(EnvoyParams(ratelimit_fail_closed=True)) == {"DENY_ALL"}
+
+
+def test_quota_denials_speak_the_api_error_shape() -> None:
+    quota = _filter(render_config(EnvoyParams()), QUOTA_FILTER)
+    assert quota["rlqs_server"]["envoy_grpc"]["cluster_name"] == QUOTA_CLUSTER
+    rest = quota["bucket_matchers"]["on_no_match"]["action"]["typed_config"]
+    grpc_ = quota["bucket_matchers"]["matcher_list"]["matchers"][0]["on_match"]["action"]["typed_config"]
+    assert rest["bucket_id_builder"] == grpc_["bucket_id_builder"]  # one bucket, whatever the protocol
+    assert set(rest["bucket_id_builder"]["bucket_id_builder"]) == {"tenant", "route"}
+    body = json.loads(base64.b64decode(rest["deny_response_settings"]["http_body"]["value"]))
+    assert body["code"] == 8 and body["details"][0]["reason"] == "RATE_LIMITED"
+    added = rest["deny_response_settings"]["response_headers_to_add"]
+    rest_headers = {h["header"]["key"]: h["header"]["value"] for h in added}
+    assert rest_headers["content-type"] == "application/json" and rest_headers["x-ratelimit-remaining"] == "0"
+    assert grpc_["deny_response_settings"]["grpc_status"]["code"] == 8
+    grpc_headers = {h["header"]["key"] for h in grpc_["deny_response_settings"]["response_headers_to_add"]}
+    assert "grpc-status-details-bin" in grpc_headers and "content-type" not in grpc_headers
+    # retry-after counts down to the window's end, added by the 429 local-reply mappers only (a
+    # response mutation would evaluate its CEL on every response).
+    tag = _filter(render_config(EnvoyParams()), "servegrid.ratelimit_route")
+    assert "response_mutations" not in tag["mutations"]
+    hcm = render_config(EnvoyParams(ratelimit_window_s=3600))["static_resources"]["listeners"][0]
+    mappers = hcm["filter_chains"][0]["filters"][0]["typed_config"]["local_reply_config"]["mappers"]
+    limited = [m for m in mappers if "429" in json.dumps(m["filter"])]
+    assert len(limited) == 3  # gRPC, KServe REST, servegrid REST
+    for mapper in limited:
+        resets = {h["header"]["key"]: h["header"]["value"] for h in mapper["headers_to_add"]}
+        assert "3600 - int(request.time) % 3600" in resets["retry-after"]
+        assert resets["x-ratelimit-reset"] == resets["retry-after"]
 
 
 def test_descriptor_set_carries_the_error_details_for_convert_grpc_status() -> None:
@@ -160,3 +201,101 @@ def test_descriptor_set_can_come_from_anywhere(tmp_path: Path) -> None:
     path.write_bytes(descriptor_pb2.FileDescriptorSet().SerializeToString())
     fds = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set_bytes(EnvoyParams(descriptors=path)))
     assert "servegrid/gateway/v1/gateway.proto" not in {f.name for f in fds.file}
+
+
+# --- Envoy's own replies ---------------------------------------------------------------------
+
+
+def _mappers(params: EnvoyParams | None = None) -> list[dict[str, Any]]:
+    return _hcm(render_config(params or EnvoyParams()))["local_reply_config"]["mappers"]
+
+
+def _grpc_details(mapper: dict[str, Any]) -> tuple[str, str] | None:
+    headers = {h["header"]["key"]: h["header"]["value"] for h in mapper.get("headers_to_add", [])}
+    if "grpc-status-details-bin" not in headers or "grpc-status" not in headers:
+        return None
+    return headers["grpc-status"], headers["grpc-status-details-bin"]
+
+
+def test_grpc_local_replies_say_in_grpc_message_what_their_details_say() -> None:
+    """grpc_status.rpc_status.from_call refuses a Status whose code or message differ from the call's:
+    each gRPC mapper's body (Envoy's grpc-message) is exactly its Status message, and has no formatter."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    reasons = set()
+    for mapper in _mappers():
+        found = _grpc_details(mapper)
+        if found is None:
+            continue
+        code, encoded = found
+        status = status_pb2.Status.FromString(base64.b64decode(encoded))
+        message = mapper["body_format_override"]["text_format_source"]["inline_string"]
+        assert (str(status.code), status.message) == (code, message)
+        assert "%" not in message and not message.startswith("{")
+        info = error_details_pb2.ErrorInfo()
+        (detail,) = status.details
+        assert detail.Unpack(info) and info.domain == names.ERROR_DOMAIN
+        reasons.add(info.reason)
+    assert {
+        "UNAUTHENTICATED_TOKEN_EXPIRED",
+        "UNAUTHENTICATED_MISSING",
+        "UNAUTHENTICATED_TOKEN_INVALID",
+        "AUDIENCE_MISMATCH",
+        "ADMIN_ROLE_REQUIRED",
+        "PERMISSION_DENIED",
+        "UNKNOWN_METHOD",
+        "REQUEST_TOO_LARGE",
+        "RATE_LIMITED",
+        "API_KEY_CHECK_UNAVAILABLE",
+        "SERVICE_UNAVAILABLE",
+    } <= reasons
+
+
+def test_every_refusal_comes_in_each_callers_shape() -> None:
+    """REST mappers write the services' JSON (reason, domain), KServe REST ones `{"error"}` on /v2."""
+    mappers = _mappers()
+    rest = [m for m in mappers if "details" in m.get("body_format_override", {}).get("json_format", {})]
+    kserve = [m for m in mappers if set(m.get("body_format_override", {}).get("json_format", {})) == {"error"}]
+    reasons = {m["body_format_override"]["json_format"]["details"][0]["reason"] for m in rest}
+    assert {
+        "UNAUTHENTICATED_TOKEN_EXPIRED",
+        "UNAUTHENTICATED_TOKEN_INVALID",
+        "AUDIENCE_MISMATCH",
+        "ADMIN_ROLE_REQUIRED",
+        "PERMISSION_DENIED",
+        "UNKNOWN_PATH",
+        "MALFORMED_REQUEST",
+        "REQUEST_TOO_LARGE",
+        "RATE_LIMITED",
+        "API_KEY_CHECK_UNAVAILABLE",
+        "SERVICE_UNAVAILABLE",
+    } <= reasons
+    for mapper in rest + kserve:
+        assert mapper["body_format_override"]["content_type"] == "application/json"
+        assert 400 <= mapper["status_code"] < 600
+    assert len(kserve) >= 8  # one per refusal a KServe caller can meet, and the no-backend one
+
+
+def test_kserve_no_backend_replies_keep_naming_the_model() -> None:
+    mappers = _mappers()
+    kserve = [m for m in mappers if "UH" in json.dumps(m["filter"]) and names.MODEL_HEADER in json.dumps(m["filter"])]
+    assert (
+        kserve and "has no healthy backend" in kserve[0]["body_format_override"]["text_format_source"]["inline_string"]
+    )
+    rest = [
+        m
+        for m in mappers
+        if m.get("body_format_override", {}).get("json_format", {}).get("error", "").startswith("no healthy")
+    ]
+    assert rest and rest[0]["status_code"] == 503
+    # Before the generic unreachable-service mappers, which would otherwise take them.
+    generic = next(i for i, m in enumerate(mappers) if "SERVICE_UNAVAILABLE" in json.dumps(m))
+    assert mappers.index(kserve[0]) < generic and mappers.index(rest[0]) < generic
+
+
+def test_reply_messages_follow_the_parameters() -> None:
+    params = EnvoyParams(max_request_body_bytes=1234, audience="other-api", admin_role="operator")
+    text = json.dumps(_mappers(params))
+    assert "larger than 1234 bytes" in text
+    assert "aud includes 'other-api'" in text and '\\"other-api\\" in' in text  # the message and the CEL check
+    assert "needs the 'operator' role" in text

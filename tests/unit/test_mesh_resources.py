@@ -14,7 +14,13 @@ from services.edge.devkeys import DevIssuer
 from services.mesh import names
 from services.mesh.bootstrap import EnvoyParams, render_config
 from services.mesh.resources import DRAINING, HEALTHY, UNHEALTHY, build_snapshot
-from services.mesh.routes import KservePolicy, kserve_routes, public_route_config
+from services.mesh.routes import (
+    RATELIMIT_ROUTE_HEADER,
+    RATELIMIT_TAG_FILTER,
+    KservePolicy,
+    kserve_routes,
+    public_route_config,
+)
 from services.router.settings import RouterSettings
 from services.router.table import RouteTable
 from services.router.xds import TYPE_CLUSTER, TYPE_ENDPOINT, TYPE_ROUTE, XdsSnapshot
@@ -179,7 +185,10 @@ def test_default_traffic_is_weighted_sticky_and_shadowed(snapshot: XdsSnapshot) 
     assert mirror["runtime_fraction"]["default_value"] == {"numerator": 250000, "denominator": "MILLION"}
     assert action["max_stream_duration"]["grpc_timeout_header_max"] == "0s" and action["timeout"] == "0s"
     assert action["retry_policy"]["num_retries"] == RouterSettings().retry_max_attempts - 1
-    assert default["typed_per_filter_config"].keys() == {names.BUFFER_FILTER, names.TRANSCODER_FILTER}
+    filters = default["typed_per_filter_config"]
+    assert filters.keys() == {names.BUFFER_FILTER, names.TRANSCODER_FILTER, RATELIMIT_TAG_FILTER}
+    (tag,) = filters[RATELIMIT_TAG_FILTER]["mutations"]["request_mutations"]
+    assert tag["append"]["header"] == {"key": RATELIMIT_ROUTE_HEADER, "value": "kserve"}  # counted as route kserve
 
 
 def test_the_routers_comparison_calls_are_never_mirrored(snapshot: XdsSnapshot) -> None:
@@ -260,7 +269,7 @@ def test_versions_are_deterministic_and_follow_the_revision(snapshot: XdsSnapsho
 def _static_bootstrap(snapshot: XdsSnapshot, jwks: Path) -> dict[str, Any]:
     """The bootstrap with every pushed resource inlined: clusters static with their endpoints, each
     listener's route config in place of its RDS source."""
-    config = render_config(EnvoyParams.for_profile("local", jwks_file=str(jwks)))
+    config = render_config(EnvoyParams.for_profile("local", jwks_file=str(jwks), token_jwks_file=str(jwks)))
     config.pop("dynamic_resources")
     for name, message in snapshot.resources[TYPE_CLUSTER].items():
         cluster = json_format.MessageToDict(message, preserving_proto_field_name=True)

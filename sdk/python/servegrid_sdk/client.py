@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -42,6 +44,57 @@ class ServegridError(Exception):
                     if detail.Unpack(info):
                         reason, metadata = info.reason, dict(info.metadata)
         return cls(call.code(), call.details() or "", reason, metadata)
+
+
+class ApiKeyCredential:
+    """An API key, exchanged once for a short-lived JWT (AuthService.CreateAccessToken) and reused.
+
+    Envoy verifies the JWT by itself, so calls made with it cost no key check per request; the
+    token is exchanged again a little before it expires (a fifth of its lifetime, at most a minute).
+    A server without the exchange (UNIMPLEMENTED) gets the key itself on every call instead.
+    Thread-safe: one exchange at a time, shared by every call of the client."""
+
+    def __init__(self, channel: grpc.Channel, api_key: str, *, clock: Callable[[], float] = time.time) -> None:
+        self._stub = gateway_pb2_grpc.AuthServiceStub(channel)
+        self._api_key = api_key
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._token = ""
+        self._refresh_at = 0.0
+        self._plain = False  # the server cannot exchange: send the key itself
+        self.exchanges = 0
+
+    def metadata(self, timeout_s: float) -> list[tuple[str, str]]:
+        with self._lock:
+            if not self._plain and (not self._token or self._clock() >= self._refresh_at):
+                self._exchange(timeout_s)
+            if self._plain:
+                return [("x-api-key", self._api_key)]
+            return [("authorization", f"Bearer {self._token}")]
+
+    def invalidate(self) -> bool:
+        """Forget the token (the server refused it) so the next call exchanges again; False when no
+        token was in use (the key itself was refused)."""
+        with self._lock:
+            had, self._token = bool(self._token) and not self._plain, ""
+            return had
+
+    def _exchange(self, timeout_s: float) -> None:
+        try:
+            reply = self._stub.CreateAccessToken(
+                gateway_pb2.CreateAccessTokenRequest(), metadata=[("x-api-key", self._api_key)], timeout=timeout_s
+            )
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+                self._plain = True
+                return
+            raise ServegridError.from_rpc_error(err) from None
+        self.exchanges += 1
+        now = self._clock()
+        expires_at = float(reply.expire_time.seconds) or now + reply.expires_in
+        lifetime = max(expires_at - now, 0.0)
+        self._token = reply.access_token
+        self._refresh_at = expires_at - min(lifetime / 5, 60.0)
 
 
 @dataclass(frozen=True)
@@ -92,7 +145,11 @@ class ServegridClient:
         timeout_s: float = 30.0,
         max_attempts: int = 3,
         credentials: grpc.ChannelCredentials | None = None,
+        exchange_api_key: bool = True,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """`api_key` is exchanged for a short-lived token on first use (`exchange_api_key=False` sends
+        the key on every call instead); `token` is sent as it is."""
         options = [("grpc.service_config", _retry_config(max_attempts)), ("grpc.enable_retries", 1)]
         self._channel = (
             grpc.secure_channel(target, credentials, options=options)
@@ -100,18 +157,36 @@ class ServegridClient:
             else grpc.insecure_channel(target, options=options)
         )
         self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
-        self._metadata: list[tuple[str, str]] = []
+        self._static: list[tuple[str, str]] = []
+        self.api_key: ApiKeyCredential | None = None
         if token:
-            self._metadata.append(("authorization", f"Bearer {token}"))
-        if api_key:
-            self._metadata.append(("x-api-key", api_key))
+            self._static.append(("authorization", f"Bearer {token}"))
+        elif api_key and exchange_api_key:
+            self.api_key = ApiKeyCredential(self._channel, api_key, clock=clock)
+        elif api_key:
+            self._static.append(("x-api-key", api_key))
         self.timeout_s = timeout_s
 
+    @property
+    def _metadata(self) -> list[tuple[str, str]]:
+        if self.api_key is None:
+            return self._static
+        return self.api_key.metadata(self.timeout_s)
+
     def _call(self, method: str, request: object, timeout_s: float | None = None) -> object:
-        try:
-            return getattr(self._stub, method)(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
-        except grpc.RpcError as err:
-            raise ServegridError.from_rpc_error(err) from None
+        for attempt in (1, 2):
+            try:
+                return getattr(self._stub, method)(
+                    request, timeout=timeout_s or self.timeout_s, metadata=self._metadata
+                )
+            except grpc.RpcError as err:
+                # An exchanged token the server no longer accepts (its signing key changed, a clock
+                # jumped): exchange once more and repeat; the key itself is checked again there.
+                refused = err.code() == grpc.StatusCode.UNAUTHENTICATED
+                if attempt == 1 and refused and self.api_key is not None and self.api_key.invalidate():
+                    continue
+                raise ServegridError.from_rpc_error(err) from None
+        raise AssertionError("unreachable")
 
     def infer(
         self,

@@ -1,1 +1,1 @@
-"""Python stubs for the parts of Envoy's RLS and ext_authz gRPC APIs the edge service implements."""
+"""Python stubs for the part of Envoy's ext_authz gRPC API the edge implements (RLQS comes from xds-protos)."""

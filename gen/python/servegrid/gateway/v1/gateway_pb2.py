@@ -24,11 +24,12 @@ _sym_db = _symbol_database.Default()
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from servegrid.batch.v1 import batch_pb2 as servegrid_dot_batch_dot_v1_dot_batch__pb2
 from servegrid.common.v1 import tensor_pb2 as servegrid_dot_common_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"servegrid/gateway/v1/gateway.proto\x12\x14servegrid.gateway.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1eservegrid/batch/v1/batch.proto\x1a servegrid/common/v1/tensor.proto\";\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x05\"G\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\r\n\x05stage\x18\x02 \x01(\t\x12\x17\n\x0ftraffic_percent\x18\x03 \x01(\x05\"\xcd\x02\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\x37\n\x06labels\x18\x05 \x03(\x0b\x32\'.servegrid.gateway.v1.Model.LabelsEntry\x12\x34\n\x08versions\x18\x06 \x03(\x0b\x32\".servegrid.gateway.v1.ModelVersion\x12\x30\n\x06inputs\x18\x07 \x03(\x0b\x32 .servegrid.gateway.v1.TensorSpec\x12\x31\n\x07outputs\x18\x08 \x03(\x0b\x32 .servegrid.gateway.v1.TensorSpec\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x94\x01\n\x0cInferRequest\x12\x16\n\x08model_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x31\n\x06inputs\x18\x03 \x03(\x0b\x32\x1b.servegrid.common.v1.TensorB\x04\xe2\x41\x01\x02\x12\x14\n\x0coutput_names\x18\x04 \x03(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"t\n\rInferResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12,\n\x07outputs\x18\x03 \x03(\x0b\x32\x1b.servegrid.common.v1.Tensor\x12\x12\n\nrequest_id\x18\x04 \x01(\t\":\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"Z\n\x12ListModelsResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.servegrid.gateway.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x0fGetModelRequest\x12\x16\n\x08model_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\">\n\x10GetModelResponse\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.servegrid.gateway.v1.Model\"\xbc\x02\n\x15\x43reateBatchJobRequest\x12\x16\n\x08model_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08priority\x18\x03 \x01(\x05\x12\x1d\n\x0fidempotency_key\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12/\n\x05items\x18\x05 \x01(\x0b\x32\x1e.servegrid.batch.v1.BatchItemsH\x00\x12\x16\n\x0citems_ndjson\x18\x06 \x01(\x0cH\x00\x12G\n\x06labels\x18\x07 \x03(\x0b\x32\x37.servegrid.gateway.v1.CreateBatchJobRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06source\"T\n\x16\x43reateBatchJobResponse\x12)\n\x03job\x18\x01 \x01(\x0b\x32\x1c.servegrid.batch.v1.BatchJob\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"*\n\x12GetBatchJobRequest\x12\x14\n\x06job_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"M\n\x13GetBatchJobResponse\x12\x36\n\x08progress\x18\x01 \x01(\x0b\x32$.servegrid.batch.v1.BatchJobProgress\"=\n\x14ListBatchJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\\\n\x15ListBatchJobsResponse\x12*\n\x04jobs\x18\x01 \x03(\x0b\x32\x1c.servegrid.batch.v1.BatchJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"-\n\x15\x43\x61ncelBatchJobRequest\x12\x14\n\x06job_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"C\n\x16\x43\x61ncelBatchJobResponse\x12)\n\x03job\x18\x01 \x01(\x0b\x32\x1c.servegrid.batch.v1.BatchJob\",\n\x14RetryBatchJobRequest\x12\x14\n\x06job_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"Z\n\x15RetryBatchJobResponse\x12)\n\x03job\x18\x01 \x01(\x0b\x32\x1c.servegrid.batch.v1.BatchJob\x12\x16\n\x0erequeued_items\x18\x02 \x01(\x03\",\n\x14WatchBatchJobRequest\x12\x14\n\x06job_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"O\n\x15WatchBatchJobResponse\x12\x36\n\x08progress\x18\x01 \x01(\x0b\x32$.servegrid.batch.v1.BatchJobProgress\"\x8c\x01\n\x1aListBatchJobResultsRequest\x12\x14\n\x06job_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x31\n\x05state\x18\x04 \x01(\x0e\x32\".servegrid.batch.v1.BatchItemState\"h\n\x1bListBatchJobResultsResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.servegrid.batch.v1.BatchResult\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"g\n\x1cStreamBatchJobResultsRequest\x12\x14\n\x06job_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x31\n\x05state\x18\x02 \x01(\x0e\x32\".servegrid.batch.v1.BatchItemState\"P\n\x1dStreamBatchJobResultsResponse\x12/\n\x06result\x18\x01 \x01(\x0b\x32\x1f.servegrid.batch.v1.BatchResult2\xd5\x0c\n\x0eGatewayService\x12\xad\x01\n\x05Infer\x12\".servegrid.gateway.v1.InferRequest\x1a#.servegrid.gateway.v1.InferResponse\"[\x82\xd3\xe4\x93\x02U\"\x1b/v1/models/{model_id}:infer:\x01*Z3\"./v1/models/{model_id}/versions/{version}:infer:\x01*\x12s\n\nListModels\x12\'.servegrid.gateway.v1.ListModelsRequest\x1a(.servegrid.gateway.v1.ListModelsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12x\n\x08GetModel\x12%.servegrid.gateway.v1.GetModelRequest\x1a&.servegrid.gateway.v1.GetModelResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/models/{model_id}\x12\x85\x01\n\x0e\x43reateBatchJob\x12+.servegrid.gateway.v1.CreateBatchJobRequest\x1a,.servegrid.gateway.v1.CreateBatchJobResponse\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/v1/batchJobs:\x01*\x12\x82\x01\n\x0bGetBatchJob\x12(.servegrid.gateway.v1.GetBatchJobRequest\x1a).servegrid.gateway.v1.GetBatchJobResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\x12\x16/v1/batchJobs/{job_id}\x12\x7f\n\rListBatchJobs\x12*.servegrid.gateway.v1.ListBatchJobsRequest\x1a+.servegrid.gateway.v1.ListBatchJobsResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/batchJobs\x12\x95\x01\n\x0e\x43\x61ncelBatchJob\x12+.servegrid.gateway.v1.CancelBatchJobRequest\x1a,.servegrid.gateway.v1.CancelBatchJobResponse\"(\x82\xd3\xe4\x93\x02\"\"\x1d/v1/batchJobs/{job_id}:cancel:\x01*\x12\x91\x01\n\rRetryBatchJob\x12*.servegrid.gateway.v1.RetryBatchJobRequest\x1a+.servegrid.gateway.v1.RetryBatchJobResponse\"\'\x82\xd3\xe4\x93\x02!\"\x1c/v1/batchJobs/{job_id}:retry:\x01*\x12\x90\x01\n\rWatchBatchJob\x12*.servegrid.gateway.v1.WatchBatchJobRequest\x1a+.servegrid.gateway.v1.WatchBatchJobResponse\"$\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/batchJobs/{job_id}:watch0\x01\x12\xa2\x01\n\x13ListBatchJobResults\x12\x30.servegrid.gateway.v1.ListBatchJobResultsRequest\x1a\x31.servegrid.gateway.v1.ListBatchJobResultsResponse\"&\x82\xd3\xe4\x93\x02 \x12\x1e/v1/batchJobs/{job_id}/results\x12\xb1\x01\n\x15StreamBatchJobResults\x12\x32.servegrid.gateway.v1.StreamBatchJobResultsRequest\x1a\x33.servegrid.gateway.v1.StreamBatchJobResultsResponse\"-\x82\xd3\xe4\x93\x02\'\x12%/v1/batchJobs/{job_id}/results:stream0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"servegrid/gateway/v1/gateway.proto\x12\x14servegrid.gateway.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1eservegrid/batch/v1/batch.proto\x1a servegrid/common/v1/tensor.proto\";\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x05\"G\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\r\n\x05stage\x18\x02 \x01(\t\x12\x17\n\x0ftraffic_percent\x18\x03 \x01(\x05\"\xcd\x02\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\x37\n\x06labels\x18\x05 \x03(\x0b\x32\'.servegrid.gateway.v1.Model.LabelsEntry\x12\x34\n\x08versions\x18\x06 \x03(\x0b\x32\".servegrid.gateway.v1.ModelVersion\x12\x30\n\x06inputs\x18\x07 \x03(\x0b\x32 .servegrid.gateway.v1.TensorSpec\x12\x31\n\x07outputs\x18\x08 \x03(\x0b\x32 .servegrid.gateway.v1.TensorSpec\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x94\x01\n\x0cInferRequest\x12\x16\n\x08model_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x31\n\x06inputs\x18\x03 \x03(\x0b\x32\x1b.servegrid.common.v1.TensorB\x04\xe2\x41\x01\x02\x12\x14\n\x0coutput_names\x18\x04 \x03(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"t\n\rInferResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12,\n\x07outputs\x18\x03 \x03(\x0b\x32\x1b.servegrid.common.v1.Tensor\x12\x12\n\nrequest_id\x18\x04 \x01(\t\":\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"Z\n\x12ListModelsResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.servegrid.gateway.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x0fGetModelRequest\x12\x16\n\x08model_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\">\n\x10GetModelResponse\x12*\n\x05model\x18\x01 \x01(\x0b\x32\x1b.servegrid.gateway.v1.Model\"\xbc\x02\n\x15\x43reateBatchJobRequest\x12\x16\n\x08model_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08priority\x18\x03 \x01(\x05\x12\x1d\n\x0fidempotency_key\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12/\n\x05items\x18\x05 \x01(\x0b\x32\x1e.servegrid.batch.v1.BatchItemsH\x00\x12\x16\n\x0citems_ndjson\x18\x06 \x01(\x0cH\x00\x12G\n\x06labels\x18\x07 \x03(\x0b\x32\x37.servegrid.gateway.v1.CreateBatchJobRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06source\"T\n\x16\x43reateBatchJobResponse\x12)\n\x03job\x18\x01 \x01(\x0b\x32\x1c.servegrid.batch.v1.BatchJob\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"*\n\x12GetBatchJobRequest\x12\x14\n\x06job_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"M\n\x13GetBatchJobResponse\x12\x36\n\x08progress\x18\x01 \x01(\x0b\x32$.servegrid.batch.v1.BatchJobProgress\"=\n\x14ListBatchJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\\\n\x15ListBatchJobsResponse\x12*\n\x04jobs\x18\x01 \x03(\x0b\x32\x1c.servegrid.batch.v1.BatchJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"-\n\x15\x43\x61ncelBatchJobRequest\x12\x14\n\x06job_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"C\n\x16\x43\x61ncelBatchJobResponse\x12)\n\x03job\x18\x01 \x01(\x0b\x32\x1c.servegrid.batch.v1.BatchJob\",\n\x14RetryBatchJobRequest\x12\x14\n\x06job_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"Z\n\x15RetryBatchJobResponse\x12)\n\x03job\x18\x01 \x01(\x0b\x32\x1c.servegrid.batch.v1.BatchJob\x12\x16\n\x0erequeued_items\x18\x02 \x01(\x03\",\n\x14WatchBatchJobRequest\x12\x14\n\x06job_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"O\n\x15WatchBatchJobResponse\x12\x36\n\x08progress\x18\x01 \x01(\x0b\x32$.servegrid.batch.v1.BatchJobProgress\"\x8c\x01\n\x1aListBatchJobResultsRequest\x12\x14\n\x06job_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x31\n\x05state\x18\x04 \x01(\x0e\x32\".servegrid.batch.v1.BatchItemState\"h\n\x1bListBatchJobResultsResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.servegrid.batch.v1.BatchResult\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"g\n\x1cStreamBatchJobResultsRequest\x12\x14\n\x06job_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x31\n\x05state\x18\x02 \x01(\x0e\x32\".servegrid.batch.v1.BatchItemState\"P\n\x1dStreamBatchJobResultsResponse\x12/\n\x06result\x18\x01 \x01(\x0b\x32\x1f.servegrid.batch.v1.BatchResult\"\x1a\n\x18\x43reateAccessTokenRequest\"\xcd\x01\n\x19\x43reateAccessTokenResponse\x12\x1a\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\ntoken_type\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x18\n\nexpires_in\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x14\n\x06tenant\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x05roles\x18\x06 \x03(\tB\x04\xe2\x41\x01\x03\x32\xd5\x0c\n\x0eGatewayService\x12\xad\x01\n\x05Infer\x12\".servegrid.gateway.v1.InferRequest\x1a#.servegrid.gateway.v1.InferResponse\"[\x82\xd3\xe4\x93\x02U\"\x1b/v1/models/{model_id}:infer:\x01*Z3\"./v1/models/{model_id}/versions/{version}:infer:\x01*\x12s\n\nListModels\x12\'.servegrid.gateway.v1.ListModelsRequest\x1a(.servegrid.gateway.v1.ListModelsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12x\n\x08GetModel\x12%.servegrid.gateway.v1.GetModelRequest\x1a&.servegrid.gateway.v1.GetModelResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/models/{model_id}\x12\x85\x01\n\x0e\x43reateBatchJob\x12+.servegrid.gateway.v1.CreateBatchJobRequest\x1a,.servegrid.gateway.v1.CreateBatchJobResponse\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/v1/batchJobs:\x01*\x12\x82\x01\n\x0bGetBatchJob\x12(.servegrid.gateway.v1.GetBatchJobRequest\x1a).servegrid.gateway.v1.GetBatchJobResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\x12\x16/v1/batchJobs/{job_id}\x12\x7f\n\rListBatchJobs\x12*.servegrid.gateway.v1.ListBatchJobsRequest\x1a+.servegrid.gateway.v1.ListBatchJobsResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/batchJobs\x12\x95\x01\n\x0e\x43\x61ncelBatchJob\x12+.servegrid.gateway.v1.CancelBatchJobRequest\x1a,.servegrid.gateway.v1.CancelBatchJobResponse\"(\x82\xd3\xe4\x93\x02\"\"\x1d/v1/batchJobs/{job_id}:cancel:\x01*\x12\x91\x01\n\rRetryBatchJob\x12*.servegrid.gateway.v1.RetryBatchJobRequest\x1a+.servegrid.gateway.v1.RetryBatchJobResponse\"\'\x82\xd3\xe4\x93\x02!\"\x1c/v1/batchJobs/{job_id}:retry:\x01*\x12\x90\x01\n\rWatchBatchJob\x12*.servegrid.gateway.v1.WatchBatchJobRequest\x1a+.servegrid.gateway.v1.WatchBatchJobResponse\"$\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/batchJobs/{job_id}:watch0\x01\x12\xa2\x01\n\x13ListBatchJobResults\x12\x30.servegrid.gateway.v1.ListBatchJobResultsRequest\x1a\x31.servegrid.gateway.v1.ListBatchJobResultsResponse\"&\x82\xd3\xe4\x93\x02 \x12\x1e/v1/batchJobs/{job_id}/results\x12\xb1\x01\n\x15StreamBatchJobResults\x12\x32.servegrid.gateway.v1.StreamBatchJobResultsRequest\x1a\x33.servegrid.gateway.v1.StreamBatchJobResultsResponse\"-\x82\xd3\xe4\x93\x02\'\x12%/v1/batchJobs/{job_id}/results:stream0\x01\x32\x9f\x01\n\x0b\x41uthService\x12\x8f\x01\n\x11\x43reateAccessToken\x12..servegrid.gateway.v1.CreateAccessTokenRequest\x1a/.servegrid.gateway.v1.CreateAccessTokenResponse\"\x19\x82\xd3\xe4\x93\x02\x13\"\x0e/v1/auth:token:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -61,6 +62,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTBATCHJOBRESULTSREQUEST'].fields_by_name['job_id']._serialized_options = b'\342A\001\002'
   _globals['_STREAMBATCHJOBRESULTSREQUEST'].fields_by_name['job_id']._loaded_options = None
   _globals['_STREAMBATCHJOBRESULTSREQUEST'].fields_by_name['job_id']._serialized_options = b'\342A\001\002'
+  _globals['_CREATEACCESSTOKENRESPONSE'].fields_by_name['access_token']._loaded_options = None
+  _globals['_CREATEACCESSTOKENRESPONSE'].fields_by_name['access_token']._serialized_options = b'\342A\001\003'
+  _globals['_CREATEACCESSTOKENRESPONSE'].fields_by_name['token_type']._loaded_options = None
+  _globals['_CREATEACCESSTOKENRESPONSE'].fields_by_name['token_type']._serialized_options = b'\342A\001\003'
+  _globals['_CREATEACCESSTOKENRESPONSE'].fields_by_name['expire_time']._loaded_options = None
+  _globals['_CREATEACCESSTOKENRESPONSE'].fields_by_name['expire_time']._serialized_options = b'\342A\001\003'
+  _globals['_CREATEACCESSTOKENRESPONSE'].fields_by_name['expires_in']._loaded_options = None
+  _globals['_CREATEACCESSTOKENRESPONSE'].fields_by_name['expires_in']._serialized_options = b'\342A\001\003'
+  _globals['_CREATEACCESSTOKENRESPONSE'].fields_by_name['tenant']._loaded_options = None
+  _globals['_CREATEACCESSTOKENRESPONSE'].fields_by_name['tenant']._serialized_options = b'\342A\001\003'
+  _globals['_CREATEACCESSTOKENRESPONSE'].fields_by_name['roles']._loaded_options = None
+  _globals['_CREATEACCESSTOKENRESPONSE'].fields_by_name['roles']._serialized_options = b'\342A\001\003'
   _globals['_GATEWAYSERVICE'].methods_by_name['Infer']._loaded_options = None
   _globals['_GATEWAYSERVICE'].methods_by_name['Infer']._serialized_options = b'\202\323\344\223\002U\"\033/v1/models/{model_id}:infer:\001*Z3\"./v1/models/{model_id}/versions/{version}:infer:\001*'
   _globals['_GATEWAYSERVICE'].methods_by_name['ListModels']._loaded_options = None
@@ -83,60 +96,68 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GATEWAYSERVICE'].methods_by_name['ListBatchJobResults']._serialized_options = b'\202\323\344\223\002 \022\036/v1/batchJobs/{job_id}/results'
   _globals['_GATEWAYSERVICE'].methods_by_name['StreamBatchJobResults']._loaded_options = None
   _globals['_GATEWAYSERVICE'].methods_by_name['StreamBatchJobResults']._serialized_options = b'\202\323\344\223\002\'\022%/v1/batchJobs/{job_id}/results:stream'
-  _globals['_TENSORSPEC']._serialized_start=189
-  _globals['_TENSORSPEC']._serialized_end=248
-  _globals['_MODELVERSION']._serialized_start=250
-  _globals['_MODELVERSION']._serialized_end=321
-  _globals['_MODEL']._serialized_start=324
-  _globals['_MODEL']._serialized_end=657
-  _globals['_MODEL_LABELSENTRY']._serialized_start=612
-  _globals['_MODEL_LABELSENTRY']._serialized_end=657
-  _globals['_INFERREQUEST']._serialized_start=660
-  _globals['_INFERREQUEST']._serialized_end=808
-  _globals['_INFERRESPONSE']._serialized_start=810
-  _globals['_INFERRESPONSE']._serialized_end=926
-  _globals['_LISTMODELSREQUEST']._serialized_start=928
-  _globals['_LISTMODELSREQUEST']._serialized_end=986
-  _globals['_LISTMODELSRESPONSE']._serialized_start=988
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1078
-  _globals['_GETMODELREQUEST']._serialized_start=1080
-  _globals['_GETMODELREQUEST']._serialized_end=1121
-  _globals['_GETMODELRESPONSE']._serialized_start=1123
-  _globals['_GETMODELRESPONSE']._serialized_end=1185
-  _globals['_CREATEBATCHJOBREQUEST']._serialized_start=1188
-  _globals['_CREATEBATCHJOBREQUEST']._serialized_end=1504
-  _globals['_CREATEBATCHJOBREQUEST_LABELSENTRY']._serialized_start=612
-  _globals['_CREATEBATCHJOBREQUEST_LABELSENTRY']._serialized_end=657
-  _globals['_CREATEBATCHJOBRESPONSE']._serialized_start=1506
-  _globals['_CREATEBATCHJOBRESPONSE']._serialized_end=1590
-  _globals['_GETBATCHJOBREQUEST']._serialized_start=1592
-  _globals['_GETBATCHJOBREQUEST']._serialized_end=1634
-  _globals['_GETBATCHJOBRESPONSE']._serialized_start=1636
-  _globals['_GETBATCHJOBRESPONSE']._serialized_end=1713
-  _globals['_LISTBATCHJOBSREQUEST']._serialized_start=1715
-  _globals['_LISTBATCHJOBSREQUEST']._serialized_end=1776
-  _globals['_LISTBATCHJOBSRESPONSE']._serialized_start=1778
-  _globals['_LISTBATCHJOBSRESPONSE']._serialized_end=1870
-  _globals['_CANCELBATCHJOBREQUEST']._serialized_start=1872
-  _globals['_CANCELBATCHJOBREQUEST']._serialized_end=1917
-  _globals['_CANCELBATCHJOBRESPONSE']._serialized_start=1919
-  _globals['_CANCELBATCHJOBRESPONSE']._serialized_end=1986
-  _globals['_RETRYBATCHJOBREQUEST']._serialized_start=1988
-  _globals['_RETRYBATCHJOBREQUEST']._serialized_end=2032
-  _globals['_RETRYBATCHJOBRESPONSE']._serialized_start=2034
-  _globals['_RETRYBATCHJOBRESPONSE']._serialized_end=2124
-  _globals['_WATCHBATCHJOBREQUEST']._serialized_start=2126
-  _globals['_WATCHBATCHJOBREQUEST']._serialized_end=2170
-  _globals['_WATCHBATCHJOBRESPONSE']._serialized_start=2172
-  _globals['_WATCHBATCHJOBRESPONSE']._serialized_end=2251
-  _globals['_LISTBATCHJOBRESULTSREQUEST']._serialized_start=2254
-  _globals['_LISTBATCHJOBRESULTSREQUEST']._serialized_end=2394
-  _globals['_LISTBATCHJOBRESULTSRESPONSE']._serialized_start=2396
-  _globals['_LISTBATCHJOBRESULTSRESPONSE']._serialized_end=2500
-  _globals['_STREAMBATCHJOBRESULTSREQUEST']._serialized_start=2502
-  _globals['_STREAMBATCHJOBRESULTSREQUEST']._serialized_end=2605
-  _globals['_STREAMBATCHJOBRESULTSRESPONSE']._serialized_start=2607
-  _globals['_STREAMBATCHJOBRESULTSRESPONSE']._serialized_end=2687
-  _globals['_GATEWAYSERVICE']._serialized_start=2690
-  _globals['_GATEWAYSERVICE']._serialized_end=4311
+  _globals['_AUTHSERVICE'].methods_by_name['CreateAccessToken']._loaded_options = None
+  _globals['_AUTHSERVICE'].methods_by_name['CreateAccessToken']._serialized_options = b'\202\323\344\223\002\023\"\016/v1/auth:token:\001*'
+  _globals['_TENSORSPEC']._serialized_start=222
+  _globals['_TENSORSPEC']._serialized_end=281
+  _globals['_MODELVERSION']._serialized_start=283
+  _globals['_MODELVERSION']._serialized_end=354
+  _globals['_MODEL']._serialized_start=357
+  _globals['_MODEL']._serialized_end=690
+  _globals['_MODEL_LABELSENTRY']._serialized_start=645
+  _globals['_MODEL_LABELSENTRY']._serialized_end=690
+  _globals['_INFERREQUEST']._serialized_start=693
+  _globals['_INFERREQUEST']._serialized_end=841
+  _globals['_INFERRESPONSE']._serialized_start=843
+  _globals['_INFERRESPONSE']._serialized_end=959
+  _globals['_LISTMODELSREQUEST']._serialized_start=961
+  _globals['_LISTMODELSREQUEST']._serialized_end=1019
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1021
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1111
+  _globals['_GETMODELREQUEST']._serialized_start=1113
+  _globals['_GETMODELREQUEST']._serialized_end=1154
+  _globals['_GETMODELRESPONSE']._serialized_start=1156
+  _globals['_GETMODELRESPONSE']._serialized_end=1218
+  _globals['_CREATEBATCHJOBREQUEST']._serialized_start=1221
+  _globals['_CREATEBATCHJOBREQUEST']._serialized_end=1537
+  _globals['_CREATEBATCHJOBREQUEST_LABELSENTRY']._serialized_start=645
+  _globals['_CREATEBATCHJOBREQUEST_LABELSENTRY']._serialized_end=690
+  _globals['_CREATEBATCHJOBRESPONSE']._serialized_start=1539
+  _globals['_CREATEBATCHJOBRESPONSE']._serialized_end=1623
+  _globals['_GETBATCHJOBREQUEST']._serialized_start=1625
+  _globals['_GETBATCHJOBREQUEST']._serialized_end=1667
+  _globals['_GETBATCHJOBRESPONSE']._serialized_start=1669
+  _globals['_GETBATCHJOBRESPONSE']._serialized_end=1746
+  _globals['_LISTBATCHJOBSREQUEST']._serialized_start=1748
+  _globals['_LISTBATCHJOBSREQUEST']._serialized_end=1809
+  _globals['_LISTBATCHJOBSRESPONSE']._serialized_start=1811
+  _globals['_LISTBATCHJOBSRESPONSE']._serialized_end=1903
+  _globals['_CANCELBATCHJOBREQUEST']._serialized_start=1905
+  _globals['_CANCELBATCHJOBREQUEST']._serialized_end=1950
+  _globals['_CANCELBATCHJOBRESPONSE']._serialized_start=1952
+  _globals['_CANCELBATCHJOBRESPONSE']._serialized_end=2019
+  _globals['_RETRYBATCHJOBREQUEST']._serialized_start=2021
+  _globals['_RETRYBATCHJOBREQUEST']._serialized_end=2065
+  _globals['_RETRYBATCHJOBRESPONSE']._serialized_start=2067
+  _globals['_RETRYBATCHJOBRESPONSE']._serialized_end=2157
+  _globals['_WATCHBATCHJOBREQUEST']._serialized_start=2159
+  _globals['_WATCHBATCHJOBREQUEST']._serialized_end=2203
+  _globals['_WATCHBATCHJOBRESPONSE']._serialized_start=2205
+  _globals['_WATCHBATCHJOBRESPONSE']._serialized_end=2284
+  _globals['_LISTBATCHJOBRESULTSREQUEST']._serialized_start=2287
+  _globals['_LISTBATCHJOBRESULTSREQUEST']._serialized_end=2427
+  _globals['_LISTBATCHJOBRESULTSRESPONSE']._serialized_start=2429
+  _globals['_LISTBATCHJOBRESULTSRESPONSE']._serialized_end=2533
+  _globals['_STREAMBATCHJOBRESULTSREQUEST']._serialized_start=2535
+  _globals['_STREAMBATCHJOBRESULTSREQUEST']._serialized_end=2638
+  _globals['_STREAMBATCHJOBRESULTSRESPONSE']._serialized_start=2640
+  _globals['_STREAMBATCHJOBRESULTSRESPONSE']._serialized_end=2720
+  _globals['_CREATEACCESSTOKENREQUEST']._serialized_start=2722
+  _globals['_CREATEACCESSTOKENREQUEST']._serialized_end=2748
+  _globals['_CREATEACCESSTOKENRESPONSE']._serialized_start=2751
+  _globals['_CREATEACCESSTOKENRESPONSE']._serialized_end=2956
+  _globals['_GATEWAYSERVICE']._serialized_start=2959
+  _globals['_GATEWAYSERVICE']._serialized_end=4580
+  _globals['_AUTHSERVICE']._serialized_start=4583
+  _globals['_AUTHSERVICE']._serialized_end=4742
 # @@protoc_insertion_point(module_scope)

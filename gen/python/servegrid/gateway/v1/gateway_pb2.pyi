@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from servegrid.batch.v1 import batch_pb2 as _batch_pb2
 from servegrid.common.v1 import tensor_pb2 as _tensor_pb2
@@ -791,3 +792,68 @@ class StreamBatchJobResultsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamBatchJobResultsResponse: _TypeAlias = StreamBatchJobResultsResponse  # noqa: Y015
+
+@_typing.final
+class CreateAccessTokenRequest(_message.Message):
+    """Request for CreateAccessToken. The API key travels in the `x-api-key` header, never in the body,
+    so it is handled like every other credential (scrubbed before any service log sees it).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateAccessTokenRequest: _TypeAlias = CreateAccessTokenRequest  # noqa: Y015
+
+@_typing.final
+class CreateAccessTokenResponse(_message.Message):
+    """Response for CreateAccessToken."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCESS_TOKEN_FIELD_NUMBER: _builtins.int
+    TOKEN_TYPE_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRES_IN_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    ROLES_FIELD_NUMBER: _builtins.int
+    access_token: _builtins.str
+    """The JWT to send as `Authorization: Bearer <access_token>`."""
+    token_type: _builtins.str
+    """Always "Bearer"."""
+    expires_in: _builtins.int
+    """Seconds from issue to expiry (the token's lifetime, as OAuth 2.0's `expires_in`)."""
+    tenant: _builtins.str
+    """The tenant the token speaks for (the key's tenant)."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the token stops being accepted (its `exp` claim). Exchange again before then."""
+
+    @_builtins.property
+    def roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The roles the token carries (the key's roles)."""
+
+    def __init__(
+        self,
+        *,
+        access_token: _builtins.str = ...,
+        token_type: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        expires_in: _builtins.int = ...,
+        tenant: _builtins.str = ...,
+        roles: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "expire_time", b"expire_time", "expires_in", b"expires_in", "roles", b"roles", "tenant", b"tenant", "token_type", b"token_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateAccessTokenResponse: _TypeAlias = CreateAccessTokenResponse  # noqa: Y015

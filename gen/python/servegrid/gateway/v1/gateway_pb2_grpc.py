@@ -560,3 +560,118 @@ class GatewayService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AuthServiceStub:
+    """AuthService exchanges an API key for a short-lived access token, so that an API-key client pays
+    for one key check per token instead of one per request.
+
+    Send the key in the `x-api-key` header (gRPC metadata) and nothing in the body. The edge checks
+    it against the key store itself, with no cache, so a revoked or unknown key is refused at once
+    with UNAUTHENTICATED (reason API_KEY_INVALID or API_KEY_REVOKED). The answer is a JWT signed by
+    the edge (issuer `servegrid-edge`, audience the API's) carrying the key's tenant and roles; send
+    it as `Authorization: Bearer <access_token>` on every other call until shortly before
+    `expire_time`, then exchange again. Envoy verifies it locally: no service is called per request.
+
+    Lifetime and revocation: a token lives a few minutes (300 s by default, set by the operator,
+    never more than an hour). Revoking the key stops new exchanges at once; a token minted before
+    the revocation stays valid until it expires, so a revocation is complete within one token
+    lifetime. A deployment without a signing key answers UNIMPLEMENTED: keep sending `x-api-key`.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateAccessToken = channel.unary_unary(
+                '/servegrid.gateway.v1.AuthService/CreateAccessToken',
+                request_serializer=servegrid_dot_gateway_dot_v1_dot_gateway__pb2.CreateAccessTokenRequest.SerializeToString,
+                response_deserializer=servegrid_dot_gateway_dot_v1_dot_gateway__pb2.CreateAccessTokenResponse.FromString,
+                _registered_method=True)
+
+
+class AuthServiceServicer:
+    """AuthService exchanges an API key for a short-lived access token, so that an API-key client pays
+    for one key check per token instead of one per request.
+
+    Send the key in the `x-api-key` header (gRPC metadata) and nothing in the body. The edge checks
+    it against the key store itself, with no cache, so a revoked or unknown key is refused at once
+    with UNAUTHENTICATED (reason API_KEY_INVALID or API_KEY_REVOKED). The answer is a JWT signed by
+    the edge (issuer `servegrid-edge`, audience the API's) carrying the key's tenant and roles; send
+    it as `Authorization: Bearer <access_token>` on every other call until shortly before
+    `expire_time`, then exchange again. Envoy verifies it locally: no service is called per request.
+
+    Lifetime and revocation: a token lives a few minutes (300 s by default, set by the operator,
+    never more than an hour). Revoking the key stops new exchanges at once; a token minted before
+    the revocation stays valid until it expires, so a revocation is complete within one token
+    lifetime. A deployment without a signing key answers UNIMPLEMENTED: keep sending `x-api-key`.
+    """
+
+    def CreateAccessToken(self, request, context):
+        """Exchanges the API key in `x-api-key` for an access token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AuthServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateAccessToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateAccessToken,
+                    request_deserializer=servegrid_dot_gateway_dot_v1_dot_gateway__pb2.CreateAccessTokenRequest.FromString,
+                    response_serializer=servegrid_dot_gateway_dot_v1_dot_gateway__pb2.CreateAccessTokenResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'servegrid.gateway.v1.AuthService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('servegrid.gateway.v1.AuthService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class AuthService:
+    """AuthService exchanges an API key for a short-lived access token, so that an API-key client pays
+    for one key check per token instead of one per request.
+
+    Send the key in the `x-api-key` header (gRPC metadata) and nothing in the body. The edge checks
+    it against the key store itself, with no cache, so a revoked or unknown key is refused at once
+    with UNAUTHENTICATED (reason API_KEY_INVALID or API_KEY_REVOKED). The answer is a JWT signed by
+    the edge (issuer `servegrid-edge`, audience the API's) carrying the key's tenant and roles; send
+    it as `Authorization: Bearer <access_token>` on every other call until shortly before
+    `expire_time`, then exchange again. Envoy verifies it locally: no service is called per request.
+
+    Lifetime and revocation: a token lives a few minutes (300 s by default, set by the operator,
+    never more than an hour). Revoking the key stops new exchanges at once; a token minted before
+    the revocation stays valid until it expires, so a revocation is complete within one token
+    lifetime. A deployment without a signing key answers UNIMPLEMENTED: keep sending `x-api-key`.
+    """
+
+    @staticmethod
+    def CreateAccessToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/servegrid.gateway.v1.AuthService/CreateAccessToken',
+            servegrid_dot_gateway_dot_v1_dot_gateway__pb2.CreateAccessTokenRequest.SerializeToString,
+            servegrid_dot_gateway_dot_v1_dot_gateway__pb2.CreateAccessTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -215,3 +215,76 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
 def add_GatewayServiceServicer_to_server(servicer: GatewayServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class AuthServiceStub:
+    """AuthService exchanges an API key for a short-lived access token, so that an API-key client pays
+    for one key check per token instead of one per request.
+
+    Send the key in the `x-api-key` header (gRPC metadata) and nothing in the body. The edge checks
+    it against the key store itself, with no cache, so a revoked or unknown key is refused at once
+    with UNAUTHENTICATED (reason API_KEY_INVALID or API_KEY_REVOKED). The answer is a JWT signed by
+    the edge (issuer `servegrid-edge`, audience the API's) carrying the key's tenant and roles; send
+    it as `Authorization: Bearer <access_token>` on every other call until shortly before
+    `expire_time`, then exchange again. Envoy verifies it locally: no service is called per request.
+
+    Lifetime and revocation: a token lives a few minutes (300 s by default, set by the operator,
+    never more than an hour). Revoking the key stops new exchanges at once; a token minted before
+    the revocation stays valid until it expires, so a revocation is complete within one token
+    lifetime. A deployment without a signing key answers UNIMPLEMENTED: keep sending `x-api-key`.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> AuthServiceAsyncStub: ...
+    CreateAccessToken: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.CreateAccessTokenRequest, _gateway_pb2.CreateAccessTokenResponse]
+    """Exchanges the API key in `x-api-key` for an access token."""
+
+@_typing.type_check_only
+class AuthServiceAsyncStub(AuthServiceStub):
+    """AuthService exchanges an API key for a short-lived access token, so that an API-key client pays
+    for one key check per token instead of one per request.
+
+    Send the key in the `x-api-key` header (gRPC metadata) and nothing in the body. The edge checks
+    it against the key store itself, with no cache, so a revoked or unknown key is refused at once
+    with UNAUTHENTICATED (reason API_KEY_INVALID or API_KEY_REVOKED). The answer is a JWT signed by
+    the edge (issuer `servegrid-edge`, audience the API's) carrying the key's tenant and roles; send
+    it as `Authorization: Bearer <access_token>` on every other call until shortly before
+    `expire_time`, then exchange again. Envoy verifies it locally: no service is called per request.
+
+    Lifetime and revocation: a token lives a few minutes (300 s by default, set by the operator,
+    never more than an hour). Revoking the key stops new exchanges at once; a token minted before
+    the revocation stays valid until it expires, so a revocation is complete within one token
+    lifetime. A deployment without a signing key answers UNIMPLEMENTED: keep sending `x-api-key`.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    CreateAccessToken: _aio.UnaryUnaryMultiCallable[_gateway_pb2.CreateAccessTokenRequest, _gateway_pb2.CreateAccessTokenResponse]  # type: ignore[assignment]
+    """Exchanges the API key in `x-api-key` for an access token."""
+
+class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
+    """AuthService exchanges an API key for a short-lived access token, so that an API-key client pays
+    for one key check per token instead of one per request.
+
+    Send the key in the `x-api-key` header (gRPC metadata) and nothing in the body. The edge checks
+    it against the key store itself, with no cache, so a revoked or unknown key is refused at once
+    with UNAUTHENTICATED (reason API_KEY_INVALID or API_KEY_REVOKED). The answer is a JWT signed by
+    the edge (issuer `servegrid-edge`, audience the API's) carrying the key's tenant and roles; send
+    it as `Authorization: Bearer <access_token>` on every other call until shortly before
+    `expire_time`, then exchange again. Envoy verifies it locally: no service is called per request.
+
+    Lifetime and revocation: a token lives a few minutes (300 s by default, set by the operator,
+    never more than an hour). Revoking the key stops new exchanges at once; a token minted before
+    the revocation stays valid until it expires, so a revocation is complete within one token
+    lifetime. A deployment without a signing key answers UNIMPLEMENTED: keep sending `x-api-key`.
+    """
+
+    @_abc_1.abstractmethod
+    def CreateAccessToken(
+        self,
+        request: _gateway_pb2.CreateAccessTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.CreateAccessTokenResponse, _abc.Awaitable[_gateway_pb2.CreateAccessTokenResponse]]:
+        """Exchanges the API key in `x-api-key` for an access token."""
+
+def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -20,6 +20,7 @@ import {
   type ServiceError,
   type UntypedServiceImplementation,
 } from "@grpc/grpc-js";
+import { Timestamp } from "../../../google/protobuf/timestamp";
 import {
   BatchItems,
   BatchItemState,
@@ -271,6 +272,31 @@ export interface StreamBatchJobResultsRequest {
 export interface StreamBatchJobResultsResponse {
   /** The result. */
   result: BatchResult | undefined;
+}
+
+/**
+ * Request for CreateAccessToken. The API key travels in the `x-api-key` header, never in the body,
+ * so it is handled like every other credential (scrubbed before any service log sees it).
+ */
+export interface CreateAccessTokenRequest {
+}
+
+/** Response for CreateAccessToken. */
+export interface CreateAccessTokenResponse {
+  /** The JWT to send as `Authorization: Bearer <access_token>`. */
+  accessToken: string;
+  /** Always "Bearer". */
+  tokenType: string;
+  /** When the token stops being accepted (its `exp` claim). Exchange again before then. */
+  expireTime:
+    | Date
+    | undefined;
+  /** Seconds from issue to expiry (the token's lifetime, as OAuth 2.0's `expires_in`). */
+  expiresIn: number;
+  /** The tenant the token speaks for (the key's tenant). */
+  tenant: string;
+  /** The roles the token carries (the key's roles). */
+  roles: string[];
 }
 
 function createBaseTensorSpec(): TensorSpec {
@@ -2924,6 +2950,225 @@ export const StreamBatchJobResultsResponse: MessageFns<StreamBatchJobResultsResp
   },
 };
 
+function createBaseCreateAccessTokenRequest(): CreateAccessTokenRequest {
+  return {};
+}
+
+export const CreateAccessTokenRequest: MessageFns<CreateAccessTokenRequest> = {
+  encode(_: CreateAccessTokenRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CreateAccessTokenRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCreateAccessTokenRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): CreateAccessTokenRequest {
+    return {};
+  },
+
+  toJSON(_: CreateAccessTokenRequest): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<CreateAccessTokenRequest>, I>>(base?: I): CreateAccessTokenRequest {
+    return CreateAccessTokenRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<CreateAccessTokenRequest>, I>>(_: I): CreateAccessTokenRequest {
+    const message = createBaseCreateAccessTokenRequest();
+    return message;
+  },
+};
+
+function createBaseCreateAccessTokenResponse(): CreateAccessTokenResponse {
+  return { accessToken: "", tokenType: "", expireTime: undefined, expiresIn: 0, tenant: "", roles: [] };
+}
+
+export const CreateAccessTokenResponse: MessageFns<CreateAccessTokenResponse> = {
+  encode(message: CreateAccessTokenResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.accessToken !== "") {
+      writer.uint32(10).string(message.accessToken);
+    }
+    if (message.tokenType !== "") {
+      writer.uint32(18).string(message.tokenType);
+    }
+    if (message.expireTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.expireTime), writer.uint32(26).fork()).join();
+    }
+    if (message.expiresIn !== 0) {
+      writer.uint32(32).int32(message.expiresIn);
+    }
+    if (message.tenant !== "") {
+      writer.uint32(42).string(message.tenant);
+    }
+    for (const v of message.roles) {
+      writer.uint32(50).string(v!);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CreateAccessTokenResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCreateAccessTokenResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.accessToken = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.tokenType = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.expireTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.expiresIn = reader.int32();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.tenant = reader.string();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.roles.push(reader.string());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CreateAccessTokenResponse {
+    return {
+      accessToken: isSet(object.accessToken)
+        ? globalThis.String(object.accessToken)
+        : isSet(object.access_token)
+        ? globalThis.String(object.access_token)
+        : "",
+      tokenType: isSet(object.tokenType)
+        ? globalThis.String(object.tokenType)
+        : isSet(object.token_type)
+        ? globalThis.String(object.token_type)
+        : "",
+      expireTime: isSet(object.expireTime)
+        ? fromJsonTimestamp(object.expireTime)
+        : isSet(object.expire_time)
+        ? fromJsonTimestamp(object.expire_time)
+        : undefined,
+      expiresIn: isSet(object.expiresIn)
+        ? globalThis.Number(object.expiresIn)
+        : isSet(object.expires_in)
+        ? globalThis.Number(object.expires_in)
+        : 0,
+      tenant: isSet(object.tenant) ? globalThis.String(object.tenant) : "",
+      roles: globalThis.Array.isArray(object?.roles)
+        ? object.roles.map((e: any) => globalThis.String(e))
+        : [],
+    };
+  },
+
+  toJSON(message: CreateAccessTokenResponse): unknown {
+    const obj: any = {};
+    if (message.accessToken !== "") {
+      obj.accessToken = message.accessToken;
+    }
+    if (message.tokenType !== "") {
+      obj.tokenType = message.tokenType;
+    }
+    if (message.expireTime !== undefined) {
+      obj.expireTime = message.expireTime.toISOString();
+    }
+    if (message.expiresIn !== 0) {
+      obj.expiresIn = Math.round(message.expiresIn);
+    }
+    if (message.tenant !== "") {
+      obj.tenant = message.tenant;
+    }
+    if (message.roles?.length) {
+      obj.roles = message.roles;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<CreateAccessTokenResponse>, I>>(base?: I): CreateAccessTokenResponse {
+    return CreateAccessTokenResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<CreateAccessTokenResponse>, I>>(object: I): CreateAccessTokenResponse {
+    const message = createBaseCreateAccessTokenResponse();
+    message.accessToken = object.accessToken ?? "";
+    message.tokenType = object.tokenType ?? "";
+    message.expireTime = object.expireTime ?? undefined;
+    message.expiresIn = object.expiresIn ?? 0;
+    message.tenant = object.tenant ?? "";
+    message.roles = object.roles?.map((e) => e) || [];
+    return message;
+  },
+};
+
 /**
  * GatewayService is servegrid's public API: real-time inference with friendly typed tensors,
  * the catalogue of servable models, and batch jobs.
@@ -3286,6 +3531,71 @@ export const GatewayServiceClient = makeGenericClientConstructor(
   serviceName: string;
 };
 
+/**
+ * AuthService exchanges an API key for a short-lived access token, so that an API-key client pays
+ * for one key check per token instead of one per request.
+ *
+ * Send the key in the `x-api-key` header (gRPC metadata) and nothing in the body. The edge checks
+ * it against the key store itself, with no cache, so a revoked or unknown key is refused at once
+ * with UNAUTHENTICATED (reason API_KEY_INVALID or API_KEY_REVOKED). The answer is a JWT signed by
+ * the edge (issuer `servegrid-edge`, audience the API's) carrying the key's tenant and roles; send
+ * it as `Authorization: Bearer <access_token>` on every other call until shortly before
+ * `expire_time`, then exchange again. Envoy verifies it locally: no service is called per request.
+ *
+ * Lifetime and revocation: a token lives a few minutes (300 s by default, set by the operator,
+ * never more than an hour). Revoking the key stops new exchanges at once; a token minted before
+ * the revocation stays valid until it expires, so a revocation is complete within one token
+ * lifetime. A deployment without a signing key answers UNIMPLEMENTED: keep sending `x-api-key`.
+ */
+export type AuthServiceService = typeof AuthServiceService;
+export const AuthServiceService = {
+  /** Exchanges the API key in `x-api-key` for an access token. */
+  createAccessToken: {
+    path: "/servegrid.gateway.v1.AuthService/CreateAccessToken" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: CreateAccessTokenRequest): Buffer =>
+      Buffer.from(CreateAccessTokenRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): CreateAccessTokenRequest => CreateAccessTokenRequest.decode(value),
+    responseSerialize: (value: CreateAccessTokenResponse): Buffer =>
+      Buffer.from(CreateAccessTokenResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): CreateAccessTokenResponse => CreateAccessTokenResponse.decode(value),
+  },
+} as const;
+
+export interface AuthServiceServer extends UntypedServiceImplementation {
+  /** Exchanges the API key in `x-api-key` for an access token. */
+  createAccessToken: handleUnaryCall<CreateAccessTokenRequest, CreateAccessTokenResponse>;
+}
+
+export interface AuthServiceClient extends Client {
+  /** Exchanges the API key in `x-api-key` for an access token. */
+  createAccessToken(
+    request: CreateAccessTokenRequest,
+    callback: (error: ServiceError | null, response: CreateAccessTokenResponse) => void,
+  ): ClientUnaryCall;
+  createAccessToken(
+    request: CreateAccessTokenRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: CreateAccessTokenResponse) => void,
+  ): ClientUnaryCall;
+  createAccessToken(
+    request: CreateAccessTokenRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: CreateAccessTokenResponse) => void,
+  ): ClientUnaryCall;
+}
+
+export const AuthServiceClient = makeGenericClientConstructor(
+  AuthServiceService,
+  "servegrid.gateway.v1.AuthService",
+) as unknown as {
+  new (address: string, credentials: ChannelCredentials, options?: Partial<ClientOptions>): AuthServiceClient;
+  service: typeof AuthServiceService;
+  serviceName: string;
+};
+
 function bytesFromBase64(b64: string): Uint8Array {
   return Uint8Array.from(globalThis.Buffer.from(b64, "base64"));
 }
@@ -3305,6 +3615,28 @@ export type DeepPartial<T> = T extends Builtin ? T
 type KeysOfUnion<T> = T extends T ? keyof T : never;
 export type Exact<P, I extends P> = P extends Builtin ? P
   : P & { [K in keyof P]: Exact<P[K], I[K]> } & { [K in Exclude<keyof I, KeysOfUnion<P>>]: never };
+
+function toTimestamp(date: Date): Timestamp {
+  const seconds = Math.trunc(date.getTime() / 1_000);
+  const nanos = (date.getTime() % 1_000) * 1_000_000;
+  return { seconds, nanos };
+}
+
+function fromTimestamp(t: Timestamp): Date {
+  let millis = (t.seconds || 0) * 1_000;
+  millis += (t.nanos || 0) / 1_000_000;
+  return new globalThis.Date(millis);
+}
+
+function fromJsonTimestamp(o: any): Date {
+  if (o instanceof globalThis.Date) {
+    return o;
+  } else if (typeof o === "string") {
+    return new globalThis.Date(o);
+  } else {
+    return fromTimestamp(Timestamp.fromJSON(o));
+  }
+}
 
 function longToNumber(int64: { toString(): string }): number {
   const num = globalThis.Number(int64.toString());
