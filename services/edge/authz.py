@@ -175,7 +175,7 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):
             decision = await self.authorizer.decide(http.headers.get(API_KEY_HEADER))
         except Exception:
             # The store is unreachable: answer with an error so Envoy applies its configured
-            # failure mode (fail closed for authentication: services/mesh/bootstrap.py _ext_authz_filter).
+            # failure mode (fail closed for authentication: services/mesh/auth.py ext_authz_filter).
             log.exception("api-key check failed")
             count_decision("authz", "", "error")
             await context.abort(grpc.StatusCode.UNAVAILABLE, "api-key store unavailable")

@@ -2,7 +2,7 @@
 
 # Why: every plain API-key request costs Envoy an ext_authz call to the edge. A client that swaps its
 # key for a JWT once (CreateAccessToken) sends that JWT instead, which Envoy verifies on its own with
-# the JWKS written next to the signing key (a second jwt_authn provider, services/mesh/bootstrap.py).
+# the JWKS written next to the signing key (a second jwt_authn provider, services/mesh/auth.py).
 #
 # The key is checked straight against PostgreSQL, never through the Redis cache, so a revoked key
 # cannot exchange even once more. A token already minted stays valid until its `exp`: revocation is

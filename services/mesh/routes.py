@@ -76,7 +76,8 @@ def duration(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-def _header(key: str, value: str) -> dict[str, Any]:
+def header(key: str, value: str) -> dict[str, Any]:
+    """A header Envoy sets, replacing any value already there (routes, local replies, deny settings)."""
     return {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
 
 
@@ -100,7 +101,7 @@ RATELIMIT_ROUTE_HEADER = names.RATELIMIT_ROUTE_HEADER
 def _rate_limits(route_name: str) -> dict[str, Any]:
     """Per-route filter config naming the route for the quota filter's bucket (infer, gateway, admin,
     kserve: the names SERVEGRID_EDGE_ROUTE_LIMITS uses). Fresh dicts per route (see _streaming)."""
-    tag = {"append": _header(RATELIMIT_ROUTE_HEADER, route_name)}
+    tag = {"append": header(RATELIMIT_ROUTE_HEADER, route_name)}
     return {
         RATELIMIT_TAG_FILTER: typed(
             "envoy.extensions.filters.http.header_mutation.v3.HeaderMutationPerRoute",
@@ -114,11 +115,11 @@ def grpc_reply(name: str, match: dict[str, Any], code: int, message: str, reason
 
     `message` may use Envoy's formatter (`%REQ(x-servegrid-model)%`). The ErrorInfo's own message is the
     static part of it, because its bytes cannot be formatted per request."""
-    headers = [_header("content-type", "application/grpc"), _header("grpc-status", str(code))]
-    headers.append(_header("grpc-message", message))
+    headers = [header("content-type", "application/grpc"), header("grpc-status", str(code))]
+    headers.append(header("grpc-message", message))
     if reason:
         static = re.sub(r"\s*'%[^%]+%'", "", message)
-        headers.append(_header("grpc-status-details-bin", replies.status_details(code, static, reason)))
+        headers.append(header("grpc-status-details-bin", replies.status_details(code, static, reason)))
     return {
         "name": name,
         "match": match,
@@ -209,7 +210,7 @@ def token_exchange_routes(rest_timeout_s: float = REST_TIMEOUT_S) -> list[Route]
             EXT_AUTHZ_FILTER: typed("envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute", disabled=True),
             RBAC_FILTER: typed("envoy.extensions.filters.http.rbac.v3.RBACPerRoute"),
         }
-        route["request_headers_to_add"] = [_header(names.EXCHANGE_KEY_HEADER, "%REQ(x-api-key)%")]
+        route["request_headers_to_add"] = [header(names.EXCHANGE_KEY_HEADER, "%REQ(x-api-key)%")]
     return routes
 
 
@@ -244,7 +245,7 @@ NOT_FOUND_ROUTE = "not-found"
 
 def not_found_route() -> Route:
     """Everything else is 404 (UNIMPLEMENTED over gRPC: a local-reply mapper keyed on this route's name
-    gives gRPC callers their status, services/mesh/bootstrap.py), at once.
+    gives gRPC callers their status, services/mesh/local_replies.py), at once.
 
     Without a route, the buffer filter would hold an unknown streaming gRPC call open waiting for
     its end; here no filter past authentication touches it.
@@ -309,7 +310,7 @@ def _retry_policy(policy: KservePolicy, grpc: bool) -> dict[str, Any]:
 def _mirror(route: CompiledRoute, policy: KservePolicy) -> list[dict[str, Any]]:
     if route.shadow is None or route.shadow_rate <= 0:
         return []
-    marker = {"append": _header(names.MIRROR_HEADER, route.shadow.version_str)}
+    marker = {"append": header(names.MIRROR_HEADER, route.shadow.version_str)}
     return [
         {
             "cluster": policy.mirror_cluster,
@@ -356,7 +357,7 @@ def _weighted(route: CompiledRoute, protocol: names.Protocol) -> dict[str, Any]:
         {
             "name": names.version_cluster(target.model_id, target.version, protocol),
             "weight": target.weight,
-            "request_headers_to_add": [_header(VERSION_HEADER, target.version_str)],
+            "request_headers_to_add": [header(VERSION_HEADER, target.version_str)],
         }
         for target in route.weighted
     ]
@@ -425,7 +426,7 @@ def _default_route(
     if targets:
         (target,) = targets
         return _route_to(
-            name, match, {**base, **_to_version(target, protocol)}, [_header(VERSION_HEADER, target.version_str)]
+            name, match, {**base, **_to_version(target, protocol)}, [header(VERSION_HEADER, target.version_str)]
         )
     message = f"model '{route.model_id}' has no version taking default traffic; name a version"
     if protocol == "grpc":

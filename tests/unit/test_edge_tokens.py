@@ -14,7 +14,8 @@ import pytest
 from services.edge.keys import ApiKey, hash_key, validate_identity
 from services.edge.tokens import SigningKey, TokenExchange, TokenMinter, load_or_create_signing_key
 from services.mesh import names
-from services.mesh.bootstrap import TOKEN_PROVIDER, EnvoyParams, render_config, render_yaml
+from services.mesh.auth import TOKEN_PROVIDER
+from services.mesh.bootstrap import EnvoyParams, render_config, render_yaml
 from services.runtime.errors import Unauthenticated, Unimplemented
 from tests.support.envoy import validate_config
 

@@ -13,14 +13,13 @@ from google.protobuf import descriptor_pb2
 from services.edge.devkeys import DevIssuer
 from services.mesh import names
 from services.mesh.bootstrap import (
-    QUOTA_CLUSTER,
-    QUOTA_FILTER,
     EnvoyParams,
     descriptor_set_bytes,
     render_config,
     render_yaml,
     write_defaults,
 )
+from services.mesh.quota import QUOTA_CLUSTER, QUOTA_FILTER
 from tests.support.envoy import validate_config
 
 
