@@ -140,3 +140,51 @@ def test_the_token_secret_gives_the_edge_its_key_and_envoy_only_the_jwks_and_a_c
         volumes = deployment["spec"]["template"]["spec"].get("volumes", [])
         if name != "servegrid-edge":
             assert all("signing-key.pem" not in str(v) for v in volumes), name
+
+
+def _peers(rule: dict[str, Any]) -> set[str]:
+    """The components (or 'monitoring' / 'anyone') one NetworkPolicy ingress rule admits."""
+    if "from" not in rule:
+        return {"anyone"}
+    names = set()
+    for peer in rule["from"]:
+        if "podSelector" in peer:
+            names.add(peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"])
+        else:
+            names.add("monitoring")
+    return names
+
+
+def test_network_policies_allow_exactly_the_data_flow() -> None:
+    policies = by_kind(render(), "NetworkPolicy")
+    allowed = {
+        name.removeprefix("servegrid-"): {rule["ports"][0]["port"]: _peers(rule) for rule in p["spec"]["ingress"]}
+        for name, p in policies.items()
+    }
+    assert allowed == {
+        "envoy": {"http": {"anyone"}, 8090: {"gateway", "batch", "router"}, 9901: {"monitoring"}},
+        "gateway": {50051: {"envoy"}, 9151: {"monitoring"}},
+        "router": {50052: {"envoy"}, 9152: {"monitoring"}},
+        "registry": {50053: {"envoy", "gateway", "router"}, 9153: {"monitoring"}},
+        "batch": {50054: {"gateway"}, 9154: {"monitoring"}},
+        "edge": {50055: {"envoy"}, 9155: {"monitoring"}},
+        "triton": {8000: {"envoy"}, 8001: {"envoy", "router", "registry"}, 8002: {"monitoring"}},
+    }
+    for policy in policies.values():
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+    ingress = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}
+    restricted = by_kind(render({"networkPolicy": {"publicFrom": [ingress]}}), "NetworkPolicy")
+    assert restricted["servegrid-envoy"]["spec"]["ingress"][0]["from"] == [ingress]
+    assert by_kind(render({"networkPolicy": {"enabled": False}}), "NetworkPolicy") == {}
+
+
+def test_envoy_and_triton_run_unprivileged() -> None:
+    docs = render()
+    envoy = by_kind(docs, "Deployment")["servegrid-envoy"]["spec"]["template"]["spec"]
+    triton = by_kind(docs, "StatefulSet")["servegrid-triton"]["spec"]["template"]["spec"]
+    for pod in (envoy, triton):
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        container = pod["containers"][0]["securityContext"]
+        assert container["allowPrivilegeEscalation"] is False and container["capabilities"] == {"drop": ["ALL"]}
+    assert envoy["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {p["name"] for p in envoy["containers"][0]["ports"]} == {"http", "mesh", "stats"}  # admin: loopback
