@@ -42,14 +42,12 @@ status: $(STAMP) ## show each part's health, pid, port and log file
 models: $(STAMP) ## build the model artifacts (skipped when already built)
 	$(PY) -m models.build
 
-gen: $(STAMP) $(TS_STAMP) ## regenerate gen/ from proto/, the Envoy API stubs and the rendered Envoy configs
+gen: $(STAMP) $(TS_STAMP) ## regenerate gen/ from proto/ and the rendered Envoy configs
 	$(PY) scripts/gen_protos.py
-	$(PY) -m services.edge.envoy_api.generate
 	$(PY) -m services.mesh.bootstrap --write-defaults
 
 check-gen: $(STAMP) $(TS_STAMP) ## fail when gen/ (or anything else generated) differs from its source
 	$(PY) scripts/gen_protos.py --check
-	$(PY) -m services.edge.envoy_api.generate --check
 	$(PY) -m services.mesh.bootstrap --write-defaults --check
 
 lint: $(STAMP) check-gen ## buf lint, ruff, mypy and bandit on hand-written code; generated code and docs are fresh

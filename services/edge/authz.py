@@ -7,12 +7,15 @@ import re
 from dataclasses import dataclass
 
 import grpc
+from envoy.config.core.v3 import base_pb2 as core
+from envoy.service.auth.v3 import attribute_context_pb2
+from envoy.service.auth.v3 import external_auth_pb2 as pb
+from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from services.edge.cache import KeyCache
-from services.edge.envoy_api import external_auth_pb2 as pb
-from services.edge.envoy_api import external_auth_pb2_grpc as pb_grpc
 from services.edge.keys import KEY_PREFIX, ApiKeyStore, hash_key
 from services.edge.metrics import count_decision
 from services.mesh import replies
@@ -25,7 +28,7 @@ TENANT_HEADER = "x-servegrid-tenant"
 SUBJECT_HEADER = "x-servegrid-subject"
 ROLES_HEADER = "x-servegrid-roles"
 AUTH_METHOD_HEADER = "x-servegrid-auth"
-_OVERWRITE = pb.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_OVERWRITE = core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _CHALLENGE = 'Bearer realm="servegrid", ApiKey header="x-api-key"'
 # A gRPC method's path: /package.Service/Method (every servegrid and KServe service has a package).
 _GRPC_PATH = re.compile(r"/[A-Za-z_][\w]*(\.[\w]+)+/[\w]+")
@@ -98,8 +101,8 @@ def _invalid() -> Decision:
     )
 
 
-def _header(key: str, value: str) -> pb.HeaderValueOption:
-    return pb.HeaderValueOption(header=pb.HeaderValue(key=key, value=value), append_action=_OVERWRITE)
+def _header(key: str, value: str) -> core.HeaderValueOption:
+    return core.HeaderValueOption(header=core.HeaderValue(key=key, value=value), append_action=_OVERWRITE)
 
 
 def check_response(decision: Decision, caller: Caller = "rest") -> pb.CheckResponse:
@@ -127,7 +130,7 @@ def check_response(decision: Decision, caller: Caller = "rest") -> pb.CheckRespo
     )
 
 
-def caller_of(request: pb.AttributeContext.HttpRequest) -> Caller:
+def caller_of(request: attribute_context_pb2.AttributeContext.HttpRequest) -> Caller:
     """Who is asking, so the denial comes in the shape it reads. ext_authz sends only the allowed headers
     (content-type, when it is among them) and the path, and a gRPC method's path never looks like a REST
     one (/v1/..., /v2/...)."""
@@ -160,7 +163,9 @@ def _denial(decision: Decision, caller: Caller) -> pb.DeniedHttpResponse:
             if kserve
             else replies.error_json(code, decision.message, reason)
         )
-    return pb.DeniedHttpResponse(status=pb.HttpStatus(code=decision.http_status), headers=headers, body=body)
+    return pb.DeniedHttpResponse(
+        status=http_status_pb2.HttpStatus(code=decision.http_status), headers=headers, body=body
+    )
 
 
 class AuthorizationServicer(pb_grpc.AuthorizationServicer):

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+from envoy.service.auth.v3 import external_auth_pb2
 from envoy.service.rate_limit_quota.v3 import rlqs_pb2
 
 from services.edge.authz import ApiKeyAuthorizer, AuthorizationServicer
 from services.edge.cache import KeyCache, redis_client
-from services.edge.envoy_api import external_auth_pb2
 from services.edge.keys import ApiKeyStore, open_pool
 from services.edge.limits import UNIT_SECONDS, LimitPolicy, RedisQuotaLedger, WindowClock
 from services.edge.quota import QuotaService, QuotaTuning, RateLimitQuotaServicer

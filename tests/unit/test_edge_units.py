@@ -8,9 +8,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from envoy.config.core.v3 import base_pb2 as core
+from envoy.service.auth.v3 import attribute_context_pb2
 
 from services.edge.authz import ApiKeyAuthorizer, caller_of, check_response
-from services.edge.envoy_api import external_auth_pb2 as pb
 from services.edge.keys import KEY_PREFIX, ApiKey, hash_key, new_key, validate_identity
 from services.edge.settings import EdgeSettings
 
@@ -97,7 +98,9 @@ async def test_check_response_sets_identity_and_drops_the_key() -> None:
     assert headers["x-servegrid-tenant"] == "acme"
     assert headers["x-servegrid-roles"] == "user,admin"
     assert list(response.ok_response.headers_to_remove) == ["x-api-key"]
-    assert all(h.append_action == pb.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD for h in response.ok_response.headers)
+    assert all(
+        h.append_action == core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD for h in response.ok_response.headers
+    )
     assert list(response.dynamic_metadata.fields["roles"].list_value) == ["user", "admin"]
 
     denied = check_response(await authorizer.decide(None))
@@ -105,8 +108,8 @@ async def test_check_response_sets_identity_and_drops_the_key() -> None:
     assert "x-api-key" in denied.denied_response.body
 
 
-def _http(path: str, **headers: str) -> pb.AttributeContext.HttpRequest:
-    return pb.AttributeContext.HttpRequest(path=path, headers=headers)
+def _http(path: str, **headers: str) -> attribute_context_pb2.AttributeContext.HttpRequest:
+    return attribute_context_pb2.AttributeContext.HttpRequest(path=path, headers=headers)
 
 
 def test_caller_is_told_apart_by_content_type_or_path() -> None:
