@@ -13,14 +13,18 @@ from services.mesh.names import ERROR_DOMAIN
 from tests.support.edge_stack import HttpReply
 
 
-def assert_rest_error(reply: HttpReply, status: int, code: int, reason: str) -> dict[str, Any]:
+def assert_rest_error(
+    reply: HttpReply, status: int, code: int, reason: str, metadata: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """`metadata`: the ErrorInfo's metadata, when the error carries some (a service's NotFound names its id)."""
     assert reply.status == status, reply.body[:300]
     assert reply.headers["content-type"] == "application/json", reply.headers
     body = reply.json()
     assert body["code"] == code, body
     assert isinstance(body["message"], str) and body["message"], body
     (info,) = body["details"]
-    assert info == {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason, "domain": ERROR_DOMAIN}
+    expected = {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason, "domain": ERROR_DOMAIN}
+    assert info == (expected if metadata is None else {**expected, "metadata": metadata})
     return body
 
 
