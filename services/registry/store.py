@@ -312,10 +312,6 @@ class RegistryStore:
             )
             return [_version(r) for r in await cur.fetchall()]
 
-    async def all_versions(self, model_id: str) -> list[ModelVersion]:
-        async with self._conn() as conn:
-            return await _versions(conn, model_id)
-
     async def create_version(self, version: ModelVersion, subject: str) -> Written[ModelVersion]:
         async def body(tx: _Write) -> ModelVersion:
             await _lock_model(tx.conn, version.model_id)

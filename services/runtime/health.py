@@ -53,9 +53,6 @@ class HealthReporter:
     def add_component(self, name: str, check: HealthCheck, *, required: bool = True, timeout_s: float = 2.0) -> None:
         self.components[name] = Component(name, check, required, timeout_s)
 
-    def is_ok(self, name: str) -> bool:
-        return bool(self.components[name].ok)
-
     @property
     def serving(self) -> bool:
         return all(c.ok for c in self.components.values() if c.required)
