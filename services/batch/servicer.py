@@ -46,7 +46,7 @@ def job_proto(job: Job) -> batch_pb2.BatchJob:
         version=job.version,
         priority=job.priority,
         idempotency_key=job.idempotency_key,
-        state=job.state,  # type: ignore[arg-type]
+        state=batch_pb2.BatchJobState.ValueType(job.state),
         total_items=job.total_items,
         succeeded_items=job.succeeded_items,
         failed_items=job.failed_items,
@@ -70,7 +70,7 @@ def result_proto(row: ResultRow) -> batch_pb2.BatchResult:
     result = batch_pb2.BatchResult(
         item_id=row.item_id,
         item_index=row.item_index,
-        state=row.state,  # type: ignore[arg-type]
+        state=batch_pb2.BatchItemState.ValueType(row.state),
         attempts=row.attempts,
         complete_time=_timestamp(row.complete_time),
     )

@@ -267,7 +267,9 @@ def main() -> None:
 
 def _state_label(state: int) -> str:
     """'succeeded' for BATCH_JOB_STATE_SUCCEEDED: the metric label of a job's end state."""
-    return batch_pb2.BatchJobState.Name(state).removeprefix("BATCH_JOB_STATE_").lower()  # type: ignore[arg-type]
+    return (
+        batch_pb2.BatchJobState.Name(batch_pb2.BatchJobState.ValueType(state)).removeprefix("BATCH_JOB_STATE_").lower()
+    )
 
 
 async def record_outcomes(store: BatchStore, settings: BatchSettings, job_id: uuid.UUID, outcomes: Outcomes) -> None:

@@ -88,7 +88,7 @@ def version_pb(v: ModelVersion) -> pb.ModelVersion:
         triton_model_name=v.triton_model_name,
         triton_model_version=v.triton_model_version,
         artifact_uri=v.artifact_uri,
-        stage=int(v.stage),  # type: ignore[arg-type]
+        stage=pb.Stage.ValueType(v.stage),
         description=v.description,
         create_time=_ts(v.create_time),
         update_time=_ts(v.update_time),
@@ -106,7 +106,7 @@ def policy_pb(p: TrafficPolicy) -> pb.TrafficPolicy:
         if p.shadow is None
         else pb.ShadowPolicy(version=p.shadow.version, sample_rate=p.shadow.sample_rate),
         sticky_header=p.sticky_header,
-        load_balancing=int(p.load_balancing),  # type: ignore[arg-type]
+        load_balancing=pb.LoadBalancing.ValueType(p.load_balancing),
         update_time=_ts(p.update_time),
         updated_by=p.updated_by,
         etag=p.etag,
@@ -131,7 +131,7 @@ def backend_pb(b: Backend) -> pb.Backend:
 def route_version_pb(v: RouteVersion) -> pb.RouteVersion:
     return pb.RouteVersion(
         version=v.version,
-        stage=int(v.stage),  # type: ignore[arg-type]
+        stage=pb.Stage.ValueType(v.stage),
         triton_model_name=v.triton_model_name,
         triton_model_version=v.triton_model_version,
         weight=v.weight,
@@ -150,7 +150,7 @@ def route_pb(r: Route) -> pb.Route:
         if r.shadow is None
         else pb.RouteShadow(target=route_version_pb(r.shadow.target), sample_rate=r.shadow.sample_rate),
         sticky_header=r.sticky_header,
-        load_balancing=int(r.load_balancing),  # type: ignore[arg-type]
+        load_balancing=pb.LoadBalancing.ValueType(r.load_balancing),
     )
 
 
