@@ -22,6 +22,7 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from services.runtime.errors import AlreadyExists, FailedPrecondition, NotFound
+from services.runtime.migrations import apply_migrations
 
 log = logging.getLogger(__name__)
 
@@ -191,29 +192,9 @@ class BatchStore:
             await conn.execute("SELECT 1")
 
     async def migrate(self) -> list[int]:
-        """Apply migrations/*.sql once each; an advisory lock serializes replicas starting together."""
-        applied: list[int] = []
-        ident = sql.Identifier(self.schema)
-        async with self._pool.connection() as conn, conn.transaction():
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"servegrid.batch.migrate:{self.schema}",)
-            )
-            await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
-            await conn.execute(sql.SQL("SET LOCAL search_path TO {}").format(ident))
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
-                " applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            cur = await conn.execute("SELECT version FROM schema_migrations")
-            done = {int(r[0]) for r in await cur.fetchall()}
-            for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
-                number, _, name = path.stem.partition("_")
-                if int(number) in done:
-                    continue
-                await conn.execute(path.read_text().encode())
-                await conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (int(number), name))
-                applied.append(int(number))
-        return applied
+        """Apply migrations/*.sql once each (services/runtime/migrations.py)."""
+        async with self._pool.connection() as conn:
+            return await apply_migrations(conn, self.schema, MIGRATIONS_DIR, component="batch")
 
     # --- jobs -------------------------------------------------------------------------------------
 

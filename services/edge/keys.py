@@ -18,6 +18,7 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from psycopg import sql
@@ -25,14 +26,14 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from services.mesh.names import TENANT_PATTERN
+from services.runtime.migrations import apply_migrations
 
 if TYPE_CHECKING:
     from services.edge.settings import EdgeSettings
 
 KEY_PREFIX = "sgk_"
 _IDENTITY_NAME = re.compile(TENANT_PATTERN)
-# Keeps concurrent edge replicas from racing on CREATE TABLE IF NOT EXISTS.
-_MIGRATION_LOCK = 0x5E_ED6E
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
 @dataclass(frozen=True)
@@ -79,22 +80,9 @@ class ApiKeyStore:
         self._table = sql.Identifier(schema, "api_keys")
 
     async def migrate(self) -> None:
-        async with self.pool.connection() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-            await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
-            await conn.execute(
-                sql.SQL(
-                    """CREATE TABLE IF NOT EXISTS {} (
-                        key_id text PRIMARY KEY,
-                        key_hash text NOT NULL UNIQUE,
-                        tenant text NOT NULL,
-                        roles text[] NOT NULL DEFAULT '{{}}',
-                        description text NOT NULL DEFAULT '',
-                        created_at timestamptz NOT NULL DEFAULT now(),
-                        revoked_at timestamptz
-                    )"""
-                ).format(self._table)
-            )
+        """Apply migrations/*.sql once each (services/runtime/migrations.py)."""
+        async with self.pool.connection() as conn:
+            await apply_migrations(conn, self.schema, MIGRATIONS_DIR, component="edge")
 
     async def ping(self) -> None:
         async with self.pool.connection() as conn:

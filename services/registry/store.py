@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import psycopg
@@ -29,10 +30,11 @@ from services.registry.domain import (
     TrafficSplit,
     TransitionResult,
 )
-from services.registry.migrate import apply_migrations
 from services.runtime.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound, Unavailable
+from services.runtime.migrations import apply_migrations
 
 log = logging.getLogger(__name__)
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 Conn = psycopg.AsyncConnection[DictRow]
 T = TypeVar("T")
@@ -139,7 +141,7 @@ class RegistryStore:
     async def open(self) -> None:
         """Apply migrations, then open the pool."""
         async with await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True) as conn:
-            await apply_migrations(conn, self.schema)
+            await apply_migrations(conn, self.schema, MIGRATIONS_DIR, component="registry")
         await self.pool.open(wait=True)
 
     async def close(self) -> None:

@@ -20,11 +20,11 @@ from servegrid.registry.v1 import registry_pb2 as pb
 from servegrid.registry.v1 import registry_pb2_grpc as pb_grpc
 from tritonclient.grpc.aio import InferenceServerClient
 
-from services.registry.migrate import load_migrations
 from services.registry.server import build_app
 from services.registry.settings import RegistrySettings
-from services.registry.store import RegistryStore, notify_channel
+from services.registry.store import MIGRATIONS_DIR, RegistryStore, notify_channel
 from services.runtime.errors import DOMAIN, status_details
+from services.runtime.migrations import load_migrations
 from services.runtime.server import ServiceApp
 from services.stack.triton import TritonInstance
 
@@ -640,7 +640,7 @@ async def test_replicas_migrating_at_once_apply_each_migration_once(clean_up: Re
         async with await psycopg.AsyncConnection.connect(clean_up.database_url, autocommit=True) as conn:
             query = sql.SQL("SELECT version FROM {}.schema_migrations").format(sql.Identifier(schema))
             rows = await (await conn.execute(query)).fetchall()
-        assert sorted(r[0] for r in rows) == [m.version for m in load_migrations()]
+        assert sorted(r[0] for r in rows) == [m.version for m in load_migrations(MIGRATIONS_DIR)]
         await stores[0].ping()
     finally:
         for store in stores:

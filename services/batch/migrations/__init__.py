@@ -1,1 +1,1 @@
-"""Versioned SQL for the batch service's schema, applied by services.batch.store.apply_migrations."""
+"""Versioned SQL for the batch service's schema, applied by services.runtime.migrations."""

@@ -1,1 +1,1 @@
-"""Versioned SQL migrations for the registry schema, applied in file-name order by services.registry.migrate."""
+"""Versioned SQL for the registry schema, applied in file-name order by services.runtime.migrations."""
