@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import datetime as dt
-import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 
@@ -22,6 +19,7 @@ from services.batch.settings import BatchSettings
 from services.batch.store import BatchStore, Job, ResultRow
 from services.batch.tensors import response_tensors
 from services.runtime.errors import InvalidArgument
+from services.runtime.paging import bad_position, decode_page_token, encode_page_token
 
 DEFAULT_JOBS_PAGE = 50
 MAX_JOBS_PAGE = 500
@@ -102,20 +100,6 @@ def _page_size(value: int, default: int, most: int) -> int:
     return min(value or default, most)
 
 
-def encode_token(body: dict[str, object]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(body, separators=(",", ":")).encode()).decode()
-
-
-def decode_token(token: str, kind: str) -> dict[str, object]:
-    try:
-        body = json.loads(base64.urlsafe_b64decode(token.encode()))
-    except (ValueError, binascii.Error) as error:
-        raise InvalidArgument("page_token is not valid", field_violations=[("page_token", "malformed")]) from error
-    if not isinstance(body, dict) or body.get("k") != kind:
-        raise InvalidArgument("page_token is not valid", field_violations=[("page_token", "wrong kind")])
-    return body
-
-
 class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
     def __init__(self, store: BatchStore, settings: BatchSettings, on_due: Callable[[], None]) -> None:
         self._store = store
@@ -146,18 +130,19 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
     ) -> batch_pb2.ListBatchJobsResponse:
         tenant = _tenant(request.tenant)
         size = _page_size(request.page_size, DEFAULT_JOBS_PAGE, MAX_JOBS_PAGE)
+        query = {"list": "jobs", "tenant": tenant}
         after = None
-        if request.page_token:
-            body = decode_token(request.page_token, "jobs")
+        if position := decode_page_token(request.page_token, query):
             try:
-                after = (dt.datetime.fromisoformat(str(body["t"])), uuid.UUID(str(body["id"])))
-            except (KeyError, ValueError) as error:
-                raise InvalidArgument("page_token is not valid", field_violations=[("page_token", "bad")]) from error
+                created, job_id = position
+                after = (dt.datetime.fromisoformat(created), uuid.UUID(job_id))
+            except (TypeError, ValueError) as error:
+                raise bad_position() from error
         jobs = await self._store.list_jobs(tenant, size + 1, after)
         token = ""
         if len(jobs) > size:
             jobs = jobs[:size]
-            token = encode_token({"k": "jobs", "t": jobs[-1].create_time.isoformat(), "id": str(jobs[-1].job_id)})
+            token = encode_page_token([jobs[-1].create_time.isoformat(), str(jobs[-1].job_id)], query)
         return batch_pb2.ListBatchJobsResponse(jobs=[job_proto(j) for j in jobs], next_page_token=token)
 
     async def CancelBatchJob(
@@ -196,16 +181,16 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
     ) -> batch_pb2.ListBatchJobResultsResponse:
         tenant, job_id = _tenant(request.tenant), _job_id(request.job_id)
         size = _page_size(request.page_size, DEFAULT_RESULTS_PAGE, MAX_RESULTS_PAGE)
-        after = -1
-        if request.page_token:
-            body = decode_token(request.page_token, "results")
-            if body.get("job") != str(job_id) or not isinstance(body.get("after"), int):
-                raise InvalidArgument("page_token belongs to another job", field_violations=[("page_token", "bad")])
-            after = int(body["after"])  # type: ignore[call-overload]
         state = int(request.state) or None
+        # Bound to the job and the state filter: a token from the FAILED list cannot page the full one.
+        query = {"list": "results", "tenant": tenant, "job": str(job_id), "state": state}
+        position = decode_page_token(request.page_token, query)
+        if position is not None and (not isinstance(position, int) or position < 0):
+            raise bad_position()
+        after = -1 if position is None else position
         rows = await self._store.list_results(tenant, job_id, size + 1, after, state)
         token = ""
         if len(rows) > size:
             rows = rows[:size]
-            token = encode_token({"k": "results", "job": str(job_id), "after": rows[-1].item_index})
+            token = encode_page_token(rows[-1].item_index, query)
         return batch_pb2.ListBatchJobResultsResponse(results=[result_proto(r) for r in rows], next_page_token=token)

@@ -23,11 +23,11 @@ from services.registry.domain import (
     TransitionResult,
 )
 from services.registry.metrics import WRITES
-from services.registry.paging import decode_page_token, encode_page_token
 from services.registry.routes import build_route, only_version
 from services.registry.store import RegistryStore, Written
 from services.registry.triton_control import BackendModelControl
 from services.runtime.errors import InvalidArgument, NotFound
+from services.runtime.paging import decode_page_token, encode_page_token
 
 log = logging.getLogger(__name__)
 

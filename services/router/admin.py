@@ -13,6 +13,7 @@ from services.router.table import RouteTable
 from services.router.watch import RegistryWatcher
 from services.router.xds import AdsServer, NackInfo, NodeState
 from services.runtime.errors import InvalidArgument, NotFound
+from services.runtime.paging import bad_position, decode_page_token, encode_page_token
 
 
 def _timestamp(epoch_s: float) -> timestamp_pb2.Timestamp:
@@ -86,9 +87,13 @@ class RouterAdmin(pb_grpc.RouterAdminServiceServicer):
     ) -> pb.ListBackendsResponse:
         if request.page_size < 0:
             raise InvalidArgument("page_size must not be negative", field_violations=[("page_size", "negative")])
-        ids = sorted(b for b in self.probes.backends if b > request.page_token)
+        query = {"list": "backends"}
+        after = decode_page_token(request.page_token, query)
+        if after is not None and not isinstance(after, str):
+            raise bad_position()
+        ids = sorted(b for b in self.probes.backends if after is None or b > after)
         page = ids[: request.page_size] if request.page_size else ids
-        next_token = page[-1] if request.page_size and len(ids) > len(page) else ""
+        next_token = encode_page_token(page[-1], query) if request.page_size and len(ids) > len(page) else ""
         return pb.ListBackendsResponse(
             backends=[backend_status(self.probes.backends[b]) for b in page], next_page_token=next_token
         )

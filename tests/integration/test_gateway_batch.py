@@ -20,6 +20,7 @@ from services.batch.settings import BatchSettings
 from services.gateway.server import build_app
 from services.gateway.settings import GatewaySettings
 from services.runtime.errors import status_details
+from services.runtime.paging import encode_page_token
 from services.stack.kafka import start_broker
 from tests.support.edge_stack import DATABASE_URL
 from tests.support.fake_registry import FakeRegistrySettings
@@ -215,3 +216,26 @@ async def test_undecodable_infer_is_invalid_argument(relay: Relay) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call(b"\x0a\xff\xff\xff", timeout=5)
     assert _error(caught)[::2] == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")
+
+
+async def test_a_results_page_token_is_bound_to_the_job_and_the_state_filter(relay: Relay) -> None:
+    created = await relay.gateway.CreateBatchJob(_create(), metadata=TENANT, timeout=10)
+    job_id = created.job.job_id
+    failed = batch_pb2.BATCH_ITEM_STATE_FAILED
+    # A token as the FAILED-only listing of this job would issue it (the layout is not secret; the
+    # binding is what is checked), replayed against the unfiltered listing and another job.
+    token = encode_page_token(0, {"list": "results", "tenant": "acme", "job": job_id, "state": failed})
+    ok = await relay.gateway.ListBatchJobResults(
+        gateway_pb2.ListBatchJobResultsRequest(job_id=job_id, page_token=token, state=failed),
+        metadata=TENANT,
+        timeout=10,
+    )
+    assert list(ok.results) == []
+    for request in (
+        gateway_pb2.ListBatchJobResultsRequest(job_id=job_id, page_token=token),
+        gateway_pb2.ListBatchJobResultsRequest(job_id=str(uuid.uuid4()), page_token=token, state=failed),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await relay.gateway.ListBatchJobResults(request, metadata=TENANT, timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "different list or filter" in (caught.value.details() or "")

@@ -13,7 +13,6 @@ from tritonclient.grpc import service_pb2
 from services.batch.intake import new_job, storable_items
 from services.batch.outbox import encode_chunk
 from services.batch.progress import RateWindow, eta_seconds
-from services.batch.servicer import decode_token, encode_token
 from services.batch.store import DueChunk, Job
 from services.batch.tensors import (
     ModelShape,
@@ -193,11 +192,3 @@ def test_rate_window_and_eta() -> None:
     )
     assert eta_seconds(running, 100.0) == pytest.approx(6.0)
     assert eta_seconds(running, 0.0) < 0
-
-
-def test_page_tokens_round_trip_and_reject_garbage() -> None:
-    assert decode_token(encode_token({"k": "jobs", "id": "x"}), "jobs")["id"] == "x"
-    with pytest.raises(InvalidArgument):
-        decode_token(encode_token({"k": "jobs"}), "results")
-    with pytest.raises(InvalidArgument):
-        decode_token("!!!", "jobs")

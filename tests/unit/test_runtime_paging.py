@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from services.registry.paging import decode_page_token, encode_page_token
 from services.runtime.errors import InvalidArgument
+from services.runtime.paging import decode_page_token, encode_page_token
 
 QUERY = {"list": "versions", "model": "digits", "stage": None}
 
@@ -48,3 +48,11 @@ def test_token_for_another_list_or_filter_is_refused() -> None:
 def test_damaged_tokens_are_invalid_argument(token: str) -> None:
     with pytest.raises(InvalidArgument):
         decode_page_token(token, QUERY)
+
+
+def test_any_json_position_round_trips_and_a_bool_is_refused() -> None:
+    # Batch pages jobs after a (create_time, job_id) pair.
+    pair = ["2026-12-01T20:00:00+00:00", "0b6c2d1e-1111-4222-8333-944455556666"]
+    assert decode_page_token(encode_page_token(pair, QUERY), QUERY) == pair
+    with pytest.raises(InvalidArgument):
+        decode_page_token(encode_page_token(True, QUERY), QUERY)
