@@ -15,6 +15,7 @@ SUITES = {
     "mesh": "bench.mesh_bench",  # Envoy data plane, full public path and gateway vs direct Triton
     "batch": "bench.batch_bench",  # batch items/s vs direct Triton's best
     "registry": "bench.registry_bench",  # cached vs uncached reads, route propagation
+    "idle": "bench.idle_bench",  # what the stack costs doing nothing (CPU % per process)
 }
 
 

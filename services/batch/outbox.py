@@ -63,6 +63,10 @@ async def ensure_topics(settings: BatchSettings) -> None:
         await admin.close()
 
 
+# How soon the relay looks again when items are due but held back by max_in_flight_items.
+_HELD_BACK_POLL_S = 0.05
+
+
 class OutboxRelay:
     """The only Kafka producer. Items are claimed, published and leased in one database transaction: a
     crash or broker error before the commit leaves them due (published twice at worst, never lost)."""
@@ -73,6 +77,7 @@ class OutboxRelay:
         self._producer: AIOKafkaProducer | None = None
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
         self._sequence = itertools.count()
         self._topics_ok = False
 
@@ -82,13 +87,40 @@ class OutboxRelay:
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="outbox-relay")
+        self._listener = asyncio.create_task(self._listen(), name="outbox-notifications")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._listener):
+            if task:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self._close_producer()
+
+    async def _listen(self) -> None:
+        """Wake on the store's NOTIFY (a worker in another process scheduled a retry or failed an item
+        for the dead-letter topic). Without the connection, the relay still looks every idle_max_s."""
+        while True:
+            try:
+                async for _ in self._store.due_notifications():
+                    self._wakeup.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                log.warning(
+                    "outbox notifications lost; reconnecting", extra={"error": f"{type(error).__name__}: {error}"}
+                )
+            await asyncio.sleep(1.0)
+
+    async def _idle_wait_s(self) -> float:
+        """How long nothing can become due without a wake-up: until the earliest scheduled retry, at
+        most relay_idle_max_s (which bounds what a missed notification can delay)."""
+        most = self._settings.relay_idle_max_s
+        next_due = await self._store.next_due_in_s()
+        if next_due is None:
+            return most
+        # Due now yet not published: the in-flight cap holds it until results come back; look again soon.
+        return min(max(next_due, _HELD_BACK_POLL_S), most)
 
     async def ping(self) -> None:
         """Broker health: a metadata round trip."""
@@ -135,8 +167,10 @@ class OutboxRelay:
                 dead = await self._store.publish_dead_letters(_DLQ_BATCH, self._publish_dead_letters)
                 if published or dead:
                     continue
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), s.relay_interval_s)
+                wait_s = await self._idle_wait_s()
+                if wait_s > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), wait_s)
                 self._wakeup.clear()
             except asyncio.CancelledError:
                 raise

@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,6 +173,7 @@ class BatchStore:
 
     def __init__(self, database_url: str, schema: str, *, max_size: int = 8) -> None:
         self.schema = schema
+        self._database_url = database_url
         self._pool = AsyncConnectionPool(
             database_url,
             min_size=1,
@@ -190,6 +191,34 @@ class BatchStore:
     async def ping(self) -> None:
         async with self._pool.connection() as conn:
             await conn.execute("SELECT 1")
+
+    @property
+    def due_channel(self) -> str:
+        """The LISTEN/NOTIFY channel that says "the outbox has new due work" (one per schema)."""
+        return f"{self.schema}.due"
+
+    async def _notify_due(self, conn: Any) -> None:
+        # Delivered at commit, to every relay listening (any replica): items became due, were scheduled
+        # for a retry, or wait for the dead-letter topic.
+        await conn.execute("SELECT pg_notify(%s, '')", (self.due_channel,))
+
+    async def due_notifications(self) -> AsyncIterator[None]:
+        """Yield once per NOTIFY on due_channel, on a connection of its own (not the pool's)."""
+        async with await psycopg.AsyncConnection.connect(self._database_url, autocommit=True) as conn:
+            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.due_channel)))
+            async for _ in conn.notifies():
+                yield None
+
+    async def next_due_in_s(self) -> float | None:
+        """Seconds until the earliest scheduled item is due (0: one is due now); None when none is."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                """SELECT EXTRACT(EPOCH FROM (min(i.due_at) - now())) FROM items i JOIN jobs j USING (job_id)
+                   WHERE i.state = %s AND i.due_at IS NOT NULL AND j.state IN (%s, %s)""",
+                (ITEM_PENDING, JOB_QUEUED, JOB_RUNNING),
+            )
+            row = await cur.fetchone()
+            return None if row is None or row[0] is None else max(float(row[0]), 0.0)
 
     async def migrate(self) -> list[int]:
         """Apply migrations/*.sql once each (services/runtime/migrations.py)."""
@@ -315,6 +344,7 @@ class BatchStore:
             requeued = cur.rowcount
             if requeued == 0:
                 return job, 0
+            await self._notify_due(conn)
             cur = await conn.execute(
                 sql.SQL("""UPDATE jobs SET failed_items = failed_items - %s, state = %s, end_time = NULL
                     WHERE job_id = %s RETURNING {}""").format(_COLUMNS),
@@ -563,6 +593,8 @@ class BatchStore:
                     ),
                 )
                 failed = cur.rowcount
+            if retried or failed:
+                await self._notify_due(conn)  # retries due after their backoff; dead letters to publish
             if not (succeeded or failed):
                 return Recorded(0, 0, retried, row[0], False, None)
             cur = await conn.execute(

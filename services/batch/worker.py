@@ -101,7 +101,9 @@ class WorkerPool:
             session_timeout_ms=s.kafka_session_timeout_ms,
             heartbeat_interval_ms=max(100, s.kafka_session_timeout_ms // 5),
             metadata_max_age_ms=5_000,
-            fetch_max_wait_ms=100,
+            # The broker answers a fetch as soon as a message arrives; this only bounds an idle fetch, so
+            # a long one costs no latency and keeps an idle worker from asking ten times a second.
+            fetch_max_wait_ms=1_000,
             max_poll_interval_ms=max(300_000, int(s.request_timeout_s * 4000)),
         )
 
@@ -112,7 +114,7 @@ class WorkerPool:
             try:
                 await consumer.start()
                 while True:
-                    batch = await consumer.getmany(timeout_ms=200, max_records=max_records)
+                    batch = await consumer.getmany(timeout_ms=1_000, max_records=max_records)
                     if not batch:
                         continue
                     await self.process([m for messages in batch.values() for m in messages])
