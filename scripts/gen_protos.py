@@ -1,4 +1,5 @@
-"""Regenerate gen/ (Python stubs, .pyi and the Envoy descriptor set) from proto/, or check it is fresh."""
+"""Regenerate gen/ (Python stubs, .pyi, the Envoy descriptor set and the OpenAPI document) from proto/, or check
+it is fresh."""
 
 from __future__ import annotations
 
@@ -12,8 +13,18 @@ from pathlib import Path
 
 import google.api
 import grpc_tools
+from google.protobuf import descriptor_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: `scripts` is importable from the checkout
+    sys.path.insert(0, str(ROOT))
+
+from scripts import gen_openapi  # noqa: E402
+
+# The OpenAPI document ships inside the generated `servegrid` package, so the router reads it as package
+# data (services/mesh/api_docs.py) wherever servegrid is installed, not from a checkout's path.
+OPENAPI_PACKAGE = Path("python") / "servegrid" / "openapi"
+OPENAPI_FILE = "servegrid.openapi.json"
 
 # The google protos the contracts import, taken from the installed googleapis-common-protos.
 GOOGLE_PROTOS = [
@@ -76,8 +87,28 @@ def generate(root: Path, out: Path) -> None:
         [*base, "--include_imports", f"--descriptor_set_out={out / 'descriptors.binpb'}", *files],
         check=True,
     )
+    generate_openapi(root, out / OPENAPI_PACKAGE / OPENAPI_FILE)
     for pkg_dir in [python_out / "servegrid", *(p for p in (python_out / "servegrid").rglob("*") if p.is_dir())]:
         (pkg_dir / "__init__.py").touch()
+
+
+def described_set(root: Path) -> descriptor_pb2.FileDescriptorSet:
+    """Every proto with its imports and comments (source info): the OpenAPI document's input.
+
+    Not gen/descriptors.binpb: Envoy's copy stays without comments, which would only enlarge its config."""
+    base, files = protoc_command(root)
+    with tempfile.TemporaryDirectory(prefix="servegrid-described-") as tmp:
+        out = Path(tmp) / "described.binpb"
+        subprocess.run(
+            [*base, "--include_imports", "--include_source_info", f"--descriptor_set_out={out}", *files], check=True
+        )
+        return descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
+
+
+def generate_openapi(root: Path, dest: Path) -> None:
+    """The REST API's OpenAPI 3.1 document (scripts/gen_openapi.py) at `dest`."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(gen_openapi.to_json(gen_openapi.render(described_set(root))), encoding="utf-8")
 
 
 def generate_typescript(root: Path, ts_out: Path) -> bool:

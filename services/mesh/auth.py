@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from services.mesh import names
+from services.mesh import api_docs, names
 from services.mesh.names import (
     EXT_AUTHZ_FILTER,
     JWT_FILTER,
@@ -219,6 +219,9 @@ def jwt_filter(params: EnvoyParams) -> dict[str, Any]:
             rules=[
                 {"match": {"prefix": f"/{names.HEALTH_SERVICE}/"}},
                 {"match": {"path": "/healthz"}},
+                # The API's description and docs page (routes.doc_routes): public, like health.
+                {"match": {"path": api_docs.OPENAPI_PATH}},
+                {"match": {"path": api_docs.DOCS_PATH}},
                 # A token, when sent, must verify; without one the request goes on to the API-key
                 # check, which refuses it unless a valid x-api-key is there.
                 {"match": {"prefix": "/"}, "requires": {"requires_any": requires_any}},

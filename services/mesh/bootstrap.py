@@ -144,7 +144,7 @@ def _transcoder_filter(params: EnvoyParams, descriptor_bin: bytes) -> dict[str, 
         "typed_config": typed(
             "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
             proto_descriptor_bin=base64.b64encode(descriptor_bin).decode(),
-            services=[names.GATEWAY_SERVICE, names.AUTH_SERVICE, names.REGISTRY_SERVICE],
+            services=list(names.TRANSCODED_SERVICES),
             # Server streams come out as newline-delimited JSON, one message per line.
             print_options={
                 "add_whitespace": False,

@@ -91,6 +91,8 @@ KSERVE_SERVICE = "inference.GRPCInferenceService"
 GATEWAY_SERVICE = "servegrid.gateway.v1.GatewayService"
 AUTH_SERVICE = "servegrid.gateway.v1.AuthService"  # served by the edge (API key → token exchange)
 REGISTRY_SERVICE = "servegrid.registry.v1.RegistryService"
+# The services whose google.api.http mappings Envoy transcodes (the REST API, and its OpenAPI document).
+TRANSCODED_SERVICES = (GATEWAY_SERVICE, AUTH_SERVICE, REGISTRY_SERVICE)
 REGISTRY_PACKAGE_PREFIX = "/servegrid.registry.v1."
 ADMIN_REST_PREFIX = "/v1/admin/"
 HEALTH_SERVICE = "grpc.health.v1.Health"

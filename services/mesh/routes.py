@@ -1,7 +1,7 @@
 """Every route of the data plane as a dict in Envoy's JSON shape: the fixed API routes and each model's KServe ones."""
 
 # Envoy evaluates routes in order and takes the first match, so the order below is part of the policy:
-#   public: health → gateway/registry/reflection (gRPC, then REST) → KServe → not-found
+#   public: health, API docs → gateway/registry/reflection (gRPC, then REST) → KServe → not-found
 #   mesh:   KServe → not-found
 # KServe, per protocol: server-wide methods → methods never served (UNIMPLEMENTED / 403) → one block of
 # routes per model (explicit version → that version; other version → VERSION_NOT_FOUND; no version →
@@ -20,7 +20,7 @@ from typing import Any
 from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2  # noqa: F401
 from google.rpc import code_pb2
 
-from services.mesh import names, replies
+from services.mesh import api_docs, names, replies
 from services.mesh.names import (
     BUFFER_FILTER,
     EXT_AUTHZ_FILTER,
@@ -161,13 +161,19 @@ def _api_route(
     return route
 
 
-def health_routes() -> list[Route]:
-    """Health needs no credential: no auth, no RBAC, no limits."""
-    open_route = {
+def _open_route() -> dict[str, Any]:
+    """Per-route filter config of a route anyone may call: no API-key check, no RBAC, no buffering (and no
+    rate-limit tag). jwt_authn skips the same paths (services/mesh/auth.py jwt_filter's rules)."""
+    return {
         EXT_AUTHZ_FILTER: typed("envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute", disabled=True),
         RBAC_FILTER: typed("envoy.extensions.filters.http.rbac.v3.RBACPerRoute"),
         BUFFER_FILTER: disabled(),
     }
+
+
+def health_routes() -> list[Route]:
+    """Health needs no credential: no auth, no RBAC, no limits."""
+    open_route = _open_route()
     return [
         {
             "name": "health-grpc",
@@ -183,6 +189,33 @@ def health_routes() -> list[Route]:
             # Not an API method: the transcoder (reject_unknown_method) would 404 it.
             "typed_per_filter_config": {**open_route, TRANSCODER_FILTER: disabled()},
         },
+    ]
+
+
+def _page(name: str, path: str, body: str, content_type: str, *headers: dict[str, Any]) -> Route:
+    """A fixed body Envoy answers itself at `path`, to anyone (see _open_route)."""
+    return {
+        "name": name,
+        "match": {"path": path},
+        "direct_response": {"status": 200, "body": {"inline_string": body}},
+        "response_headers_to_add": [
+            header("content-type", content_type),
+            header("x-content-type-options", "nosniff"),
+            *headers,
+        ],
+        # Not API methods: the transcoder (reject_unknown_method) would 404 them.
+        "typed_per_filter_config": {**_open_route(), TRANSCODER_FILTER: disabled()},
+    }
+
+
+def doc_routes() -> list[Route]:
+    """/openapi.json (the REST API's OpenAPI 3.1 document) and /docs (a page listing the operations),
+    answered by Envoy itself with no credential, like /healthz. The bodies are inline, so the public route
+    configuration raises Envoy's 4 KB direct-response limit to fit them (public_route_config)."""
+    no_fetching = header("content-security-policy", "default-src 'none'; style-src 'unsafe-inline'")
+    return [
+        _page("openapi-json", api_docs.OPENAPI_PATH, api_docs.openapi_json(), "application/json"),
+        _page("docs", api_docs.DOCS_PATH, api_docs.docs_html(), "text/html; charset=utf-8", no_fetching),
     ]
 
 
@@ -221,6 +254,7 @@ def fixed_routes(rest_timeout_s: float = REST_TIMEOUT_S) -> list[Route]:
     gateway_service = f"/{names.GATEWAY_SERVICE}/"
     return [
         *health_routes(),
+        *doc_routes(),
         *token_exchange_routes(rest_timeout_s),
         _api_route("infer", {"path": f"{gateway_service}Infer", "grpc": {}}, gateway, grpc=True),
         _api_route("gateway", {"prefix": gateway_service, "grpc": {}}, gateway, grpc=True),
@@ -566,6 +600,8 @@ def public_route_config(
     """RouteConfiguration `public`: the fixed API routes, then KServe's (`kserve_routes(...)`), then not-found."""
     return {
         "name": names.PUBLIC,
+        # The inline OpenAPI document and docs page (doc_routes) are larger than Envoy's 4 KB default.
+        "max_direct_response_body_size_bytes": api_docs.max_body_bytes(),
         "virtual_hosts": [
             {
                 "name": names.PUBLIC,

@@ -28,3 +28,15 @@ def test_check_gen_fails_after_a_proto_edit(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "gen/python/servegrid/gateway/v1/gateway_pb2.py" in result.stderr
     assert "gen/descriptors.binpb" in result.stderr
+
+
+def test_check_gen_fails_when_the_openapi_document_is_stale(tmp_path: Path) -> None:
+    for part in ("proto", "gen"):
+        shutil.copytree(REPO / part, tmp_path / part)
+    # A comment is an operation's description: the document goes stale though Envoy's descriptor set does not.
+    proto = tmp_path / "proto" / "servegrid" / "gateway" / "v1" / "gateway.proto"
+    proto.write_text(proto.read_text().replace("// Runs one inference.", "// Runs exactly one inference."))
+    result = _check(tmp_path)
+    assert result.returncode == 1
+    assert "gen/python/servegrid/openapi/servegrid.openapi.json" in result.stderr
+    assert "gen/descriptors.binpb" not in result.stderr
