@@ -65,6 +65,27 @@ def tenant_too_long() -> dict[str, Any]:
     return {"safe_regex": {"regex": f"[\\x00-\\x7f]{{{names.TENANT_MAX_LENGTH + 1},}}"}}
 
 
+def subject_bad_chars() -> dict[str, Any]:
+    """A subject (the JWT's sub, copied into x-servegrid-subject) with anything but printable ASCII:
+    CR/LF or NUL would make an invalid upstream header (a 503), so it is a bad token instead."""
+    return {"safe_regex": {"regex": "(?s).*[^\\x20-\\x7e].*"}}
+
+
+def subject_too_long() -> dict[str, Any]:
+    """Longer than names.MAX_NAME_BYTES: a header the services' metadata limits would refuse."""
+    return {"safe_regex": {"regex": f"(?s).{{{names.MAX_NAME_BYTES + 1},}}"}}
+
+
+def _subject_valid() -> dict[str, Any]:
+    """No subject header (an IdP token without sub), or one a header can carry: refused as 401
+    UNAUTHENTICATED_TOKEN_INVALID (local_replies)."""
+    bad = [
+        {"header": {"name": SUBJECT_HEADER, "string_match": subject_bad_chars()}},
+        {"header": {"name": SUBJECT_HEADER, "string_match": subject_too_long()}},
+    ]
+    return {"not_id": {"or_ids": {"ids": bad}}}
+
+
 def _tenant_valid(params: EnvoyParams) -> dict[str, Any]:
     """The tenant is a plain tenant id (names.TENANT_PATTERN), in the header and, for a JWT, in the claim.
 
@@ -116,7 +137,7 @@ def admin_paths() -> dict[str, Any]:
 
 def rbac_rules(params: EnvoyParams) -> dict[str, Any]:
     """ALLOW when a policy matches: any authenticated tenant off the admin paths, admins on them."""
-    tenant = [_audience_ok(params.audience), _tenant_valid(params)]
+    tenant = [_audience_ok(params.audience), _tenant_valid(params), _subject_valid()]
     return {
         "action": "ALLOW",
         "policies": {

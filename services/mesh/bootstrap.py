@@ -355,6 +355,16 @@ def render_config(params: EnvoyParams) -> dict[str, Any]:
         "admin": {"address": {"socket_address": {"address": params.admin_host, "port_value": params.admin_port}}},
         "static_resources": {"listeners": _listeners(params), "clusters": _static_clusters(params)},
         "dynamic_resources": _dynamic_resources(),
+        # RE2's default program-size cap (100) refuses the subject length check (auth.SUBJECT_MAX_LENGTH
+        # repetitions of one byte class); these regexes are ours, never a client's.
+        "layered_runtime": {
+            "layers": [
+                {
+                    "name": "static",
+                    "static_layer": {"re2.max_program_size.error_level": 1024, "re2.max_program_size.warn_level": 512},
+                }
+            ]
+        },
         # Envoy's recommended edge settings: bound what one client can make Envoy buffer.
         "overload_manager": {
             "resource_monitors": [

@@ -16,8 +16,15 @@ from typing import Any
 from google.rpc import code_pb2
 
 from services.mesh import quota, replies
-from services.mesh.auth import JWT_METADATA_KEY, admin_paths, tenant_chars, tenant_too_long
-from services.mesh.names import JWT_FILTER, MODEL_HEADER, TENANT_HEADER
+from services.mesh.auth import (
+    JWT_METADATA_KEY,
+    admin_paths,
+    subject_bad_chars,
+    subject_too_long,
+    tenant_chars,
+    tenant_too_long,
+)
+from services.mesh.names import JWT_FILTER, MAX_NAME_BYTES, MODEL_HEADER, SUBJECT_HEADER, TENANT_HEADER
 from services.mesh.params import EnvoyParams
 from services.mesh.routes import NOT_FOUND_ROUTE, header, typed
 
@@ -113,6 +120,21 @@ def _case_mappers(case: _Case) -> list[dict[str, Any]]:
             }
         )
     return mappers
+
+
+def _subject_cases() -> list[_Case]:
+    """RBAC's 403 for a subject no header can carry (auth._subject_valid) is a bad token: 401."""
+    bad_subject = {
+        "or_filter": {
+            "filters": [
+                _header_filter(SUBJECT_HEADER, {"string_match": subject_bad_chars()}),
+                _header_filter(SUBJECT_HEADER, {"string_match": subject_too_long()}),
+            ]
+        }
+    }
+    message = f"the token's sub claim must be 1-{MAX_NAME_BYTES} printable ASCII characters; get another token"
+    refusal = replies.Refusal(401, code_pb2.UNAUTHENTICATED, "UNAUTHENTICATED_TOKEN_INVALID", message)
+    return [_Case((_status_is(403), bad_subject), refusal)]
 
 
 def _token_cases() -> list[_Case]:
@@ -283,7 +305,7 @@ def _kserve_no_backend_mappers() -> list[dict[str, Any]]:
 def local_reply_config(params: EnvoyParams) -> dict[str, Any]:
     """Envoy's own replies in the services' error shape (see _case_mappers). Not mapped: replies that
     already have it (the API-key check's denials, the routes' direct responses) and 2xx."""
-    cases = [*_token_cases(), *_permission_cases(params), *_request_cases(params)]
+    cases = [*_subject_cases(), *_token_cases(), *_permission_cases(params), *_request_cases(params)]
     return {
         "mappers": [
             *_tenant_reply_mappers(params.tenant_claim),  # first: RBAC's 403 for a bad tenant is a 401
