@@ -422,10 +422,15 @@ local function check_rest_shapes(handle)
   end
 end
 
-local function respond_invalid_json(handle, message)
-  local escaped = message:gsub('[%c"\\]', function(c)
+-- `text` as the inside of a JSON string.
+local function json_escape(text)
+  return (text:gsub('[%c"\\]', function(c)
     return format("\\u%04x", byte(c))
-  end)
+  end))
+end
+
+local function respond_invalid_json(handle, message)
+  local escaped = json_escape(message)
   handle:respond({ [":status"] = "400", ["content-type"] = "application/json" }, '{"error":"' .. escaped .. '"}')
 end
 
@@ -435,8 +440,43 @@ local function is_rest_infer(handle, path)
     and path:gsub("%?.*$", ""):match("/infer$") ~= nil
 end
 
+---------------------------------------------------------------------------------------------
+-- servegrid REST: header names the services' gRPC metadata can carry
+---------------------------------------------------------------------------------------------
+
+-- HTTP allows header names gRPC metadata does not ("#6", "%", "|"): the transcoder would pass them on
+-- and the service's gRPC server refuse the whole stream (INTERNAL). Refused here, naming the header.
+local function bad_header_name(handle)
+  for key, _ in pairs(handle:headers()) do
+    if sub(key, 1, 1) ~= ":" and key:find("[^0-9a-z_.%-]") then
+      return key
+    end
+  end
+  return nil
+end
+
+local function respond_bad_header(handle, key)
+  local shown = key:gsub("[^%w%-_.#%%|!$&'*+^`~]", "?")
+  local message = format("header name %q cannot be passed to the service (gRPC metadata allows [0-9a-z_.-]); remove it", shown)
+  local escaped = json_escape(message)
+  local body = format(
+    '{"code":%d,"message":"%s","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"INVALID_HEADER_NAME","domain":"%s"}]}\n',
+    INVALID_ARGUMENT,
+    escaped,
+    ERROR_DOMAIN
+  )
+  handle:respond({ [":status"] = "400", ["content-type"] = "application/json" }, body)
+end
+
 function envoy_on_request(handle)
   local path = handle:headers():get(":path")
+  if path ~= nil and sub(path, 1, 4) == "/v1/" then
+    local key = bad_header_name(handle)
+    if key ~= nil then
+      respond_bad_header(handle, key)
+    end
+    return
+  end
   if path ~= nil and is_rest_infer(handle, path) then
     local ok, err = pcall(check_rest_shapes, handle)
     if not ok then
