@@ -92,6 +92,58 @@ def _cluster(
     return cluster
 
 
+# With mutual TLS: the name each static cluster's certificate must carry, and who may use the mesh listener.
+_UPSTREAM_PEERS = {
+    names.GATEWAY_CLUSTER: "gateway",
+    names.REGISTRY_CLUSTER: "registry",
+    names.EDGE_CLUSTER: "edge",
+    quota.QUOTA_CLUSTER: "edge",
+    names.XDS_CLUSTER: "router",
+}
+_MESH_CLIENTS = ("gateway", "batch", "router")
+
+
+def _tls_context(params: EnvoyParams, peers: Sequence[str], alpn: Sequence[str]) -> dict[str, Any]:
+    """Envoy's certificate, the CA its peers' certificates must chain to, and the names they must carry."""
+    return {
+        "tls_certificates": [
+            {
+                "certificate_chain": {"filename": params.tls_cert_file},
+                "private_key": {"filename": params.tls_key_file},
+            }
+        ],
+        "validation_context": {
+            "trusted_ca": {"filename": params.tls_ca_file},
+            "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": p}} for p in peers],
+        },
+        # gRPC clients refuse a TLS server that does not select h2 by ALPN.
+        "alpn_protocols": list(alpn),
+    }
+
+
+def _upstream_tls(params: EnvoyParams, peer: str) -> dict[str, Any]:
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": typed(
+            "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            common_tls_context=_tls_context(params, [peer], ["h2"]),
+            sni=peer,
+        ),
+    }
+
+
+def _mesh_tls(params: EnvoyParams) -> dict[str, Any]:
+    """The mesh listener carries no JWT check, so with TLS it takes only the components that use it."""
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": typed(
+            "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            common_tls_context=_tls_context(params, _MESH_CLIENTS, ["h2", "http/1.1"]),
+            require_client_certificate=True,
+        ),
+    }
+
+
 def _xds_cluster(params: EnvoyParams) -> dict[str, Any]:
     """The router(s): ADS, and the mirror target for shadow copies. Keepalive notices a router that vanished
     without a FIN (a killed pod) within seconds; DNS is re-resolved every 5 s (Envoy's default), so a new
@@ -298,10 +350,10 @@ def _listeners(params: EnvoyParams) -> list[dict[str, Any]]:
     public = _hcm(params, names.PUBLIC, _public_filters(params, descriptor_set_bytes(params)))
     public["use_remote_address"] = True  # the edge: x-forwarded-for from clients is not trusted
     mesh = _hcm(params, names.MESH, [*_kserve_filters(), _router_filter()])
-    listeners = [
-        _listener(names.PUBLIC, params.listen_host, params.listen_port, public),
-        _listener(names.MESH, params.mesh_host, params.mesh_port, mesh),
-    ]
+    mesh_listener = _listener(names.MESH, params.mesh_host, params.mesh_port, mesh)
+    if params.mtls:
+        mesh_listener["filter_chains"][0]["transport_socket"] = _mesh_tls(params)
+    listeners = [_listener(names.PUBLIC, params.listen_host, params.listen_port, public), mesh_listener]
     if params.stats_port:
         listeners.append(_stats_listener(params))
     return listeners
@@ -315,6 +367,9 @@ def _static_clusters(params: EnvoyParams) -> list[dict[str, Any]]:
         _quota_cluster(params),
         _xds_cluster(params),
     ]
+    if params.mtls:
+        for cluster in clusters:
+            cluster["transport_socket"] = _upstream_tls(params, _UPSTREAM_PEERS[cluster["name"]])
     if params.jwks_uri:
         parts = urlsplit(params.jwks_uri)
         https = parts.scheme == "https"
@@ -448,6 +503,9 @@ def _parser() -> argparse.ArgumentParser:
         "--ratelimit-window-s", type=int, help="the edge's limit window in seconds (SERVEGRID_EDGE_LIMIT_UNIT; 60)"
     )
     parser.add_argument("--max-request-body-bytes", type=int)
+    parser.add_argument("--tls-cert-file", help="Envoy's mesh certificate (PEM); with key and CA: mutual TLS inside")
+    parser.add_argument("--tls-key-file", help="key of --tls-cert-file (PEM)")
+    parser.add_argument("--tls-ca-file", help="CA (PEM) every mesh certificate chains to")
     parser.add_argument("--access-log-path")
     parser.add_argument("--otlp-endpoint", help="host:port of an OTLP/gRPC collector")
     parser.add_argument("--descriptors", type=Path, help="descriptor set for the transcoder (gen/descriptors.binpb)")
@@ -485,6 +543,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ratelimit_fail_closed=args.ratelimit_fail_closed,
         ratelimit_window_s=args.ratelimit_window_s,
         max_request_body_bytes=args.max_request_body_bytes,
+        tls_cert_file=args.tls_cert_file,
+        tls_key_file=args.tls_key_file,
+        tls_ca_file=args.tls_ca_file,
         access_log_path=args.access_log_path,
         otlp_endpoint=args.otlp_endpoint,
         descriptors=args.descriptors,
