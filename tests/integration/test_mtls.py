@@ -80,7 +80,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshOnTls]:
     issuer = DevIssuer.generate()
     jwks = issuer.write(state / "jwt")
 
-    stand_in = StandInBatch()
+    stand_in = StandInBatch()  # type: ignore[abstract]
     batch_server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     batch_pb2_grpc.add_BatchServiceServicer_to_server(stand_in, batch_server)
     batch_port = batch_server.add_secure_port("127.0.0.1:0", server_credentials(made["batch"]))
