@@ -27,6 +27,7 @@ from services.runtime.channels import open_sync_channel
 from services.runtime.errors import status_details
 from services.runtime.tls import CertFiles, server_credentials
 from services.stack import certs
+from services.stack.local import grpc_ready
 from services.stack.ports import free_port
 from tests.support.envoy import EnvoyProcess, start_envoy
 from tests.support.processes import ServiceProcess, start_service
@@ -65,6 +66,7 @@ class MeshOnTls:
     issuer: DevIssuer
     batch: StandInBatch
     gateway: ServiceProcess
+    registry: ServiceProcess
     gateway_health_port: int
     envoy: EnvoyProcess
     mesh_address: str
@@ -142,7 +144,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshOnTls]:
         # Ready means Envoy got its routes from the router: over mutual TLS, or not at all.
         envoy = start_envoy(state / "envoy", params)
         started.append(envoy)
-        yield MeshOnTls(made, issuer, stand_in, gateway, health_port, envoy, f"127.0.0.1:{mesh_port}")
+        yield MeshOnTls(made, issuer, stand_in, gateway, registry, health_port, envoy, f"127.0.0.1:{mesh_port}")
     finally:
         for process in reversed(started):
             process.stop()
@@ -239,6 +241,14 @@ def test_the_health_port_answers_probes_without_a_certificate_and_serves_nothing
             )
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     assert absent.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_the_stacks_readiness_check_presents_the_operator_certificate(mesh: MeshOnTls) -> None:
+    """`servegrid up` waits on each service's health over mTLS with the `cli` certificate."""
+    assert grpc_ready(mesh.registry.address, mesh.certs["cli"], "registry")
+    with pytest.raises(grpc.RpcError) as refused:
+        grpc_ready(mesh.registry.address)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 def test_a_service_without_tls_says_it_trusts_identity_headers_from_anyone(tmp_path: Path) -> None:
