@@ -41,7 +41,14 @@ from services.mesh import lua, names, quota
 from services.mesh.auth import ext_authz_filter, header_scrub, jwt_filter, rbac_rules
 from services.mesh.local_replies import local_reply_config
 from services.mesh.names import BUFFER_FILTER, CORS_FILTER, MODEL_HEADER, RBAC_FILTER, TRANSCODER_FILTER
-from services.mesh.params import CHART_TOKEN_JWKS, EnvoyParams, Profile, default_descriptors, repo_root
+from services.mesh.params import (
+    CHART_MTLS_DIR,
+    CHART_TOKEN_JWKS,
+    EnvoyParams,
+    Profile,
+    default_descriptors,
+    repo_root,
+)
 from services.mesh.routes import typed
 
 HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -445,7 +452,17 @@ def rendered_defaults(root: Path | None = None) -> dict[Path, str]:
     # The chart's config when `tokens.existingSecret` is set: it also trusts the edge's exchanged tokens,
     # with the JWKS the chart mounts from that Secret.
     with_tokens = EnvoyParams.for_profile("kubernetes", token_jwks_file=CHART_TOKEN_JWKS)
-    rendered[root / "deploy" / "helm" / "servegrid" / "files" / "envoy-tokens.yaml"] = render_yaml(with_tokens)
+    files = root / "deploy" / "helm" / "servegrid" / "files"
+    rendered[files / "envoy-tokens.yaml"] = render_yaml(with_tokens)
+    # With `tls.existingSecret`: mutual TLS to the services and on the mesh listener, with the
+    # certificates the chart mounts from that Secret (with and without the token Secret).
+    mtls = {
+        "tls_cert_file": f"{CHART_MTLS_DIR}/envoy.crt",
+        "tls_key_file": f"{CHART_MTLS_DIR}/envoy.key",
+        "tls_ca_file": f"{CHART_MTLS_DIR}/ca.crt",
+    }
+    rendered[files / "envoy-mtls.yaml"] = render_yaml(EnvoyParams.for_profile("kubernetes", **mtls))
+    rendered[files / "envoy-tokens-mtls.yaml"] = render_yaml(replace(with_tokens, **mtls))
     return rendered
 
 

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from services.mesh import names
 
 CHART_TOKEN_JWKS = "/etc/servegrid/token-jwks/jwks.json"  # where the Helm chart mounts the edge's JWKS
+CHART_MTLS_DIR = "/etc/servegrid/mtls"  # where the Helm chart mounts `tls.existingSecret` (ca.crt, envoy.crt, ...)
 Profile = Literal["local", "kubernetes"]
 
 
