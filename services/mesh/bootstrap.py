@@ -454,15 +454,19 @@ def rendered_defaults(root: Path | None = None) -> dict[Path, str]:
     with_tokens = EnvoyParams.for_profile("kubernetes", token_jwks_file=CHART_TOKEN_JWKS)
     files = root / "deploy" / "helm" / "servegrid" / "files"
     rendered[files / "envoy-tokens.yaml"] = render_yaml(with_tokens)
+
     # With `tls.existingSecret`: mutual TLS to the services and on the mesh listener, with the
     # certificates the chart mounts from that Secret (with and without the token Secret).
-    mtls = {
-        "tls_cert_file": f"{CHART_MTLS_DIR}/envoy.crt",
-        "tls_key_file": f"{CHART_MTLS_DIR}/envoy.key",
-        "tls_ca_file": f"{CHART_MTLS_DIR}/ca.crt",
-    }
-    rendered[files / "envoy-mtls.yaml"] = render_yaml(EnvoyParams.for_profile("kubernetes", **mtls))
-    rendered[files / "envoy-tokens-mtls.yaml"] = render_yaml(replace(with_tokens, **mtls))
+    def with_mtls(params: EnvoyParams) -> EnvoyParams:
+        return replace(
+            params,
+            tls_cert_file=f"{CHART_MTLS_DIR}/envoy.crt",
+            tls_key_file=f"{CHART_MTLS_DIR}/envoy.key",
+            tls_ca_file=f"{CHART_MTLS_DIR}/ca.crt",
+        )
+
+    rendered[files / "envoy-mtls.yaml"] = render_yaml(with_mtls(EnvoyParams.for_profile("kubernetes")))
+    rendered[files / "envoy-tokens-mtls.yaml"] = render_yaml(with_mtls(with_tokens))
     return rendered
 
 

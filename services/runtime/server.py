@@ -18,6 +18,7 @@ from services.runtime.health import HealthReporter
 from services.runtime.interceptors import ServiceInterceptor
 from services.runtime.logs import setup_logging
 from services.runtime.metrics import serve_metrics
+from services.runtime.peers import PeerAllowlist
 from services.runtime.settings import ServiceSettings
 from services.runtime.tls import server_credentials
 from services.runtime.tracing import server_interceptors, setup_tracing, shutdown_tracing
@@ -106,10 +107,13 @@ class ServiceApp:
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
+        # Inside the ServiceInterceptor (a refusal is counted like any other status), before the handler.
+        allowlist = [PeerAllowlist(self.name, s.tls_allowed_peers)] if s.tls is not None and s.tls_allowed_peers else []
         server = grpc.aio.server(
             interceptors=[
                 *server_interceptors(),
                 ServiceInterceptor(self._passthrough_methods),
+                *allowlist,
                 *self._extra_interceptors,
             ],
             options=options,

@@ -48,6 +48,11 @@ class ServiceSettings(BaseSettings):
     tls_ca_file: Path | None = Field(
         None, description="CA (PEM) that signs every mesh certificate: clients without one it signed are refused."
     )
+    tls_allowed_peers: list[str] = Field(
+        [],
+        description="With TLS, the component names (certificate DNS SANs) that may call this service, as a JSON list; "
+        "empty: any certificate from the CA. Health and reflection stay open to every certified caller.",
+    )
     health_port: int | None = Field(
         None,
         ge=0,

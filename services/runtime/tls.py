@@ -40,6 +40,12 @@ def channel_credentials(files: CertFiles) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
 
+def peer_common_name(auth_context: dict[str, list[bytes]] | None) -> str:
+    """The verified certificate's common name (the component, for the stack's certificates); "" without TLS."""
+    values = (auth_context or {}).get("x509_common_name", [])
+    return values[0].decode("utf-8", "replace") if values else ""
+
+
 def peer_names(auth_context: dict[str, list[bytes]] | None) -> frozenset[str]:
     """The names a TLS peer's verified certificate carries (SANs and CN); empty without TLS.
 

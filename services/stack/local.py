@@ -76,6 +76,17 @@ class StackSettings(BaseSettings):
     )
 
 
+# With mTLS, who may call each service (the edges of the data-flow picture; `cli` is the operator's
+# tools: seeding, `servegrid models`). The gateway takes any mesh certificate: it believes identity
+# headers only from Envoy's (services/gateway/identity.py). Health checks are open to every certificate.
+CALLERS: dict[str, tuple[str, ...]] = {
+    "registry": ("envoy", "gateway", "router", "cli"),
+    "router": ("envoy", "cli"),
+    "edge": ("envoy",),
+    "batch": ("gateway",),
+}
+
+
 def http_ready(url: str) -> bool:
     with urllib.request.urlopen(url, timeout=1) as reply:
         return bool(reply.status == 200)
@@ -150,6 +161,8 @@ def python_service_part(name: str, port: int, metrics_port: int, env: dict[str, 
     tls_env = {}
     if tls is not None:
         tls_env = {"TLS_CERT_FILE": str(tls.cert), "TLS_KEY_FILE": str(tls.key), "TLS_CA_FILE": str(tls.ca)}
+        if name in CALLERS:
+            tls_env["TLS_ALLOWED_PEERS"] = json.dumps(list(CALLERS[name]))
     return Part(
         name=name,
         argv=[sys.executable, "-m", f"services.{name}"],

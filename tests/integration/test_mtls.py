@@ -108,7 +108,10 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshOnTls]:
             "tests.support.fake_registry",
             "SERVEGRID_FAKE_REGISTRY_",
             state,
-            tls_env("SERVEGRID_FAKE_REGISTRY_", made["registry"]),
+            {
+                **tls_env("SERVEGRID_FAKE_REGISTRY_", made["registry"]),
+                "SERVEGRID_FAKE_REGISTRY_TLS_ALLOWED_PEERS": '["envoy", "gateway"]',
+            },
         )
         started.append(registry)
         mesh_port, health_port = free_port(), free_port()
@@ -243,8 +246,25 @@ def test_the_health_port_answers_probes_without_a_certificate_and_serves_nothing
     assert absent.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
+def test_a_service_answers_only_the_components_allowed_to_call_it(mesh: MeshOnTls) -> None:
+    """The registry here takes envoy and gateway: batch's valid certificate connects, and is refused."""
+    from servegrid.registry.v1 import registry_pb2, registry_pb2_grpc
+
+    with (
+        open_sync_channel(mesh.registry.address, tls=mesh.certs["batch"], peer="registry") as channel,
+        pytest.raises(grpc.RpcError) as refused,
+    ):
+        registry_pb2_grpc.RegistryServiceStub(channel).ListModels(registry_pb2.ListModelsRequest(), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "batch may not call the fake-registry service" in (refused.value.details() or "")
+    _, info = status_details(refused.value.trailing_metadata())
+    assert info is not None and info.reason == "PEER_NOT_ALLOWED"
+    # The gateway is allowed: test_the_gateway_reaches_the_registry_... lists models through it.
+
+
 def test_the_stacks_readiness_check_presents_the_operator_certificate(mesh: MeshOnTls) -> None:
-    """`servegrid up` waits on each service's health over mTLS with the `cli` certificate."""
+    """`servegrid up` waits on each service's health over mTLS with the `cli` certificate (health is open to
+    every certificate, even where the allowlist, as here, leaves `cli` out)."""
     assert grpc_ready(mesh.registry.address, mesh.certs["cli"], "registry")
     with pytest.raises(grpc.RpcError) as refused:
         grpc_ready(mesh.registry.address)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,13 @@ def test_the_mtls_secret_gives_each_pod_its_own_certificate_and_envoy_a_config_s
         assert container["livenessProbe"]["grpc"]["port"] == health
         (volume,) = [v for v in pod["volumes"] if v["name"] == "mtls"]
         assert volume["secret"]["secretName"] == "servegrid-mtls"
+        allowed = {
+            "registry": ["envoy", "gateway", "router"],
+            "router": ["envoy"],
+            "edge": ["envoy"],
+            "batch": ["gateway"],
+        }
+        assert json.loads(env.get(f"{prefix}TLS_ALLOWED_PEERS", "[]")) == allowed.get(name, [])
         assert [i["key"] for i in volume["secret"]["items"]] == ["ca.crt", f"{name}.crt", f"{name}.key"]
     envoy = deployments["servegrid-envoy"]["spec"]["template"]["spec"]
     (volume,) = [v for v in envoy["volumes"] if v["name"] == "mtls"]
