@@ -29,20 +29,13 @@ from services.runtime.tls import CertFiles, server_credentials
 from services.stack import certs
 from services.stack.local import grpc_ready
 from services.stack.ports import free_port
+from tests.support.edge_stack import EdgeStack, edge_stack, http, tls_env
 from tests.support.envoy import EnvoyProcess, start_envoy
 from tests.support.processes import ServiceProcess, start_service
 
 pytestmark = pytest.mark.integration
 
 TENANT = "acme"
-
-
-def tls_env(prefix: str, files: CertFiles) -> dict[str, str]:
-    return {
-        f"{prefix}TLS_CERT_FILE": str(files.cert),
-        f"{prefix}TLS_KEY_FILE": str(files.key),
-        f"{prefix}TLS_CA_FILE": str(files.ca),
-    }
 
 
 @dataclass
@@ -109,8 +102,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshOnTls]:
             "SERVEGRID_FAKE_REGISTRY_",
             state,
             {
-                **tls_env("SERVEGRID_FAKE_REGISTRY_", made["registry"]),
-                "SERVEGRID_FAKE_REGISTRY_TLS_ALLOWED_PEERS": '["envoy", "gateway"]',
+                **tls_env("SERVEGRID_FAKE_REGISTRY_", made["registry"], "envoy", "gateway"),
             },
         )
         started.append(registry)
@@ -288,3 +280,42 @@ def test_a_service_without_tls_says_it_trusts_identity_headers_from_anyone(tmp_p
     finally:
         registry.stop()
     assert "identity headers (x-servegrid-tenant" in gateway.log_path.read_text()
+
+
+@pytest.fixture(scope="module")
+def edge_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeStack]:
+    """The front door with a real edge (PostgreSQL, Redis), everything inside on mutual TLS."""
+    state = tmp_path_factory.mktemp("mtls-edge")
+    with edge_stack(state, "127.0.0.1:1", {}, certs=certs.generate(state / "certs")) as running:
+        yield running
+
+
+async def test_api_keys_are_checked_and_exchanged_by_the_edge_over_tls(edge_mesh: EdgeStack) -> None:
+    from tests.support.router_harness import wait_until
+
+    _, api_key = edge_mesh.create_key("acme")
+    with grpc.insecure_channel(edge_mesh.envoy.address) as channel:
+        # ext_authz (cluster edge) and the quota stream (edge_quota) both cross to the edge over mTLS.
+        models = gateway_pb2_grpc.GatewayServiceStub(channel).ListModels(
+            gateway_pb2.ListModelsRequest(), metadata=[("x-api-key", api_key)], timeout=10
+        )
+    assert [m.model_id for m in models.models] == ["affine", "digits"]
+    exchanged = http("POST", f"{edge_mesh.envoy.url}/v1/auth:token", {}, {"x-api-key": api_key})
+    assert exchanged.status == 200, exchanged.body
+    assert exchanged.json()["tenant"] == "acme"
+    # Fail-open quotas would hide a broken quota stream: its TLS handshake must have happened.
+    handshakes = "cluster.edge_quota.ssl.handshake"
+    await wait_until(lambda: edge_mesh.envoy.stats(handshakes).get(handshakes, 0) > 0)
+    assert edge_mesh.envoy.stats("cluster.edge.ssl.handshake")["cluster.edge.ssl.handshake"] > 0
+
+
+def test_the_edge_answers_only_envoy(edge_mesh: EdgeStack) -> None:
+    from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+
+    gateway = certs.files_for(edge_mesh.state_dir / "certs", "gateway")
+    with (
+        open_sync_channel(edge_mesh.edge.address, tls=gateway, peer="edge") as channel,
+        pytest.raises(grpc.RpcError) as refused,
+    ):
+        external_auth_pb2_grpc.AuthorizationStub(channel).Check(external_auth_pb2.CheckRequest(), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
