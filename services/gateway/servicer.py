@@ -93,7 +93,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             raw_input_contents=raw,
         )
         incoming = context.invocation_metadata() or ()
-        identity = self.identity.identity(context)
+        identity = self.identity.identity(context, incoming)
         metadata = [(k, v) for k, v in incoming if k in _FORWARDED and isinstance(v, str)]
         if identity.tenant:
             metadata.append((TENANT_HEADER, identity.tenant))

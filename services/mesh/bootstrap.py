@@ -9,6 +9,8 @@
 #            (+ jwks, otel), admin, the stats listener (Kubernetes)
 #   dynamic: every KServe cluster and its endpoints (CDS/EDS), RouteConfigurations `public` and
 #            `mesh` (RDS) — so a registry change never needs a new bootstrap or an Envoy restart.
+# With EnvoyParams' tls_* files, the static service clusters and the mesh listener speak mutual TLS
+# (services/runtime/tls.py); the public listener and Triton's dynamic clusters stay plaintext.
 #
 # Public filter order (each step trusts only what the steps before it established):
 #   cors → header scrub (identity headers) → grpc_field_extraction (ModelStreamInfer's first message)
