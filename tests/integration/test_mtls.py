@@ -254,6 +254,20 @@ def test_a_service_answers_only_the_components_allowed_to_call_it(mesh: MeshOnTl
     # The gateway is allowed: test_the_gateway_reaches_the_registry_... lists models through it.
 
 
+@pytest.mark.parametrize(("who", "refused"), [("batch", True), ("gateway", False)])
+def test_the_allowlist_guards_streams_too(mesh: MeshOnTls, who: str, refused: bool) -> None:
+    """WatchRoutes streams; the stand-in registry does not implement it, so an allowed peer gets as far as
+    the handler (which fails) and a refused one never reaches it."""
+    from servegrid.registry.v1 import registry_pb2, registry_pb2_grpc
+
+    with (
+        open_sync_channel(mesh.registry.address, tls=mesh.certs[who], peer="registry") as channel,
+        pytest.raises(grpc.RpcError) as ended,
+    ):
+        next(registry_pb2_grpc.RegistryServiceStub(channel).WatchRoutes(registry_pb2.WatchRoutesRequest(), timeout=5))
+    assert (ended.value.code() == grpc.StatusCode.PERMISSION_DENIED) is refused, ended.value.details()
+
+
 def test_the_stacks_readiness_check_presents_the_operator_certificate(mesh: MeshOnTls) -> None:
     """`servegrid up` waits on each service's health over mTLS with the `cli` certificate (health is open to
     every certificate, even where the allowlist, as here, leaves `cli` out)."""
