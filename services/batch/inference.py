@@ -10,6 +10,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from services.batch.tensors import ModelShape
 from services.mesh.names import model_headers
+from services.runtime.channels import open_channel
+from services.runtime.tls import CertFiles
 
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
@@ -44,8 +46,9 @@ class KServeBatchClient:
     apply to batch items exactly as to real-time calls.
     """
 
-    def __init__(self, address: str, *, timeout_s: float, config_ttl_s: float) -> None:
+    def __init__(self, address: str, *, timeout_s: float, config_ttl_s: float, tls: CertFiles | None = None) -> None:
         self.address = address
+        self.tls = tls
         self._timeout_s = timeout_s
         self._config_ttl_s = config_ttl_s
         # Opened on first use: a grpc.aio channel belongs to the event loop it was made on, and the
@@ -58,7 +61,7 @@ class KServeBatchClient:
     @property
     def _stub(self) -> service_pb2_grpc.GRPCInferenceServiceStub:
         if self._stub_instance is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
+            self._channel = open_channel(self.address, tls=self.tls, peer="envoy", options=_CHANNEL_OPTIONS)
             self._stub_instance = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         return self._stub_instance
 

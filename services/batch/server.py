@@ -21,7 +21,10 @@ def build_app(settings: BatchSettings) -> ServiceApp:
     relay = OutboxRelay(settings, store)
     reconciler = Reconciler(store, settings, relay.wake)
     inference = KServeBatchClient(
-        settings.inference_address, timeout_s=settings.request_timeout_s, config_ttl_s=settings.model_config_ttl_s
+        settings.inference_address,
+        timeout_s=settings.request_timeout_s,
+        config_ttl_s=settings.model_config_ttl_s,
+        tls=settings.tls,
     )
     workers = WorkerPool(settings, store, inference, consumers=settings.workers) if settings.workers else None
 

@@ -232,7 +232,10 @@ async def run_worker_process(settings: BatchSettings) -> None:
     await store.open()
     await store.migrate()
     inference = KServeBatchClient(
-        settings.inference_address, timeout_s=settings.request_timeout_s, config_ttl_s=settings.model_config_ttl_s
+        settings.inference_address,
+        timeout_s=settings.request_timeout_s,
+        config_ttl_s=settings.model_config_ttl_s,
+        tls=settings.tls,
     )
     pool = WorkerPool(settings, store, inference, consumers=max(1, settings.workers))
     stopping = asyncio.Event()

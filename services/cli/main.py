@@ -13,7 +13,7 @@ from rich.table import Table
 
 from services.cli import access, batch, models
 from services.cli.infer import infer
-from services.stack.local import StackSettings, dev_issuer, local_parts
+from services.stack.local import StackSettings, dev_issuer, local_parts, operator_tls
 from services.stack.seed import seed
 from services.stack.supervisor import StackError, Supervisor, log_tail, pid_alive
 
@@ -53,6 +53,7 @@ def up(
             f"{settings.host}:{settings.registry_port}",
             f"{settings.host}:{settings.triton_grpc_port}",
             f"{settings.host}:{settings.triton_http_port}",
+            tls=operator_tls(settings),
         )
         console.print(f"[green]✓[/] seeded     models {', '.join(served)} (PRODUCTION) on backend triton-local")
     except (StackError, grpc.RpcError) as err:

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated
 
-import grpc
 import typer
 from google.protobuf import field_mask_pb2, json_format
 from rich.console import Console
@@ -16,6 +15,8 @@ from servegrid.registry.v1 import registry_pb2 as pb
 from servegrid.registry.v1 import registry_pb2_grpc as pb_grpc
 
 from services.cli.errors import exit_on_rpc_error
+from services.runtime.channels import open_sync_channel
+from services.stack.local import StackSettings, operator_tls
 
 app = typer.Typer(no_args_is_help=True, help="Models, versions, stages and traffic (registry admin).")
 out = Console()
@@ -28,7 +29,9 @@ STAGES = {s.removeprefix("STAGE_").lower(): v for s, v in pb.Stage.items() if v}
 
 @contextmanager
 def _registry(address: str) -> Iterator[pb_grpc.RegistryServiceStub]:
-    with grpc.insecure_channel(address) as channel, exit_on_rpc_error():
+    # The local stack's operator certificate when it has one (its registry speaks mutual TLS).
+    tls = operator_tls(StackSettings())
+    with open_sync_channel(address, tls=tls, peer="registry") as channel, exit_on_rpc_error():
         yield pb_grpc.RegistryServiceStub(channel)
 
 

@@ -9,9 +9,10 @@ import grpc
 from servegrid.batch.v1 import batch_pb2, batch_pb2_grpc
 from servegrid.gateway.v1 import gateway_pb2
 
-from services.gateway.identity import identity_from_metadata
+from services.gateway.identity import Identity
 from services.runtime import Unauthenticated, Unimplemented
-from services.runtime.tracing import client_interceptors
+from services.runtime.channels import open_channel
+from services.runtime.tls import CertFiles
 
 # ListBatchJobResults page size used to stream a job's results.
 _STREAM_PAGE = 1000
@@ -20,8 +21,9 @@ _STREAM_PAGE = 1000
 class BatchForwarder:
     """Holds the channel to the batch service (opened lazily, on the serving event loop)."""
 
-    def __init__(self, address: str, default_timeout_s: float) -> None:
+    def __init__(self, address: str, default_timeout_s: float, tls: CertFiles | None = None) -> None:
         self.address = address
+        self.tls = tls
         self.default_timeout_s = default_timeout_s
         self._channel: grpc.aio.Channel | None = None
         self._stub: batch_pb2_grpc.BatchServiceStub | None = None
@@ -37,7 +39,7 @@ class BatchForwarder:
     def stub(self) -> batch_pb2_grpc.BatchServiceStub:
         self.require()
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.address, interceptors=client_interceptors())
+            self._channel = open_channel(self.address, tls=self.tls, peer="batch")
             self._stub = batch_pb2_grpc.BatchServiceStub(self._channel)
         return self._stub
 
@@ -50,11 +52,10 @@ class BatchForwarder:
         return self.default_timeout_s if remaining is None else max(0.001, remaining)
 
 
-def tenant_of(forwarder: BatchForwarder, context: grpc.aio.ServicerContext) -> str:
+def tenant_of(forwarder: BatchForwarder, identity: Identity) -> str:
     """Jobs belong to a tenant, so a call without a verified one cannot name any job. (Whether batch
     is deployed at all is said first: no credential would help.)"""
     forwarder.require()
-    identity = identity_from_metadata(context.invocation_metadata())
     if identity.anonymous:
         raise Unauthenticated(
             "no verified tenant on this call: reach the gateway through Envoy with a JWT or an API key",

@@ -7,6 +7,7 @@ from servegrid.gateway.v1 import gateway_pb2
 
 from services.gateway.batch import BatchForwarder
 from services.gateway.catalog import ModelCatalog
+from services.gateway.identity import IdentityPolicy
 from services.gateway.servicer import GatewayServicer
 from services.gateway.settings import GatewaySettings
 from services.gateway.upstream import KServeClient, RegistryClient
@@ -19,12 +20,16 @@ def build_app(settings: GatewaySettings) -> ServiceApp:
     app = ServiceApp("gateway", settings)
     servicer = GatewayServicer.__new__(GatewayServicer)
 
+    tls = settings.tls
+    identity = IdentityPolicy(mtls=tls is not None, trusted_peers=frozenset(settings.identity_peers))
+
     async def connect() -> None:
-        inference = KServeClient(settings.inference_address)
-        registry = RegistryClient(settings.registry_address, settings.registry_timeout_s)
+        identity.warn_if_open()
+        inference = KServeClient(settings.inference_address, tls)
+        registry = RegistryClient(settings.registry_address, settings.registry_timeout_s, tls)
         catalog = ModelCatalog(registry, inference, settings.max_page_size, settings.registry_timeout_s)
-        batch = BatchForwarder(settings.batch_address, settings.default_timeout_s)
-        GatewayServicer.__init__(servicer, inference, catalog, settings.default_timeout_s, batch)
+        batch = BatchForwarder(settings.batch_address, settings.default_timeout_s, tls)
+        GatewayServicer.__init__(servicer, inference, catalog, settings.default_timeout_s, batch, identity)
 
         async def close() -> None:
             await inference.close()

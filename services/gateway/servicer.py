@@ -14,7 +14,7 @@ from tritonclient.grpc import service_pb2
 from services.gateway import batch
 from services.gateway.batch import BatchForwarder
 from services.gateway.catalog import ModelCatalog
-from services.gateway.identity import TENANT_HEADER, identity_from_metadata
+from services.gateway.identity import OPEN_POLICY, TENANT_HEADER, IdentityPolicy
 from services.gateway.tensors import TensorError, from_infer_response, to_infer_inputs
 from services.gateway.upstream import KServeClient
 from services.mesh.names import MAX_NAME_BYTES, name_too_long
@@ -31,12 +31,21 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     """The public API."""
 
     def __init__(
-        self, inference: KServeClient, catalog: ModelCatalog, default_timeout_s: float, batch: BatchForwarder
+        self,
+        inference: KServeClient,
+        catalog: ModelCatalog,
+        default_timeout_s: float,
+        batch: BatchForwarder,
+        identity: IdentityPolicy = OPEN_POLICY,
     ) -> None:
         self.inference = inference
         self.catalog = catalog
         self.default_timeout_s = default_timeout_s
         self.batch = batch
+        self.identity = identity
+
+    def _tenant(self, context: grpc.aio.ServicerContext) -> str:
+        return batch.tenant_of(self.batch, self.identity.identity(context))
 
     async def Infer(
         self, request: gateway_pb2.InferRequest, context: grpc.aio.ServicerContext
@@ -84,7 +93,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             raw_input_contents=raw,
         )
         incoming = context.invocation_metadata() or ()
-        identity = identity_from_metadata(incoming)
+        identity = self.identity.identity(context, incoming)
         metadata = [(k, v) for k, v in incoming if k in _FORWARDED and isinstance(v, str)]
         if identity.tenant:
             metadata.append((TENANT_HEADER, identity.tenant))
@@ -115,7 +124,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def CreateBatchJob(
         self, request: gateway_pb2.CreateBatchJobRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.CreateBatchJobResponse:
-        forwarded = batch.create_request(batch.tenant_of(self.batch, context), request)
+        forwarded = batch.create_request(self._tenant(context), request)
         await self.catalog.require_servable(request.model_id, request.version)
         reply: batch_pb2.CreateBatchJobResponse = await batch.unary(self.batch, context, "CreateBatchJob", forwarded)
         return gateway_pb2.CreateBatchJobResponse(job=reply.job, created=reply.created)
@@ -123,7 +132,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def GetBatchJob(
         self, request: gateway_pb2.GetBatchJobRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.GetBatchJobResponse:
-        forwarded = batch_pb2.GetBatchJobRequest(tenant=batch.tenant_of(self.batch, context), job_id=request.job_id)
+        forwarded = batch_pb2.GetBatchJobRequest(tenant=self._tenant(context), job_id=request.job_id)
         reply: batch_pb2.GetBatchJobResponse = await batch.unary(self.batch, context, "GetBatchJob", forwarded)
         return gateway_pb2.GetBatchJobResponse(progress=reply.progress)
 
@@ -131,7 +140,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self, request: gateway_pb2.ListBatchJobsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ListBatchJobsResponse:
         forwarded = batch_pb2.ListBatchJobsRequest(
-            tenant=batch.tenant_of(self.batch, context), page_size=request.page_size, page_token=request.page_token
+            tenant=self._tenant(context), page_size=request.page_size, page_token=request.page_token
         )
         reply: batch_pb2.ListBatchJobsResponse = await batch.unary(self.batch, context, "ListBatchJobs", forwarded)
         return gateway_pb2.ListBatchJobsResponse(jobs=reply.jobs, next_page_token=reply.next_page_token)
@@ -139,14 +148,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def CancelBatchJob(
         self, request: gateway_pb2.CancelBatchJobRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.CancelBatchJobResponse:
-        forwarded = batch_pb2.CancelBatchJobRequest(tenant=batch.tenant_of(self.batch, context), job_id=request.job_id)
+        forwarded = batch_pb2.CancelBatchJobRequest(tenant=self._tenant(context), job_id=request.job_id)
         reply: batch_pb2.CancelBatchJobResponse = await batch.unary(self.batch, context, "CancelBatchJob", forwarded)
         return gateway_pb2.CancelBatchJobResponse(job=reply.job)
 
     async def RetryBatchJob(
         self, request: gateway_pb2.RetryBatchJobRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.RetryBatchJobResponse:
-        forwarded = batch_pb2.RetryBatchJobRequest(tenant=batch.tenant_of(self.batch, context), job_id=request.job_id)
+        forwarded = batch_pb2.RetryBatchJobRequest(tenant=self._tenant(context), job_id=request.job_id)
         reply: batch_pb2.RetryBatchJobResponse = await batch.unary(self.batch, context, "RetryBatchJob", forwarded)
         return gateway_pb2.RetryBatchJobResponse(job=reply.job, requeued_items=reply.requeued_items)
 
@@ -154,7 +163,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self, request: gateway_pb2.ListBatchJobResultsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ListBatchJobResultsResponse:
         forwarded = batch_pb2.ListBatchJobResultsRequest(
-            tenant=batch.tenant_of(self.batch, context),
+            tenant=self._tenant(context),
             job_id=request.job_id,
             page_size=request.page_size,
             page_token=request.page_token,
@@ -168,12 +177,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def WatchBatchJob(
         self, request: gateway_pb2.WatchBatchJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.WatchBatchJobResponse]:
-        async for progress in batch.watch(self.batch, context, batch.tenant_of(self.batch, context), request.job_id):
+        async for progress in batch.watch(self.batch, context, self._tenant(context), request.job_id):
             yield gateway_pb2.WatchBatchJobResponse(progress=progress)
 
     async def StreamBatchJobResults(
         self, request: gateway_pb2.StreamBatchJobResultsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.StreamBatchJobResultsResponse]:
-        tenant = batch.tenant_of(self.batch, context)
+        tenant = self._tenant(context)
         async for result in batch.results(self.batch, context, tenant, request.job_id, request.state):
             yield gateway_pb2.StreamBatchJobResultsResponse(result=result)

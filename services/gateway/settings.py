@@ -26,3 +26,8 @@ class GatewaySettings(ServiceSettings):
     )
     registry_timeout_s: float = Field(5.0, gt=0, description="Deadline for each registry call.")
     max_page_size: int = Field(200, gt=0, description="Largest ListModels page served; bigger requests are capped.")
+    identity_peers: list[str] = Field(
+        ["envoy"],
+        description="With mutual TLS, the certificate names whose x-servegrid-* identity headers are believed "
+        "(JSON list); every other caller is anonymous. Without TLS every caller is believed.",
+    )

@@ -20,8 +20,9 @@ from services.runtime import (
     Unauthenticated,
     Unavailable,
 )
+from services.runtime.channels import open_channel
 from services.runtime.errors import status_details
-from services.runtime.tracing import client_interceptors
+from services.runtime.tls import CertFiles
 
 # Large tensors (a ResNet batch) pass; gRPC's 4 MiB default would refuse them.
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
@@ -65,9 +66,9 @@ class KServeClient:
     routes on the header; Envoy still checks that the body names the same model.
     """
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, tls: CertFiles | None = None) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=client_interceptors())
+        self.channel = open_channel(address, tls=tls, peer="envoy", options=CHANNEL_OPTIONS)
         self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
 
     async def infer(
@@ -103,9 +104,9 @@ class KServeClient:
 class RegistryClient:
     """Read-only client of the registry: which models exist and how they route."""
 
-    def __init__(self, address: str, timeout_s: float) -> None:
+    def __init__(self, address: str, timeout_s: float, tls: CertFiles | None = None) -> None:
         self.timeout_s = timeout_s
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=client_interceptors())
+        self.channel = open_channel(address, tls=tls, peer="registry", options=CHANNEL_OPTIONS)
         self.stub = registry_pb2_grpc.RegistryServiceStub(self.channel)
 
     async def list_models(self, page_size: int, page_token: str) -> registry_pb2.ListModelsResponse:

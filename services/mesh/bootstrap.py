@@ -9,6 +9,8 @@
 #            (+ jwks, otel), admin, the stats listener (Kubernetes)
 #   dynamic: every KServe cluster and its endpoints (CDS/EDS), RouteConfigurations `public` and
 #            `mesh` (RDS) — so a registry change never needs a new bootstrap or an Envoy restart.
+# With EnvoyParams' tls_* files, the static service clusters and the mesh listener speak mutual TLS
+# (services/runtime/tls.py); the public listener and Triton's dynamic clusters stay plaintext.
 #
 # Public filter order (each step trusts only what the steps before it established):
 #   cors → header scrub (identity headers) → grpc_field_extraction (ModelStreamInfer's first message)
@@ -41,7 +43,14 @@ from services.mesh import lua, names, quota
 from services.mesh.auth import ext_authz_filter, header_scrub, jwt_filter, rbac_rules
 from services.mesh.local_replies import local_reply_config
 from services.mesh.names import BUFFER_FILTER, CORS_FILTER, MODEL_HEADER, RBAC_FILTER, TRANSCODER_FILTER
-from services.mesh.params import CHART_TOKEN_JWKS, EnvoyParams, Profile, default_descriptors, repo_root
+from services.mesh.params import (
+    CHART_MTLS_DIR,
+    CHART_TOKEN_JWKS,
+    EnvoyParams,
+    Profile,
+    default_descriptors,
+    repo_root,
+)
 from services.mesh.routes import typed
 
 HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -90,6 +99,58 @@ def _cluster(
             "typed_config": typed("envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", sni=tls_sni),
         }
     return cluster
+
+
+# With mutual TLS: the name each static cluster's certificate must carry, and who may use the mesh listener.
+_UPSTREAM_PEERS = {
+    names.GATEWAY_CLUSTER: "gateway",
+    names.REGISTRY_CLUSTER: "registry",
+    names.EDGE_CLUSTER: "edge",
+    quota.QUOTA_CLUSTER: "edge",
+    names.XDS_CLUSTER: "router",
+}
+_MESH_CLIENTS = ("gateway", "batch", "router")
+
+
+def _tls_context(params: EnvoyParams, peers: Sequence[str], alpn: Sequence[str]) -> dict[str, Any]:
+    """Envoy's certificate, the CA its peers' certificates must chain to, and the names they must carry."""
+    return {
+        "tls_certificates": [
+            {
+                "certificate_chain": {"filename": params.tls_cert_file},
+                "private_key": {"filename": params.tls_key_file},
+            }
+        ],
+        "validation_context": {
+            "trusted_ca": {"filename": params.tls_ca_file},
+            "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": p}} for p in peers],
+        },
+        # gRPC clients refuse a TLS server that does not select h2 by ALPN.
+        "alpn_protocols": list(alpn),
+    }
+
+
+def _upstream_tls(params: EnvoyParams, peer: str) -> dict[str, Any]:
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": typed(
+            "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            common_tls_context=_tls_context(params, [peer], ["h2"]),
+            sni=peer,
+        ),
+    }
+
+
+def _mesh_tls(params: EnvoyParams) -> dict[str, Any]:
+    """The mesh listener carries no JWT check, so with TLS it takes only the components that use it."""
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": typed(
+            "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            common_tls_context=_tls_context(params, _MESH_CLIENTS, ["h2", "http/1.1"]),
+            require_client_certificate=True,
+        ),
+    }
 
 
 def _xds_cluster(params: EnvoyParams) -> dict[str, Any]:
@@ -298,10 +359,10 @@ def _listeners(params: EnvoyParams) -> list[dict[str, Any]]:
     public = _hcm(params, names.PUBLIC, _public_filters(params, descriptor_set_bytes(params)))
     public["use_remote_address"] = True  # the edge: x-forwarded-for from clients is not trusted
     mesh = _hcm(params, names.MESH, [*_kserve_filters(), _router_filter()])
-    listeners = [
-        _listener(names.PUBLIC, params.listen_host, params.listen_port, public),
-        _listener(names.MESH, params.mesh_host, params.mesh_port, mesh),
-    ]
+    mesh_listener = _listener(names.MESH, params.mesh_host, params.mesh_port, mesh)
+    if params.mtls:
+        mesh_listener["filter_chains"][0]["transport_socket"] = _mesh_tls(params)
+    listeners = [_listener(names.PUBLIC, params.listen_host, params.listen_port, public), mesh_listener]
     if params.stats_port:
         listeners.append(_stats_listener(params))
     return listeners
@@ -315,6 +376,9 @@ def _static_clusters(params: EnvoyParams) -> list[dict[str, Any]]:
         _quota_cluster(params),
         _xds_cluster(params),
     ]
+    if params.mtls:
+        for cluster in clusters:
+            cluster["transport_socket"] = _upstream_tls(params, _UPSTREAM_PEERS[cluster["name"]])
     if params.jwks_uri:
         parts = urlsplit(params.jwks_uri)
         https = parts.scheme == "https"
@@ -400,7 +464,21 @@ def rendered_defaults(root: Path | None = None) -> dict[Path, str]:
     # The chart's config when `tokens.existingSecret` is set: it also trusts the edge's exchanged tokens,
     # with the JWKS the chart mounts from that Secret.
     with_tokens = EnvoyParams.for_profile("kubernetes", token_jwks_file=CHART_TOKEN_JWKS)
-    rendered[root / "deploy" / "helm" / "servegrid" / "files" / "envoy-tokens.yaml"] = render_yaml(with_tokens)
+    files = root / "deploy" / "helm" / "servegrid" / "files"
+    rendered[files / "envoy-tokens.yaml"] = render_yaml(with_tokens)
+
+    # With `tls.existingSecret`: mutual TLS to the services and on the mesh listener, with the
+    # certificates the chart mounts from that Secret (with and without the token Secret).
+    def with_mtls(params: EnvoyParams) -> EnvoyParams:
+        return replace(
+            params,
+            tls_cert_file=f"{CHART_MTLS_DIR}/envoy.crt",
+            tls_key_file=f"{CHART_MTLS_DIR}/envoy.key",
+            tls_ca_file=f"{CHART_MTLS_DIR}/ca.crt",
+        )
+
+    rendered[files / "envoy-mtls.yaml"] = render_yaml(with_mtls(EnvoyParams.for_profile("kubernetes")))
+    rendered[files / "envoy-tokens-mtls.yaml"] = render_yaml(with_mtls(with_tokens))
     return rendered
 
 
@@ -458,6 +536,9 @@ def _parser() -> argparse.ArgumentParser:
         "--ratelimit-window-s", type=int, help="the edge's limit window in seconds (SERVEGRID_EDGE_LIMIT_UNIT; 60)"
     )
     parser.add_argument("--max-request-body-bytes", type=int)
+    parser.add_argument("--tls-cert-file", help="Envoy's mesh certificate (PEM); with key and CA: mutual TLS inside")
+    parser.add_argument("--tls-key-file", help="key of --tls-cert-file (PEM)")
+    parser.add_argument("--tls-ca-file", help="CA (PEM) every mesh certificate chains to")
     parser.add_argument("--access-log-path")
     parser.add_argument("--otlp-endpoint", help="host:port of an OTLP/gRPC collector")
     parser.add_argument("--descriptors", type=Path, help="descriptor set for the transcoder (gen/descriptors.binpb)")
@@ -495,6 +576,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ratelimit_fail_closed=args.ratelimit_fail_closed,
         ratelimit_window_s=args.ratelimit_window_s,
         max_request_body_bytes=args.max_request_body_bytes,
+        tls_cert_file=args.tls_cert_file,
+        tls_key_file=args.tls_key_file,
+        tls_ca_file=args.tls_ca_file,
         access_log_path=args.access_log_path,
         otlp_endpoint=args.otlp_endpoint,
         descriptors=args.descriptors,

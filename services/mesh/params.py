@@ -9,6 +9,7 @@ from typing import Any, Literal
 from services.mesh import names
 
 CHART_TOKEN_JWKS = "/etc/servegrid/token-jwks/jwks.json"  # where the Helm chart mounts the edge's JWKS
+CHART_MTLS_DIR = "/etc/servegrid/mtls"  # where the Helm chart mounts `tls.existingSecret` (ca.crt, envoy.crt, ...)
 Profile = Literal["local", "kubernetes"]
 
 
@@ -74,6 +75,13 @@ class EnvoyParams:
     ratelimit_fail_closed: bool = False
     ext_authz_timeout_s: float = 1.0
     max_request_body_bytes: int = 8 * 1024 * 1024
+    # Mutual TLS inside the mesh (services/runtime/tls.py): Envoy's certificate and key and the CA of
+    # every mesh certificate. Set, Envoy presents its certificate to gateway/registry/edge/router and
+    # checks theirs, and the mesh listener accepts only gateway, batch and router certificates.
+    # Empty: plaintext (tests, simple deployments). Triton's clusters stay plaintext either way.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_ca_file: str = ""
     access_log_path: str = "/dev/stdout"
     otlp_endpoint: str = ""  # host:port of an OTLP/gRPC collector; empty disables Envoy's own spans
     descriptors: Path | None = None  # None: default_descriptors()
@@ -105,6 +113,10 @@ class EnvoyParams:
         if router is not None and overrides.get("xds") is None:
             overrides["xds"] = (router,)
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def mtls(self) -> bool:
+        return bool(self.tls_cert_file and self.tls_key_file and self.tls_ca_file)
 
     @property
     def node(self) -> str:

@@ -25,7 +25,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from services.router import metrics
 from services.router.settings import RouterSettings
 from services.router.table import BackendSpec
-from services.runtime.tracing import client_interceptors
+from services.runtime.channels import open_channel
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,8 @@ class TritonProbeClient:
     """ServerReady/ModelReady over one gRPC channel to a backend."""
 
     def __init__(self, address: str, settings: RouterSettings) -> None:
-        self.channel = grpc.aio.insecure_channel(
-            address, options=channel_options(settings), interceptors=client_interceptors() or None
-        )
+        # Triton speaks plaintext gRPC (it takes no client certificates): no `tls` here.
+        self.channel = open_channel(address, options=channel_options(settings))
         self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
 
     async def server_ready(self, timeout_s: float) -> bool:

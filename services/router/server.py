@@ -96,6 +96,7 @@ def build_router(
             watcher=settings.watcher_name,
             backoff_initial_s=settings.registry_backoff_initial_s,
             backoff_max_s=settings.registry_backoff_max_s,
+            tls=settings.tls,
         )
 
     app.add_servicer(ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server, ads, ADS_SERVICE)

@@ -30,8 +30,8 @@ from services.mesh.names import KSERVE_SERVICE, MIRROR_HEADER, MODEL_HEADER, SHA
 from services.router import metrics
 from services.router.settings import RouterSettings
 from services.router.table import CompiledRoute, RouteTable
+from services.runtime.channels import open_channel
 from services.runtime.errors import FailedPrecondition, abort_with
-from services.runtime.tracing import client_interceptors
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ class ShadowComparator:
         self.max_in_flight = settings.shadow_max_in_flight
         self.timeout_s = settings.shadow_timeout_s
         self.max_message_bytes = settings.max_message_bytes
+        self.tls = settings.tls
         self.in_flight = 0
         self.stats: dict[str, ShadowStats] = {}
         self._channel = channel
@@ -223,13 +224,14 @@ class ShadowComparator:
 
     def _mesh(self) -> grpc.aio.Channel:
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(
+            self._channel = open_channel(
                 self.mesh_address,
+                tls=self.tls,
+                peer="envoy",
                 options=[
                     ("grpc.max_send_message_length", self.max_message_bytes),
                     ("grpc.max_receive_message_length", self.max_message_bytes),
                 ],
-                interceptors=client_interceptors() or None,
             )
         return self._channel
 

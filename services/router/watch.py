@@ -12,7 +12,8 @@ from servegrid.registry.v1 import registry_pb2, registry_pb2_grpc
 
 from services.router import metrics
 from services.router.table import RouteTable
-from services.runtime.tracing import client_interceptors
+from services.runtime.channels import open_channel
+from services.runtime.tls import CertFiles
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,10 @@ class RegistryWatcher:
         watcher: str = "router",
         backoff_initial_s: float = 0.1,
         backoff_max_s: float = 5.0,
+        tls: CertFiles | None = None,
     ) -> None:
         self.address = address
+        self.tls = tls
         self.table = table
         self.watcher = watcher
         self.backoff_initial_s = backoff_initial_s
@@ -44,10 +47,11 @@ class RegistryWatcher:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._channel = grpc.aio.insecure_channel(
+        self._channel = open_channel(
             self.address,
+            tls=self.tls,
+            peer="registry",
             options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
-            interceptors=client_interceptors() or None,
         )
         self._task = asyncio.get_running_loop().create_task(self._run(), name="registry-watch")
 

@@ -18,7 +18,9 @@ from services.runtime.health import HealthReporter
 from services.runtime.interceptors import ServiceInterceptor
 from services.runtime.logs import setup_logging
 from services.runtime.metrics import serve_metrics
+from services.runtime.peers import PeerAllowlist
 from services.runtime.settings import ServiceSettings
+from services.runtime.tls import server_credentials
 from services.runtime.tracing import server_interceptors, setup_tracing, shutdown_tracing
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ class ServiceApp:
         self.health = HealthReporter([], interval_s=settings.health_interval_s)
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.health_port: int | None = None
         self._servicers: list[tuple[AddServicer, Any, str]] = []
         self._generic_handlers: list[grpc.GenericRpcHandler] = []
         self._passthrough_methods: set[str] = set()
@@ -60,6 +63,7 @@ class ServiceApp:
         self._drain: list[Hook] = []
         self._shutdown: list[Hook] = []
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
         self._stopping: asyncio.Event | None = None
 
     def add_servicer(self, add: AddServicer, servicer: Any, full_name: str) -> None:
@@ -103,10 +107,13 @@ class ServiceApp:
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
+        # Inside the ServiceInterceptor (a refusal is counted like any other status), before the handler.
+        allowlist = [PeerAllowlist(self.name, s.tls_allowed_peers)] if s.tls is not None and s.tls_allowed_peers else []
         server = grpc.aio.server(
             interceptors=[
                 *server_interceptors(),
                 ServiceInterceptor(self._passthrough_methods),
+                *allowlist,
                 *self._extra_interceptors,
             ],
             options=options,
@@ -121,22 +128,60 @@ class ServiceApp:
             sorted({*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME}),
             server,
         )
-        self.port = server.add_insecure_port(f"{s.host}:{s.port}")
-        if self.port == 0:
-            raise RuntimeError(f"could not bind {s.host}:{s.port}")
+        self.port = self._bind(server)
         await self.health.refresh()
         self.health.start()
         await server.start()
         self._server = server
+        if s.health_port is not None:
+            self.health_port = await self._start_health_server(s.health_port)
         if s.metrics_port is not None:
             self.metrics_port = serve_metrics(s.host, s.metrics_port)
-        log.info("%s serving", self.name, extra={"port": self.port, "metrics_port": self.metrics_port})
+        log.info(
+            "%s serving",
+            self.name,
+            extra={"port": self.port, "metrics_port": self.metrics_port, "tls": s.tls is not None},
+        )
         if s.ready_file:
             s.ready_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = s.ready_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port, "pid": os.getpid()}))
+            tmp.write_text(
+                json.dumps(
+                    {
+                        "port": self.port,
+                        "metrics_port": self.metrics_port,
+                        "health_port": self.health_port,
+                        "pid": os.getpid(),
+                    }
+                )
+            )
             tmp.replace(s.ready_file)
         return self.port
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        """The service port: mutual TLS when the settings name a certificate, plaintext otherwise."""
+        s = self.settings
+        address = f"{s.host}:{s.port}"
+        tls = s.tls
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, server_credentials(tls))
+        if port == 0:
+            raise RuntimeError(f"could not bind {address}")
+        return port
+
+    async def _start_health_server(self, port: int) -> int:
+        """A plaintext port with the health service alone: probes that cannot present a certificate
+        learn whether the service is up and nothing else (no other service is registered on it)."""
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        bound = server.add_insecure_port(f"{self.settings.host}:{port}")
+        if bound == 0:
+            raise RuntimeError(f"could not bind the health port {self.settings.host}:{port}")
+        await server.start()
+        self._health_server = server
+        return bound
 
     async def stop(self) -> None:
         """Graceful drain: NOT_SERVING, optional delay, refuse new calls, let calls in flight finish."""
@@ -155,6 +200,9 @@ class ServiceApp:
             except Exception:
                 log.exception("drain hook failed")
         await stopped
+        if self._health_server is not None:
+            await self._health_server.stop(0)
+            self._health_server = None
         for hook in reversed(self._shutdown):
             try:
                 await hook()

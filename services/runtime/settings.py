@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.runtime.tls import CertFiles
 
 
 class ServiceSettings(BaseSettings):
@@ -32,9 +34,43 @@ class ServiceSettings(BaseSettings):
     log_level: str = Field("INFO", description="Log level: DEBUG, INFO, WARNING, ERROR.")
     log_format: Literal["json", "text"] = Field("json", description="json for machines, text for people.")
     ready_file: Path | None = Field(
-        None, description="Once serving, write {'port', 'metrics_port', 'pid'} as JSON to this file."
+        None, description="Once serving, write {'port', 'metrics_port', 'health_port', 'pid'} as JSON to this file."
     )
     use_uvloop: bool = Field(True, description="Run the event loop on uvloop (a few percent more throughput).")
     max_message_bytes: int = Field(
         64 * 1024 * 1024, gt=0, description="Largest gRPC message accepted or sent, in bytes."
     )
+    tls_cert_file: Path | None = Field(
+        None,
+        description="This component's certificate (PEM). With the key and CA set, the port speaks mutual TLS only.",
+    )
+    tls_key_file: Path | None = Field(None, description="Private key of tls_cert_file (PEM).")
+    tls_ca_file: Path | None = Field(
+        None, description="CA (PEM) that signs every mesh certificate: clients without one it signed are refused."
+    )
+    tls_allowed_peers: list[str] = Field(
+        [],
+        description="With TLS, the component names (certificate DNS SANs) that may call this service, as a JSON list; "
+        "empty: any certificate from the CA. Health and reflection stay open to every certified caller.",
+    )
+    health_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Plaintext port serving only grpc.health.v1.Health, for probes that cannot present a certificate "
+        "(Kubernetes grpc probes); unset: none.",
+    )
+
+    @model_validator(mode="after")
+    def _tls_all_or_none(self) -> ServiceSettings:
+        given = [self.tls_cert_file, self.tls_key_file, self.tls_ca_file]
+        if any(given) and not all(given):
+            raise ValueError("TLS needs all of tls_cert_file, tls_key_file and tls_ca_file, or none of them")
+        return self
+
+    @property
+    def tls(self) -> CertFiles | None:
+        """The certificate this service serves and calls with; None: plaintext (local tests, simple setups)."""
+        if self.tls_cert_file and self.tls_key_file and self.tls_ca_file:
+            return CertFiles(self.tls_cert_file, self.tls_key_file, self.tls_ca_file)
+        return None

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import sys
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
-import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,7 +17,9 @@ from services.edge.limits import UNIT_SECONDS
 from services.edge.settings import EdgeSettings
 from services.edge.tokens import SIGNING_KEY_FILE, load_or_create_signing_key
 from services.mesh.bootstrap import EnvoyParams, render_yaml
-from services.stack import datastores
+from services.runtime.channels import open_sync_channel
+from services.runtime.tls import CertFiles
+from services.stack import certs, datastores
 from services.stack.kafka import broker_command, tansu_binary
 from services.stack.ports import port_open
 from services.stack.supervisor import Part
@@ -64,9 +66,25 @@ class StackSettings(BaseSettings):
         8090, description="Envoy's internal mesh listener (no JWT): the gateway's and batch workers' inference."
     )
     dev_tenant: str = Field("dev", description="Tenant of the dev token `servegrid up` prints.")
+    mtls: bool = Field(
+        True,
+        description="Mutual TLS between Envoy and the services and between services, with certificates made once "
+        "under home/certs; false: plaintext inside, identity headers trusted from any local caller.",
+    )
     metrics_port_base: int = Field(
         9150, description="Services' Prometheus ports are base+1 (gateway) … base+5 (edge), as in DESIGN.md."
     )
+
+
+# With mTLS, who may call each service (the edges of the data-flow picture; `cli` is the operator's
+# tools: seeding, `servegrid models`). The gateway takes any mesh certificate: it believes identity
+# headers only from Envoy's (services/gateway/identity.py). Health checks are open to every certificate.
+CALLERS: dict[str, tuple[str, ...]] = {
+    "registry": ("envoy", "gateway", "router", "cli"),
+    "router": ("envoy", "cli"),
+    "edge": ("envoy",),
+    "batch": ("gateway",),
+}
 
 
 def http_ready(url: str) -> bool:
@@ -74,9 +92,31 @@ def http_ready(url: str) -> bool:
         return bool(reply.status == 200)
 
 
-def grpc_ready(address: str) -> bool:
-    """The standard health check says SERVING for the whole service."""
-    with grpc.insecure_channel(address) as channel:
+def certs_dir(settings: StackSettings) -> Path:
+    """The local CA and every component's certificate (services/stack/certs.py), next to the dev JWT files."""
+    return settings.home / "certs"
+
+
+def component_tls(settings: StackSettings, component: str) -> CertFiles | None:
+    """Where `component`'s certificate lives (made by `ensure_certs`); None when the stack runs without mTLS."""
+    return certs.files_for(certs_dir(settings), component) if settings.mtls else None
+
+
+def ensure_certs(settings: StackSettings) -> None:
+    """Make the CA and certificates the first time the stack starts; later starts keep them."""
+    if settings.mtls:
+        certs.generate(certs_dir(settings))
+
+
+def operator_tls(settings: StackSettings) -> CertFiles | None:
+    """The operator tools' certificate (seeding, `servegrid models`, readiness checks) when the stack has made one."""
+    files = component_tls(settings, "cli")
+    return files if files is not None and files.cert.exists() else None
+
+
+def grpc_ready(address: str, tls: CertFiles | None = None, peer: str = "") -> bool:
+    """The standard health check says SERVING for the whole service (over mTLS when the service speaks it)."""
+    with open_sync_channel(address, tls=tls, peer=peer) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
@@ -117,6 +157,12 @@ def triton_part(settings: StackSettings) -> Part:
 def python_service_part(name: str, port: int, metrics_port: int, env: dict[str, str], settings: StackSettings) -> Part:
     """One of servegrid's own services (`python -m services.<name>`), run from this interpreter's environment."""
     prefix = f"SERVEGRID_{name.upper()}_"
+    tls = component_tls(settings, name)
+    tls_env = {}
+    if tls is not None:
+        tls_env = {"TLS_CERT_FILE": str(tls.cert), "TLS_KEY_FILE": str(tls.key), "TLS_CA_FILE": str(tls.ca)}
+        if name in CALLERS:
+            tls_env["TLS_ALLOWED_PEERS"] = json.dumps(list(CALLERS[name]))
     return Part(
         name=name,
         argv=[sys.executable, "-m", f"services.{name}"],
@@ -124,13 +170,26 @@ def python_service_part(name: str, port: int, metrics_port: int, env: dict[str, 
             f"{prefix}HOST": settings.host,
             f"{prefix}PORT": str(port),
             f"{prefix}METRICS_PORT": str(metrics_port),
-            **{prefix + key: value for key, value in env.items()},
+            **{prefix + key: value for key, value in {**tls_env, **env}.items()},
         },
         cwd=REPO,
         ports={"grpc": port, "metrics": metrics_port},
-        ready=lambda: grpc_ready(f"{settings.host}:{port}"),
+        ready=lambda: grpc_ready(f"{settings.host}:{port}", operator_tls(settings), name),
         ready_timeout_s=settings.ready_timeout_s,
+        prepare=lambda: ensure_certs(settings),
     )
+
+
+def _also(part: Part, then: Callable[[], object]) -> None:
+    """Run `then` after what the part already prepares (its certificates)."""
+    first = part.prepare
+
+    def both() -> None:
+        if first is not None:
+            first()
+        then()
+
+    part.prepare = both
 
 
 def endpoints_file(settings: StackSettings) -> Path:
@@ -166,7 +225,10 @@ def envoy_part(settings: StackSettings) -> Part:
     host = settings.host
     config = settings.home / "envoy" / "envoy.yaml"
 
+    tls = component_tls(settings, "envoy")
+
     def prepare() -> None:
+        ensure_certs(settings)
         dev_issuer(settings)
         _, token_jwks = load_or_create_signing_key(edge_token_dir(settings))
         params = EnvoyParams.for_profile(
@@ -188,6 +250,10 @@ def envoy_part(settings: StackSettings) -> Part:
             token_jwks_file=str(token_jwks.resolve()),
             # retry-after counts down to the end of the edge's window.
             ratelimit_window_s=UNIT_SECONDS[EdgeSettings().limit_unit],
+            # Mutual TLS to the services and on the mesh listener (Triton's clusters stay plaintext).
+            tls_cert_file=str(tls.cert.resolve()) if tls else "",
+            tls_key_file=str(tls.key.resolve()) if tls else "",
+            tls_ca_file=str(tls.ca.resolve()) if tls else "",
         )
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(render_yaml(params))
@@ -210,7 +276,7 @@ def edge_part(settings: StackSettings, shared: dict[str, str]) -> Part:
     key_file = (edge_token_dir(settings) / SIGNING_KEY_FILE).resolve()
     env = {**shared, "TOKEN_SIGNING_KEY_FILE": str(key_file)}
     part = python_service_part("edge", settings.edge_port, settings.metrics_port_base + 5, env, settings)
-    part.prepare = lambda: load_or_create_signing_key(edge_token_dir(settings))
+    _also(part, lambda: load_or_create_signing_key(edge_token_dir(settings)))
     return part
 
 
@@ -248,7 +314,7 @@ def local_parts(settings: StackSettings) -> list[Part]:
         )
 
     registry = python_service_part("registry", settings.registry_port, settings.metrics_port_base + 3, shared, settings)
-    registry.prepare = record_endpoints
+    _also(registry, record_endpoints)
     mesh = f"{host}:{settings.envoy_mesh_port}"
     # Envoy takes its routes from the router (xDS) and carries the gateway's and the batch workers'
     # inference, so it starts after the router and before them.

@@ -9,6 +9,9 @@ import grpc
 from servegrid.registry.v1 import registry_pb2 as pb
 from servegrid.registry.v1 import registry_pb2_grpc as pb_grpc
 
+from services.runtime.channels import open_sync_channel
+from services.runtime.tls import CertFiles
+
 # (model id, Triton model name, task, description)
 DEMO_MODELS = [
     (
@@ -32,9 +35,12 @@ def _exists_ok() -> Iterator[None]:
             raise
 
 
-def seed(registry_address: str, triton_address: str, triton_http_address: str = "") -> list[str]:
-    """Create what is missing (idempotent); returns the model ids that are served."""
-    with grpc.insecure_channel(registry_address) as channel:
+def seed(
+    registry_address: str, triton_address: str, triton_http_address: str = "", tls: CertFiles | None = None
+) -> list[str]:
+    """Create what is missing (idempotent); returns the model ids that are served. `tls`: the operator's
+    certificate, when the registry speaks mutual TLS."""
+    with open_sync_channel(registry_address, tls=tls, peer="registry") as channel:
         stub = pb_grpc.RegistryServiceStub(channel)
         backend = pb.Backend(
             backend_id="triton-local",

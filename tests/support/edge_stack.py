@@ -21,6 +21,7 @@ import redis
 from services.edge.devkeys import DevIssuer
 from services.edge.tokens import SIGNING_KEY_FILE, load_or_create_signing_key
 from services.mesh.bootstrap import EnvoyParams
+from services.runtime.tls import CertFiles
 from tests.support.envoy import EnvoyProcess, start_envoy
 from tests.support.processes import REPO, ServiceProcess, start_service
 
@@ -127,14 +128,34 @@ class EdgeStack:
 EDGE_MODELS = ("affine", "affine_batched", "digits", "resnet18")
 
 
-def _control_plane(state_dir: Path, triton_grpc: str, triton_http: str) -> Any:
+def tls_env(prefix: str, files: CertFiles | None, *allowed_peers: str) -> dict[str, str]:
+    """A service's mTLS settings (services/runtime/settings.py) as its environment; {} without certificates."""
+    if files is None:
+        return {}
+    env = {f"{prefix}TLS_CERT_FILE": str(files.cert), f"{prefix}TLS_KEY_FILE": str(files.key)}
+    env[f"{prefix}TLS_CA_FILE"] = str(files.ca)
+    if allowed_peers:
+        env[f"{prefix}TLS_ALLOWED_PEERS"] = json.dumps(list(allowed_peers))
+    return env
+
+
+def _control_plane(state_dir: Path, triton_grpc: str, triton_http: str, tls: CertFiles | None = None) -> Any:
     """A real router serving Envoy's xDS from a static table: each model on the one Triton."""
     from services.router.settings import RouterSettings
     from tests.support.router_harness import RouterThread, route, write_routes
 
     backend = [("triton", triton_grpc, triton_http)]
     routes = write_routes(state_dir / "routes.json", [route(m, [(1, m, 100, backend)]) for m in EDGE_MODELS])
-    settings = RouterSettings(port=0, metrics_port=None, use_uvloop=False, grace_period_s=0.2, routes_file=routes)
+    settings = RouterSettings(
+        port=0,
+        metrics_port=None,
+        use_uvloop=False,
+        grace_period_s=0.2,
+        routes_file=routes,
+        tls_cert_file=tls.cert if tls else None,
+        tls_key_file=tls.key if tls else None,
+        tls_ca_file=tls.ca if tls else None,
+    )
     return RouterThread(settings).start()
 
 
@@ -147,11 +168,13 @@ def edge_stack(
     *,
     edge_settings: dict[str, str] | None = None,
     envoy_overrides: dict[str, Any] | None = None,
+    certs: dict[str, CertFiles] | None = None,
 ) -> Iterator[EdgeStack]:
     """Start edge, stand-in registry, a router (xDS), gateway and Envoy in front of one Triton; stop them all.
 
     `edge_settings` (SERVEGRID_EDGE_* variables) go to every edge of the stack; `envoy_overrides`
-    (EnvoyParams fields) to every Envoy."""
+    (EnvoyParams fields) to every Envoy. `certs` (services/stack/certs.py's, by component): every
+    connection inside speaks mutual TLS, the edge answering only Envoy, as `servegrid up` runs it."""
     from services.stack.ports import free_port
 
     token = secrets.token_hex(4)
@@ -160,7 +183,17 @@ def edge_stack(
     _, token_jwks = load_or_create_signing_key(state_dir / "tokens")
     started: list[ServiceProcess | EnvoyProcess] = []
     stack: EdgeStack | None = None
-    router = _control_plane(state_dir, triton_grpc, triton_http)
+    certs = certs or {}
+    router = _control_plane(state_dir, triton_grpc, triton_http, certs.get("router"))
+    if certs:
+        edge_settings = {**tls_env("SERVEGRID_EDGE_", certs["edge"], "envoy"), **(edge_settings or {})}
+        envoy_tls = certs["envoy"]
+        envoy_overrides = {
+            "tls_cert_file": str(envoy_tls.cert),
+            "tls_key_file": str(envoy_tls.key),
+            "tls_ca_file": str(envoy_tls.ca),
+            **(envoy_overrides or {}),
+        }
     mesh_port = free_port()
     try:
         stack = EdgeStack(
@@ -179,7 +212,11 @@ def edge_stack(
         stack.edge = start_service("edge", "services.edge", "SERVEGRID_EDGE_", state_dir, stack.edge_env())
         started.append(stack.edge)
         stack.registry = start_service(
-            "registry", "tests.support.fake_registry", "SERVEGRID_FAKE_REGISTRY_", state_dir, {}
+            "registry",
+            "tests.support.fake_registry",
+            "SERVEGRID_FAKE_REGISTRY_",
+            state_dir,
+            tls_env("SERVEGRID_FAKE_REGISTRY_", certs.get("registry")),
         )
         started.append(stack.registry)
         stack.gateway = start_service(
@@ -190,6 +227,7 @@ def edge_stack(
             {
                 "SERVEGRID_GATEWAY_INFERENCE_ADDRESS": f"127.0.0.1:{mesh_port}",
                 "SERVEGRID_GATEWAY_REGISTRY_ADDRESS": stack.registry.address,
+                **tls_env("SERVEGRID_GATEWAY_", certs.get("gateway")),
             },
         )
         started.append(stack.gateway)

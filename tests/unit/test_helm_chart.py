@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -188,3 +189,42 @@ def test_envoy_and_triton_run_unprivileged() -> None:
         assert container["allowPrivilegeEscalation"] is False and container["capabilities"] == {"drop": ["ALL"]}
     assert envoy["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
     assert {p["name"] for p in envoy["containers"][0]["ports"]} == {"http", "mesh", "stats"}  # admin: loopback
+
+
+def test_the_mtls_secret_gives_each_pod_its_own_certificate_and_envoy_a_config_speaking_tls() -> None:
+    plain = by_kind(render(), "Deployment")
+    assert "TLS" not in str(env_of(plain["servegrid-gateway"]["spec"]["template"]["spec"]["containers"][0]))
+    for tokens in ("", "servegrid-tokens"):
+        docs = render({"tls": {"existingSecret": "servegrid-mtls"}, "tokens": {"existingSecret": tokens}})
+        for doc in docs:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+        config = by_kind(docs, "ConfigMap")["servegrid-envoy"]["data"]["envoy.yaml"]
+        assert "require_client_certificate: true" in config
+        assert "filename: /etc/servegrid/mtls/envoy.key" in config
+        assert ("/etc/servegrid/token-jwks/jwks.json" in config) == bool(tokens)
+    deployments = by_kind(docs, "Deployment")
+    for name in SERVICES:
+        pod = deployments[f"servegrid-{name}"]["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        env = env_of(container)
+        prefix = f"SERVEGRID_{name.upper()}_"
+        assert env[f"{prefix}TLS_CERT_FILE"] == f"/etc/servegrid/mtls/{name}.crt"
+        assert env[f"{prefix}TLS_KEY_FILE"] == f"/etc/servegrid/mtls/{name}.key"
+        assert env[f"{prefix}TLS_CA_FILE"] == "/etc/servegrid/mtls/ca.crt"
+        # kubelet cannot present a certificate: its probes use the plaintext health-only port.
+        health = int(env[f"{prefix}HEALTH_PORT"])
+        assert container["readinessProbe"]["grpc"]["port"] == health != int(env[f"{prefix}PORT"])
+        assert container["livenessProbe"]["grpc"]["port"] == health
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "mtls"]
+        assert volume["secret"]["secretName"] == "servegrid-mtls"
+        allowed = {
+            "registry": ["envoy", "gateway", "router"],
+            "router": ["envoy"],
+            "edge": ["envoy"],
+            "batch": ["gateway"],
+        }
+        assert json.loads(env.get(f"{prefix}TLS_ALLOWED_PEERS", "[]")) == allowed.get(name, [])
+        assert [i["key"] for i in volume["secret"]["items"]] == ["ca.crt", f"{name}.crt", f"{name}.key"]
+    envoy = deployments["servegrid-envoy"]["spec"]["template"]["spec"]
+    (volume,) = [v for v in envoy["volumes"] if v["name"] == "mtls"]
+    assert [i["key"] for i in volume["secret"]["items"]] == ["ca.crt", "envoy.crt", "envoy.key"]
