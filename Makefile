@@ -53,10 +53,14 @@ check-gen: $(STAMP) $(TS_STAMP) ## fail when gen/ (or anything else generated) d
 lint: $(STAMP) check-gen ## buf lint, ruff, mypy and bandit on hand-written code; generated code and docs are fresh
 	$(PY) scripts/gen_docs.py --check
 	$(VENV)/bin/buf lint
+	$(VENV)/bin/buf breaking proto --against buf.baseline.binpb
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/bandit -q -c pyproject.toml -r services sdk/python scripts bench models
+
+baseline: $(STAMP) ## record today's contracts as the release that `buf breaking` compares against (at a release)
+	$(VENV)/bin/buf build proto --exclude-source-info -o buf.baseline.binpb
 
 fmt: $(STAMP) ## format hand-written code
 	$(VENV)/bin/ruff check --fix .
