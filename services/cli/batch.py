@@ -16,7 +16,7 @@ from rich.table import Table
 from servegrid.batch.v1 import batch_pb2
 from servegrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from services.cli.gateway import Metadata, TargetOpt, TokenOpt, gateway
+from services.cli.gateway import ApiKeyOpt, Metadata, TargetOpt, TokenOpt, gateway
 
 app = typer.Typer(no_args_is_help=True, help="Batch jobs: submit a JSONL file, watch it, fetch the results.")
 err = Console(stderr=True)
@@ -83,7 +83,14 @@ def _report_end(stub: gateway_pb2_grpc.GatewayServiceStub, metadata: Metadata, j
 @app.command()
 def submit(
     file: Annotated[
-        Path, typer.Argument(help='JSONL: one item per line, {"item_id": "...", "inputs": [tensor, ...]}.')
+        Path,
+        typer.Argument(
+            # \[ : rich would read "[tensor, ...]" as markup and print nothing of it.
+            help='JSONL: one item per line, {"item_id": "...", "inputs": \\[tensor, ...]}.',
+            exists=True,
+            dir_okay=False,
+            readable=True,
+        ),
     ],
     model: Annotated[str, typer.Option("--model", "-m", help="Model id.")],
     version: Annotated[int, typer.Option(help="A specific version; 0 follows the traffic policy.")] = 0,
@@ -94,6 +101,7 @@ def submit(
     wait: Annotated[bool, typer.Option(help="Show live progress until the job ends.")] = True,
     target: TargetOpt = "",
     token: TokenOpt = "",
+    api_key: ApiKeyOpt = "",
 ) -> None:
     """Submit a batch job from a JSONL file."""
     data = file.read_bytes()
@@ -101,7 +109,7 @@ def submit(
     request = gateway_pb2.CreateBatchJobRequest(
         model_id=model, version=version, priority=priority, idempotency_key=key, items_ndjson=data
     )
-    with gateway(target, token) as (stub, metadata):
+    with gateway(target, token, api_key) as (stub, metadata):
         reply = stub.CreateBatchJob(request, metadata=metadata, timeout=300)
         job = reply.job
         verb = "submitted" if reply.created else "already submitted (same idempotency key)"
@@ -115,9 +123,9 @@ def submit(
 
 
 @app.command()
-def watch(job_id: str, target: TargetOpt = "", token: TokenOpt = "") -> None:
+def watch(job_id: str, target: TargetOpt = "", token: TokenOpt = "", api_key: ApiKeyOpt = "") -> None:
     """Live progress of a job until it ends."""
-    with gateway(target, token) as (stub, metadata):
+    with gateway(target, token, api_key) as (stub, metadata):
         _report_end(stub, metadata, job_id, _watch(stub, metadata, job_id))
 
 
@@ -127,9 +135,10 @@ def results(
     output: Annotated[Path, typer.Option("--output", "-o", help="JSONL file to write; - for stdout.")] = Path("-"),
     target: TargetOpt = "",
     token: TokenOpt = "",
+    api_key: ApiKeyOpt = "",
 ) -> None:
     """Write every result of a job as JSONL, in item order."""
-    with gateway(target, token) as (stub, metadata):
+    with gateway(target, token, api_key) as (stub, metadata):
         sink = sys.stdout if str(output) == "-" else output.open("w")
         count = 0
         try:
@@ -144,11 +153,15 @@ def results(
 
 
 @app.command("list")
-def list_jobs(target: TargetOpt = "", token: TokenOpt = "") -> None:
+def list_jobs(target: TargetOpt = "", token: TokenOpt = "", api_key: ApiKeyOpt = "") -> None:
     """The caller's jobs, newest first."""
-    with gateway(target, token) as (stub, metadata):
+    with gateway(target, token, api_key) as (stub, metadata):
         reply = stub.ListBatchJobs(gateway_pb2.ListBatchJobsRequest(page_size=50), metadata=metadata)
-        table = Table("job", "model", "state", "done", "failed", "total", "created")
+        table = Table()
+        # A job id is what the other commands take: never cut or wrapped, whatever the terminal's width.
+        table.add_column("job", no_wrap=True, min_width=36)
+        for column in ("model", "state", "done", "failed", "total", "created"):
+            table.add_column(column)
         for job in reply.jobs:
             table.add_row(
                 job.job_id,
@@ -163,8 +176,8 @@ def list_jobs(target: TargetOpt = "", token: TokenOpt = "") -> None:
 
 
 @app.command()
-def cancel(job_id: str, target: TargetOpt = "", token: TokenOpt = "") -> None:
+def cancel(job_id: str, target: TargetOpt = "", token: TokenOpt = "", api_key: ApiKeyOpt = "") -> None:
     """Cancel a job: no new items start."""
-    with gateway(target, token) as (stub, metadata):
+    with gateway(target, token, api_key) as (stub, metadata):
         job = stub.CancelBatchJob(gateway_pb2.CancelBatchJobRequest(job_id=job_id), metadata=metadata).job
         err.print(f"job {job_id} {_state(job)}")

@@ -29,7 +29,10 @@ def infer(
     timeout_s: Annotated[float, typer.Option(help="Deadline in seconds.")] = 30.0,
 ) -> None:
     """Run one inference and print the answer as JSON."""
-    text = sys.stdin.read() if str(input) == "-" else input.read_text()
+    try:
+        text = sys.stdin.read() if str(input) == "-" else input.read_text()
+    except OSError as err:
+        raise typer.BadParameter(f"cannot read {input}: {err.strerror or err}", param_hint="--input") from None
     request = gateway_pb2.InferRequest()
     try:
         json_format.Parse(text, request)

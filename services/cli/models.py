@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from typing import Annotated
 
 import typer
-from google.protobuf import field_mask_pb2, json_format
+from google.protobuf import field_mask_pb2
 from rich.console import Console
 from rich.table import Table
 from servegrid.registry.v1 import registry_pb2 as pb
@@ -56,6 +56,21 @@ def list_models(registry: RegistryOpt = "127.0.0.1:50053") -> None:
         out.print(table)
 
 
+def describe_policy(policy: pb.TrafficPolicy) -> str:
+    """The traffic policy as a person reads it (the JSON is `GetTrafficPolicy` over REST)."""
+    split = ", ".join(f"v{s.version} {s.weight}%" for s in policy.splits) or "100% to the PRODUCTION version"
+    lines = [f"traffic: {split}"]
+    if policy.HasField("shadow") and policy.shadow.version:
+        lines.append(f"shadow: v{policy.shadow.version}, {policy.shadow.sample_rate:.0%} of requests mirrored")
+    if policy.sticky_header:
+        lines.append(f"sticky on header: {policy.sticky_header}")
+    balancing = pb.LoadBalancing.Name(policy.load_balancing).removeprefix("LOAD_BALANCING_")
+    lines.append(f"backends: {balancing.lower().replace('_', ' ') if policy.load_balancing else 'default'}")
+    if policy.HasField("update_time"):
+        lines.append(f"updated {policy.update_time.ToJsonString()} by {policy.updated_by or '?'} (etag {policy.etag})")
+    return "\n".join(lines)
+
+
 @app.command()
 def get(model_id: str, registry: RegistryOpt = "127.0.0.1:50053") -> None:
     """Show a model, its versions and its traffic policy."""
@@ -69,7 +84,7 @@ def get(model_id: str, registry: RegistryOpt = "127.0.0.1:50053") -> None:
             triton = f"{v.triton_model_name}:{v.triton_model_version or 'latest'}"
             table.add_row(str(v.version), pb.Stage.Name(v.stage).removeprefix("STAGE_"), triton, v.artifact_uri)
         out.print(table)
-        out.print(json_format.MessageToJson(policy, indent=2))
+        out.print(describe_policy(policy), markup=False, soft_wrap=True)
 
 
 @app.command()
