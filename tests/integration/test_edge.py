@@ -379,3 +379,37 @@ def test_unknown_paths_and_models(stack: EdgeStack, digit: tuple[list[float], in
     assert refused.value.code() == grpc.StatusCode.NOT_FOUND
     _, info = status_details(refused.value.trailing_metadata())
     assert info is not None and info.reason == "MODEL_NOT_FOUND"
+
+
+# --- the Python SDK through Envoy ------------------------------------------------------------
+
+
+def test_sdk_plain_python_lists_take_the_models_declared_datatype(
+    stack: EdgeStack, digit: tuple[list[float], int]
+) -> None:
+    # numpy's default for [[0.0, ...]] is FP64, which the FP32 model refuses; the SDK asks the model's
+    # signature once and converts.
+    from servegrid_sdk import ServegridClient, ServegridError
+
+    pixels, label = digit
+    with ServegridClient(stack.envoy.address, token=stack.issuer.token(TENANT)) as sg:
+        result = sg.infer("digits", {"pixels": [pixels]})
+        assert int(result.outputs["label"][0, 0]) == label
+        assert sg._signatures == {"digits": {"pixels": "FP32"}}  # one GetModel, then cached
+        with pytest.raises(ServegridError) as refused:
+            sg.infer("no-such-model", {"x": [[1.0]]})
+        assert refused.value.code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_async_sdk_infers_lists_models_and_exchanges_an_api_key(
+    stack: EdgeStack, digit: tuple[list[float], int]
+) -> None:
+    from servegrid_sdk import AsyncServegridClient
+
+    pixels, label = digit
+    _, key = stack.create_key(f"async-{SUFFIX}", "user")
+    async with AsyncServegridClient(stack.envoy.address, api_key=key) as sg:
+        result = await sg.infer("digits", {"pixels": [pixels]})
+        assert int(result.outputs["label"][0, 0]) == label
+        assert [m.model_id async for m in sg.list_models(page_size=1)] == ["affine", "digits"]
+        assert sg.api_key is not None and sg.api_key.exchanges == 1  # one exchange for every call

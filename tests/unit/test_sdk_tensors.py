@@ -37,3 +37,15 @@ def test_bytes_and_json_form() -> None:
 def test_unsupported_dtype_is_a_clear_error() -> None:
     with pytest.raises(TypeError, match="complex"):
         to_tensor("c", np.array([1j]))
+
+
+def test_plain_values_take_the_declared_datatype_and_never_lose_information() -> None:
+    assert to_tensor("x", [[1.0, 2.0]], "FP32").datatype == "FP32"
+    assert to_tensor("x", [[1.0, 2.0]]).datatype == "FP64"  # no declaration: numpy's default
+    assert list(to_tensor("x", [1.0, 2.0], "INT32").data.int32) == [1, 2]  # whole numbers convert
+    assert to_tensor("x", np.array([1.0], np.float64), "FP32").datatype == "FP64"  # an array keeps its dtype
+    with pytest.raises(TypeError, match="not whole numbers"):
+        to_tensor("x", [0.5], "INT32")
+    with pytest.raises(TypeError, match="do not fit"):
+        to_tensor("x", [300], "INT8")
+    assert list(to_tensor("s", ["a", "b"], "BYTES").data.bytes) == [b"a", b"b"]

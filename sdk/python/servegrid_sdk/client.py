@@ -46,6 +46,12 @@ class ServegridError(Exception):
         return cls(call.code(), call.details() or "", reason, metadata)
 
 
+def refresh_time(reply: gateway_pb2.CreateAccessTokenResponse, now: float) -> float:
+    """When to exchange again: in the last fifth of the token's lifetime, at most a minute before it ends."""
+    expires_at = float(reply.expire_time.seconds) or now + reply.expires_in
+    return expires_at - min(max(expires_at - now, 0.0) / 5, 60.0)
+
+
 class ApiKeyCredential:
     """An API key, exchanged once for a short-lived JWT (AuthService.CreateAccessToken) and reused.
 
@@ -90,11 +96,8 @@ class ApiKeyCredential:
                 return
             raise ServegridError.from_rpc_error(err) from None
         self.exchanges += 1
-        now = self._clock()
-        expires_at = float(reply.expire_time.seconds) or now + reply.expires_in
-        lifetime = max(expires_at - now, 0.0)
         self._token = reply.access_token
-        self._refresh_at = expires_at - min(lifetime / 5, 60.0)
+        self._refresh_at = refresh_time(reply, self._clock())
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,63 @@ def _retry_config(max_attempts: int) -> str:
                 }
             ]
         }
+    )
+
+
+Inputs = Mapping[str, "np.ndarray | list[object]"]
+
+
+def needs_signature(inputs: Inputs) -> bool:
+    """Plain Python values take the model's declared datatypes, which GetModel tells (once per model)."""
+    return any(not isinstance(value, np.ndarray) for value in inputs.values())
+
+
+def declared_datatypes(model: gateway_pb2.Model) -> dict[str, str]:
+    return {spec.name: spec.datatype for spec in model.inputs}
+
+
+def infer_request(
+    model_id: str,
+    inputs: Inputs,
+    declared: Mapping[str, str],
+    *,
+    version: int = 0,
+    output_names: Iterable[str] = (),
+    request_id: str = "",
+) -> gateway_pb2.InferRequest:
+    return gateway_pb2.InferRequest(
+        model_id=model_id,
+        version=version,
+        inputs=[to_tensor(name, array, declared.get(name)) for name, array in inputs.items()],
+        output_names=list(output_names),
+        request_id=request_id or uuid.uuid4().hex,
+    )
+
+
+def infer_result(reply: gateway_pb2.InferResponse) -> InferResult:
+    return InferResult(reply.model_id, reply.version, reply.request_id, {t.name: from_tensor(t) for t in reply.outputs})
+
+
+def batch_job_request(
+    model_id: str,
+    items: Iterable[Inputs],
+    declared: Mapping[str, str],
+    *,
+    idempotency_key: str | None = None,
+    version: int = 0,
+    priority: int = 0,
+) -> gateway_pb2.CreateBatchJobRequest:
+    return gateway_pb2.CreateBatchJobRequest(
+        model_id=model_id,
+        version=version,
+        priority=priority,
+        idempotency_key=idempotency_key or uuid.uuid4().hex,
+        items=batch_pb2.BatchItems(
+            items=[
+                batch_pb2.BatchItem(item_id=str(i), inputs=[to_tensor(n, a, declared.get(n)) for n, a in item.items()])
+                for i, item in enumerate(items)
+            ]
+        ),
     )
 
 
@@ -166,6 +226,7 @@ class ServegridClient:
         elif api_key:
             self._static.append(("x-api-key", api_key))
         self.timeout_s = timeout_s
+        self._signatures: dict[str, dict[str, str]] = {}  # model id -> input name -> declared datatype
 
     @property
     def _metadata(self) -> list[tuple[str, str]]:
@@ -191,25 +252,26 @@ class ServegridClient:
     def infer(
         self,
         model_id: str,
-        inputs: Mapping[str, np.ndarray | list[object]],
+        inputs: Inputs,
         *,
         version: int = 0,
         output_names: Iterable[str] = (),
         request_id: str = "",
         timeout_s: float | None = None,
     ) -> InferResult:
-        """Run one inference; `inputs` maps each input name to an array."""
-        request = gateway_pb2.InferRequest(
-            model_id=model_id,
-            version=version,
-            inputs=[to_tensor(name, array) for name, array in inputs.items()],
-            output_names=list(output_names),
-            request_id=request_id or uuid.uuid4().hex,
+        """Run one inference; `inputs` maps each input name to an array (or plain Python values,
+        which take the model's declared datatype)."""
+        declared = self._declared(model_id) if needs_signature(inputs) else {}
+        request = infer_request(
+            model_id, inputs, declared, version=version, output_names=output_names, request_id=request_id
         )
         reply: gateway_pb2.InferResponse = self._call("Infer", request, timeout_s)  # type: ignore[assignment]
-        return InferResult(
-            reply.model_id, reply.version, reply.request_id, {t.name: from_tensor(t) for t in reply.outputs}
-        )
+        return infer_result(reply)
+
+    def _declared(self, model_id: str) -> dict[str, str]:
+        if model_id not in self._signatures:
+            self._signatures[model_id] = declared_datatypes(self.get_model(model_id))
+        return self._signatures[model_id]
 
     def list_models(self, page_size: int = 0) -> Iterator[gateway_pb2.Model]:
         """Every servable model, fetching pages as needed."""
@@ -232,27 +294,53 @@ class ServegridClient:
     def create_batch_job(
         self,
         model_id: str,
-        items: Iterable[Mapping[str, np.ndarray | list[object]]],
+        items: Iterable[Inputs],
         *,
         idempotency_key: str | None = None,
         version: int = 0,
         priority: int = 0,
     ) -> batch_pb2.BatchJob:
         """Submit a job; resubmitting with the same idempotency key returns the same job."""
-        request = gateway_pb2.CreateBatchJobRequest(
-            model_id=model_id,
-            version=version,
-            priority=priority,
-            idempotency_key=idempotency_key or uuid.uuid4().hex,
-            items=batch_pb2.BatchItems(
-                items=[
-                    batch_pb2.BatchItem(item_id=str(i), inputs=[to_tensor(n, a) for n, a in item.items()])
-                    for i, item in enumerate(items)
-                ]
-            ),
+        items = list(items)
+        declared = self._declared(model_id) if any(needs_signature(item) for item in items) else {}
+        request = batch_job_request(
+            model_id, items, declared, idempotency_key=idempotency_key, version=version, priority=priority
         )
         reply: gateway_pb2.CreateBatchJobResponse = self._call("CreateBatchJob", request)  # type: ignore[assignment]
         return reply.job
+
+    def get_batch_job(self, job_id: str) -> batch_pb2.BatchJobProgress:
+        """A job and its progress (items per second, estimated seconds left)."""
+        reply: gateway_pb2.GetBatchJobResponse = self._call(  # type: ignore[assignment]
+            "GetBatchJob", gateway_pb2.GetBatchJobRequest(job_id=job_id)
+        )
+        return reply.progress
+
+    def list_batch_jobs(self, page_size: int = 0) -> Iterator[batch_pb2.BatchJob]:
+        """The caller's jobs, newest first, fetching pages as needed."""
+        token = ""
+        while True:
+            reply: gateway_pb2.ListBatchJobsResponse = self._call(  # type: ignore[assignment]
+                "ListBatchJobs", gateway_pb2.ListBatchJobsRequest(page_size=page_size, page_token=token)
+            )
+            yield from reply.jobs
+            token = reply.next_page_token
+            if not token:
+                return
+
+    def cancel_batch_job(self, job_id: str) -> batch_pb2.BatchJob:
+        """No new items start; items in flight finish. Cancelling an ended job is FAILED_PRECONDITION."""
+        reply: gateway_pb2.CancelBatchJobResponse = self._call(  # type: ignore[assignment]
+            "CancelBatchJob", gateway_pb2.CancelBatchJobRequest(job_id=job_id)
+        )
+        return reply.job
+
+    def retry_batch_job(self, job_id: str) -> tuple[batch_pb2.BatchJob, int]:
+        """Run the job's failed items again; returns the job and how many items were requeued."""
+        reply: gateway_pb2.RetryBatchJobResponse = self._call(  # type: ignore[assignment]
+            "RetryBatchJob", gateway_pb2.RetryBatchJobRequest(job_id=job_id)
+        )
+        return reply.job, reply.requeued_items
 
     def watch_batch_job(self, job_id: str) -> Iterator[batch_pb2.BatchJobProgress]:
         """Progress updates until the job ends."""

@@ -24,9 +24,27 @@ _BY_DATATYPE: dict[str, tuple[np.dtype, str]] = {
 _BY_DTYPE = {dtype: name for name, (dtype, _) in _BY_DATATYPE.items() if name != "BYTES"}
 
 
-def to_tensor(name: str, array: np.ndarray | list[object]) -> tensor_pb2.Tensor:
-    """Wrap an array as a named Tensor; the datatype follows the array's dtype."""
-    arr = np.asarray(array)
+def _as_declared(name: str, values: object, datatype: str) -> np.ndarray:
+    """Plain Python values as the model's declared datatype: [[1.0, 2.0]] for an FP32 input is FP32,
+    not numpy's default FP64 (which the model would refuse). Never loses information silently."""
+    if datatype not in _BY_DATATYPE:
+        raise TypeError(f"tensor {name!r}: the model declares unknown datatype {datatype!r}")
+    dtype = _BY_DATATYPE[datatype][0]
+    if datatype == "BYTES":
+        return np.asarray(values, dtype=object)
+    raw = np.asarray(values)
+    if dtype.kind in "iub" and raw.dtype.kind == "f" and not np.all(np.mod(raw, 1) == 0):
+        raise TypeError(f"tensor {name!r}: the model takes {datatype}, and these values are not whole numbers")
+    arr = raw.astype(dtype)
+    if dtype.kind in "iu" and not np.array_equal(arr, raw):
+        raise TypeError(f"tensor {name!r}: values do not fit the model's {datatype}")
+    return arr
+
+
+def to_tensor(name: str, array: np.ndarray | list[object], datatype: str | None = None) -> tensor_pb2.Tensor:
+    """Wrap an array as a named Tensor. A numpy array keeps its dtype; plain Python values take
+    `datatype` (the model's declared input type) when given, else numpy's default."""
+    arr = _as_declared(name, array, datatype) if datatype and not isinstance(array, np.ndarray) else np.asarray(array)
     values: list[object]
     if arr.dtype.kind in ("U", "S", "O"):
         datatype = "BYTES"
