@@ -37,7 +37,38 @@ def _code_name(context: grpc.aio.ServicerContext) -> str:
     return "UNKNOWN"
 
 
-class ServiceInterceptor(grpc.aio.ServerInterceptor):
+class WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """A server interceptor that wraps each method's handler once (cached by method) and leaves
+    health checks and reflection alone: they are not the service's work, and probes must pass."""
+
+    skipped_prefixes = _UNMEASURED_PREFIXES
+
+    def __init__(self) -> None:
+        # The generic handlers hand back the same handler on every call, so each method is wrapped
+        # once, not once per request.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method: str = details.method
+        if handler is None or method.startswith(self.skipped_prefixes):
+            return handler
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        raise NotImplementedError
+
+
+class ServiceInterceptor(WrappingInterceptor):
     """One place that turns exceptions into statuses and counts every call.
 
     - `ServegridError` → its status code, message and ErrorInfo (as `grpc-status-details-bin`).
@@ -52,26 +83,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """
 
     def __init__(self, passthrough: Collection[str] = ()) -> None:
+        super().__init__()
         self._passthrough = frozenset(passthrough)
-        # Wrapped handlers per method: the generic handlers hand back the same handler on every call,
-        # so each method is wrapped once, not once per request.
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        method: str = details.method
-        if handler is None or method.startswith(_UNMEASURED_PREFIXES):
-            return handler
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler, method)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         service, name = _split(method)

@@ -9,41 +9,24 @@ operator's certificate).
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any
 
 import grpc
 
 from services.runtime.errors import PermissionDenied, abort_with
+from services.runtime.interceptors import WrappingInterceptor
 from services.runtime.tls import peer_common_name, peer_names
 
-_OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
-
-class PeerAllowlist(grpc.aio.ServerInterceptor):
+class PeerAllowlist(WrappingInterceptor):
     """Refuses, with PERMISSION_DENIED (reason PEER_NOT_ALLOWED), any call whose verified certificate
     names none of `allowed`."""
 
     def __init__(self, service: str, allowed: Collection[str]) -> None:
+        super().__init__()
         self.service = service
         self.allowed = frozenset(allowed)
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        method: str = details.method
-        if handler is None or method.startswith(_OPEN_PREFIXES):
-            return handler
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
 
     async def _check(self, context: grpc.aio.ServicerContext) -> None:
         auth = context.auth_context()
@@ -55,7 +38,7 @@ class PeerAllowlist(grpc.aio.ServerInterceptor):
             )
             await abort_with(context, error.to_grpc_status())
 
-    def _wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         deserializer, serializer = handler.request_deserializer, handler.response_serializer
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary), deserializer, serializer)
