@@ -24,6 +24,7 @@ from services.runtime.tls import server_credentials
 from services.runtime.tracing import server_interceptors, setup_tracing, shutdown_tracing
 
 log = logging.getLogger(__name__)
+_MAX_METADATA_BYTES = 64 * 1024
 
 AddServicer = Callable[[Any, grpc.aio.Server], None]
 Hook = Callable[[], Awaitable[object]]
@@ -105,6 +106,11 @@ class ServiceApp:
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
+            # Above Envoy's 60 KiB request-header cap: whatever Envoy forwards reaches the handler, which
+            # answers it (a 32 KiB API key is API_KEY_INVALID), instead of gRPC's default 8 KiB soft /
+            # 16 KiB hard limits refusing it, at random in between, as RESOURCE_EXHAUSTED.
+            ("grpc.max_metadata_size", _MAX_METADATA_BYTES),
+            ("grpc.absolute_max_metadata_size", _MAX_METADATA_BYTES),
             ("grpc.so_reuseport", 0),
         ]
         # Inside the ServiceInterceptor (a refusal is counted like any other status), before the handler.
