@@ -18,8 +18,8 @@ from services.gateway.identity import OPEN_POLICY, TENANT_HEADER, IdentityPolicy
 from services.gateway.tensors import TensorError, from_infer_response, to_infer_inputs
 from services.gateway.upstream import KServeClient
 from services.mesh.names import MAX_NAME_BYTES, name_too_long
-from services.runtime import InvalidArgument, ServegridError
-from services.runtime.errors import abort_with, internal_status
+from services.runtime import InvalidArgument
+from services.runtime.errors import abort_with, status_for
 
 log = logging.getLogger(__name__)
 # Headers worth carrying to the data plane: the request id Envoy made, and the W3C/B3 trace context
@@ -50,17 +50,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def Infer(
         self, request: gateway_pb2.InferRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.InferResponse:
-        # The hot path skips the runtime's interceptor (see server.py), so it maps its own errors:
-        # the same mapping, inline.
+        # The hot path skips the runtime's interceptor (see server.py), so it maps its own errors,
+        # through the same function the interceptor uses.
         try:
             return await self._infer(request, context)
-        except ServegridError as error:
-            log.info("Infer: %s %s", error.code.name, error.message, extra={"reason": error.reason})
-            status = error.to_grpc_status()
-        except Exception:
-            log.exception("Infer failed unexpectedly")
-            status = internal_status()
-        await abort_with(context, status)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            await abort_with(context, status_for(error, "GatewayService/Infer", log))
 
     async def _infer(
         self, request: gateway_pb2.InferRequest, context: grpc.aio.ServicerContext

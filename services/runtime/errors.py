@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import ClassVar, NoReturn
 
@@ -124,6 +125,19 @@ def internal_status() -> grpc.Status:
         details=[_pack(error_details_pb2.ErrorInfo(reason="INTERNAL", domain=DOMAIN))],
     )
     return rpc_status.to_status(status)
+
+
+def status_for(exc: Exception, method: str, logger: logging.Logger) -> grpc.Status:
+    """The one mapping from an exception to what the caller gets, logged once: a ServegridError's own
+    status (one info line: the caller's mistake or a known condition), anything else INTERNAL with
+    the traceback in the log only. Used by the runtime's interceptor and by passthrough hot paths."""
+    if isinstance(exc, ServegridError):
+        logger.info(
+            "%s: %s %s", method, exc.code.name, exc.message, extra={"grpc_code": exc.code.name, "reason": exc.reason}
+        )
+        return exc.to_grpc_status()
+    logger.error("%s failed unexpectedly", method, exc_info=exc)
+    return internal_status()
 
 
 async def abort_with(context: grpc.aio.ServicerContext, status: grpc.Status) -> NoReturn:

@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from services.runtime.errors import InvalidArgument, ServegridError, abort_with, internal_status
+from services.runtime.errors import InvalidArgument, abort_with, internal_status, status_for
 from services.runtime.metrics import RPC_IN_FLIGHT, RPC_LATENCY, RPC_REQUESTS
 
 log = logging.getLogger(__name__)
@@ -239,6 +239,9 @@ def _guarded_requests(behavior: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+_STATUS_NAMES = {code: code.name for code in grpc.StatusCode}
+
+
 def _classify(
     exc: BaseException, context: grpc.aio.ServicerContext, service: str, name: str
 ) -> tuple[str, grpc.Status | None]:
@@ -247,18 +250,8 @@ def _classify(
         return _code_name(context), None
     if isinstance(exc, asyncio.CancelledError | GeneratorExit | KeyboardInterrupt | SystemExit):
         return "CANCELLED", None
-    if isinstance(exc, ServegridError):
-        log.info(
-            "%s/%s: %s %s",
-            service,
-            name,
-            exc.code.name,
-            exc.message,
-            extra={"grpc_code": exc.code.name, "reason": exc.reason},
-        )
-        return exc.code.name, exc.to_grpc_status()
-    log.error("%s/%s failed unexpectedly", service, name, exc_info=exc)
-    return "INTERNAL", internal_status()
+    status = status_for(exc, f"{service}/{name}", log) if isinstance(exc, Exception) else internal_status()
+    return _STATUS_NAMES.get(status.code, "INTERNAL"), status
 
 
 def _record(service: str, name: str, code: str, started: float) -> None:
