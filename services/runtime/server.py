@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import os
@@ -67,9 +68,16 @@ class ServiceApp:
         self._health_server: grpc.aio.Server | None = None
         self._stopping: asyncio.Event | None = None
 
-    def add_servicer(self, add: AddServicer, servicer: Any, full_name: str) -> None:
-        """Register a generated `add_XServicer_to_server` with its servicer and full service name."""
+    def add_servicer(
+        self, add: AddServicer, servicer: Any, full_name: str, *, passthrough_methods: Iterable[str] = ()
+    ) -> None:
+        """Register a generated `add_XServicer_to_server` with its servicer and full service name.
+
+        `servicer` may be an async factory (called at start, after the startup hooks, on the serving
+        loop), for servicers whose clients must open their channels there. `passthrough_methods`
+        (full names) skip the ServiceInterceptor's metrics wrapper: see add_generic_handler."""
         self._servicers.append((add, servicer, full_name))
+        self._passthrough_methods.update(passthrough_methods)
         self.health.service_names.append(full_name)
 
     def add_generic_handler(
@@ -125,7 +133,7 @@ class ServiceApp:
             options=options,
         )
         for add, servicer, _ in self._servicers:
-            add(servicer, server)
+            add(await servicer() if inspect.iscoroutinefunction(servicer) else servicer, server)
         if self._generic_handlers:
             server.add_generic_rpc_handlers(tuple(self._generic_handlers))
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
