@@ -42,6 +42,9 @@ class BatchSettings(ServiceSettings):
         "127.0.0.1:8090", description="KServe v2 gRPC endpoint workers call: Envoy's internal mesh listener."
     )
     workers: int = Field(1, ge=0, description="Worker-pool consumers run inside the service process; 0 for none.")
+    worker_port: int = Field(
+        0, ge=0, le=65535, description="gRPC health port of a standalone worker process (0: any free port)."
+    )
     worker_metrics_port: int | None = Field(
         None, ge=0, le=65535, description="Prometheus port of a standalone worker process; unset disables."
     )

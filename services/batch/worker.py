@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import signal
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from services.batch.metrics import (
 from services.batch.settings import BatchSettings
 from services.batch.store import BatchStore, Outcomes, PendingItem
 from services.batch.tensors import ModelShape, Pack, make_packs, unpack_response
+from services.runtime import ServiceApp
 
 log = logging.getLogger(__name__)
 
@@ -226,11 +226,12 @@ def _version(item: PendingItem) -> str:
     return str(item.version) if item.version else ""
 
 
-async def run_worker_process(settings: BatchSettings) -> None:
-    """A standalone worker: its own pool connections and consumers, until SIGTERM or SIGINT."""
+def build_worker_app(settings: BatchSettings) -> ServiceApp:
+    """A standalone worker process, built like every service: gRPC health (its database), drain on
+    SIGTERM (consumers stop and commit, then the pool closes), metrics, structured logs; no API."""
+    update: dict[str, object] = {"port": settings.worker_port, "metrics_port": settings.worker_metrics_port}
+    app = ServiceApp("batch-worker", settings.model_copy(update=update))
     store = BatchStore(settings.database_url, settings.db_schema, max_size=settings.db_pool_max)
-    await store.open()
-    await store.migrate()
     inference = KServeBatchClient(
         settings.inference_address,
         timeout_s=settings.request_timeout_s,
@@ -238,36 +239,23 @@ async def run_worker_process(settings: BatchSettings) -> None:
         tls=settings.tls,
     )
     pool = WorkerPool(settings, store, inference, consumers=max(1, settings.workers))
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    await pool.start()
-    log.info(
-        "batch worker running", extra={"consumers": max(1, settings.workers), "inference": settings.inference_address}
-    )
-    try:
-        await stopping.wait()
-    finally:
-        await pool.stop()
-        await inference.close()
-        await store.close()
+
+    async def migrate() -> None:
+        await store.migrate()
+
+    app.health.add_component("database", store.ping)
+    app.on_startup(store.open)
+    app.on_startup(migrate)
+    app.on_startup(pool.start)
+    # Shutdown hooks run in reverse: consumers stop first, the pool closes last.
+    app.on_shutdown(store.close)
+    app.on_shutdown(inference.close)
+    app.on_shutdown(pool.stop)
+    return app
 
 
 def main() -> None:
-    from services.runtime.logs import setup_logging
-    from services.runtime.metrics import serve_metrics
-
-    settings = BatchSettings()
-    setup_logging("batch-worker", settings.log_level, settings.log_format)
-    if settings.worker_metrics_port is not None:
-        serve_metrics(settings.host, settings.worker_metrics_port)
-    if settings.use_uvloop:
-        import uvloop
-
-        uvloop.run(run_worker_process(settings))
-    else:
-        asyncio.run(run_worker_process(settings))
+    build_worker_app(BatchSettings()).run()
 
 
 def _state_label(state: int) -> str:

@@ -28,7 +28,7 @@ from models.digits import HeldOutSplit
 from services.batch.server import build_app
 from services.batch.settings import BatchSettings
 from services.batch.store import BatchStore
-from services.batch.worker import decode_chunk
+from services.batch.worker import build_worker_app, decode_chunk
 from services.runtime.errors import status_details
 from services.runtime.server import ServiceApp
 from services.stack.kafka import KafkaBroker, start_broker
@@ -589,3 +589,20 @@ async def test_through_the_real_mesh(
 
 def test_app_is_a_service_app() -> None:
     assert isinstance(build_app(BatchSettings(port=0, metrics_port=None)), ServiceApp)
+
+
+async def test_a_standalone_worker_serves_health_and_drains(schema: str, broker: KafkaBroker) -> None:
+    # The worker process is a ServiceApp: gRPC health (SERVING once its database answers), then on stop
+    # NOT_SERVING before its consumers go.
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    settings = make_settings(schema, broker, "127.0.0.1:1", workers=1, grace_period_s=0.2)
+    app = build_worker_app(settings)
+    await app.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await app.stop()
