@@ -8,9 +8,10 @@ from google.protobuf import json_format
 from servegrid.batch.v1 import batch_pb2
 
 from services.batch.store import NewJob, request_digest
-from services.batch.tensors import TensorError, check_tensor, item_request
+from services.batch.tensors import item_request
 from services.mesh.names import MAX_NAME_BYTES, name_too_long
 from services.runtime.errors import InvalidArgument
+from services.runtime.tensors import validate
 
 MAX_PRIORITY = 9
 MAX_IDEMPOTENCY_KEY = 200
@@ -87,10 +88,10 @@ def storable_items(
         if not item.inputs:
             raise _invalid("an item needs at least one input", f"{label}.inputs", "INVALID_ITEM")
         for j, tensor in enumerate(item.inputs):
-            try:
-                check_tensor(tensor, f"{label}.inputs[{j}]")
-            except TensorError as error:
-                raise _invalid(str(error), error.field, "INVALID_ITEM") from error
+            # The same rules as real-time Infer (one codec): the first problem, naming its field.
+            if problems := validate(tensor, f"{label}.inputs[{j}]"):
+                field, message = problems[0]
+                raise _invalid(message, field, "INVALID_ITEM")
         rows.append((item.item_id or str(index), item_request(item.inputs).SerializeToString()))
     if not rows:
         raise _invalid("a job needs at least one item", "source")

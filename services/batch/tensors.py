@@ -1,4 +1,6 @@
-"""Friendly tensors ↔ KServe v2 raw tensor contents, and packing several items into one batched request."""
+"""Batch items as KServe v2 requests, and packing several items into one batched request.
+
+The tensor codec itself is services/runtime/tensors.py, shared with the gateway."""
 
 from __future__ import annotations
 
@@ -7,95 +9,10 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 from servegrid.common.v1 import tensor_pb2
 from tritonclient.grpc import service_pb2
 
-from services.mesh.names import MAX_NAME_BYTES, name_too_long
-
-# KServe v2 datatype -> (numpy dtype, TensorData list that carries it). BYTES is length-prefixed raw.
-_NUMERIC: dict[str, tuple[type[np.generic], str]] = {
-    "BOOL": (np.bool_, "bool"),
-    "UINT8": (np.uint8, "uint32"),
-    "UINT16": (np.uint16, "uint32"),
-    "UINT32": (np.uint32, "uint32"),
-    "UINT64": (np.uint64, "uint64"),
-    "INT8": (np.int8, "int32"),
-    "INT16": (np.int16, "int32"),
-    "INT32": (np.int32, "int32"),
-    "INT64": (np.int64, "int64"),
-    "FP16": (np.float16, "fp32"),
-    "FP32": (np.float32, "fp32"),
-    "FP64": (np.float64, "fp64"),
-}
-DATATYPES = frozenset([*_NUMERIC, "BYTES"])
-
-
-class TensorError(ValueError):
-    """A tensor whose structure is wrong on its own (before any model sees it); `field` names the part."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-def _field_for(datatype: str) -> str:
-    return "bytes" if datatype == "BYTES" else _NUMERIC[datatype][1]
-
-
-def check_tensor(tensor: tensor_pb2.Tensor, where: str) -> None:
-    """Raise TensorError when name, datatype, shape and data do not agree."""
-    if not tensor.name:
-        raise TensorError(f"{where}.name", "tensor name is required")
-    if name_too_long(tensor.name):
-        raise TensorError(f"{where}.name", f"tensor name is longer than {MAX_NAME_BYTES} bytes")
-    if tensor.datatype not in DATATYPES:
-        raise TensorError(f"{where}.datatype", f"unknown datatype {tensor.datatype!r}")
-    if any(d < 0 for d in tensor.shape):
-        raise TensorError(f"{where}.shape", "dimensions must not be negative")
-    expected = math.prod(tensor.shape)
-    wanted = _field_for(tensor.datatype)
-    for name in ("bool", "int32", "int64", "uint32", "uint64", "fp32", "fp64", "bytes"):
-        count = len(getattr(tensor.data, name))
-        if name == wanted and count != expected:
-            raise TensorError(
-                f"{where}.data.{name}", f"shape {list(tensor.shape)} needs {expected} elements, got {count}"
-            )
-        if name != wanted and count:
-            raise TensorError(f"{where}.data.{name}", f"{tensor.datatype} data belongs in data.{wanted}")
-
-
-def to_raw(tensor: tensor_pb2.Tensor) -> bytes:
-    """Little-endian raw contents, as KServe v2 `raw_input_contents` carries them."""
-    if tensor.datatype == "BYTES":
-        return b"".join(struct.pack("<I", len(b)) + b for b in tensor.data.bytes)
-    dtype, field = _NUMERIC[tensor.datatype]
-    return np.asarray(getattr(tensor.data, field), dtype=dtype).astype(np.dtype(dtype).newbyteorder("<")).tobytes()
-
-
-def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> tensor_pb2.Tensor:
-    """The friendly tensor for raw contents (the inverse of `to_raw`)."""
-    tensor = tensor_pb2.Tensor(name=name, datatype=datatype, shape=list(shape))
-    if datatype == "BYTES":
-        tensor.data.bytes.extend(split_bytes_elements(raw))
-        return tensor
-    dtype, field = _NUMERIC[datatype]
-    values = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<"))
-    if field == "bool":
-        getattr(tensor.data, field).extend(values.astype(bool).tolist())
-    else:
-        getattr(tensor.data, field).extend(values.tolist())
-    return tensor
-
-
-def split_bytes_elements(raw: bytes) -> list[bytes]:
-    out: list[bytes] = []
-    offset = 0
-    while offset < len(raw):
-        (size,) = struct.unpack_from("<I", raw, offset)
-        out.append(raw[offset + 4 : offset + 4 + size])
-        offset += 4 + size
-    return out
+from services.runtime.tensors import from_infer_output, split_bytes, to_raw
 
 
 def item_request(inputs: Sequence[tensor_pb2.Tensor]) -> service_pb2.ModelInferRequest:
@@ -110,8 +27,7 @@ def item_request(inputs: Sequence[tensor_pb2.Tensor]) -> service_pb2.ModelInferR
 def response_tensors(response: service_pb2.ModelInferResponse) -> list[tensor_pb2.Tensor]:
     """A stored per-item response as friendly tensors."""
     return [
-        from_raw(out.name, out.datatype, out.shape, raw)
-        for out, raw in zip(response.outputs, response.raw_output_contents, strict=True)
+        from_infer_output(out, raw) for out, raw in zip(response.outputs, response.raw_output_contents, strict=True)
     ]
 
 
@@ -211,7 +127,7 @@ def unpack_response(pack: Pack, response: service_pb2.ModelInferResponse) -> lis
             raise ValueError(f"output {out.name!r} has shape {list(out.shape)}, expected a batch of {count}")
         item_dims = list(out.shape[1:])
         if out.datatype == "BYTES":
-            elements = split_bytes_elements(raw)
+            elements = split_bytes(raw)
             step = math.prod(item_dims)
             slices = [
                 b"".join(struct.pack("<I", len(e)) + e for e in elements[i * step : (i + 1) * step])

@@ -15,11 +15,11 @@ from services.gateway import batch
 from services.gateway.batch import BatchForwarder
 from services.gateway.catalog import ModelCatalog
 from services.gateway.identity import OPEN_POLICY, TENANT_HEADER, IdentityPolicy
-from services.gateway.tensors import TensorError, from_infer_response, to_infer_inputs
 from services.gateway.upstream import KServeClient
 from services.mesh.names import MAX_NAME_BYTES, name_too_long
 from services.runtime import InvalidArgument
 from services.runtime.errors import abort_with, status_for
+from services.runtime.tensors import TensorError, from_infer_response, to_infer_inputs
 
 log = logging.getLogger(__name__)
 # Headers worth carrying to the data plane: the request id Envoy made, and the W3C/B3 trace context

@@ -14,17 +14,7 @@ from services.batch.intake import new_job, storable_items
 from services.batch.outbox import encode_chunk
 from services.batch.progress import RateWindow, eta_seconds
 from services.batch.store import DueChunk, Job
-from services.batch.tensors import (
-    ModelShape,
-    TensorError,
-    check_tensor,
-    from_raw,
-    item_request,
-    make_packs,
-    response_tensors,
-    to_raw,
-    unpack_response,
-)
+from services.batch.tensors import ModelShape, item_request, make_packs, response_tensors, unpack_response
 from services.batch.worker import decode_chunk
 from services.runtime.errors import InvalidArgument
 
@@ -39,43 +29,8 @@ def digits_item(seed: int, shape: list[int] | None = None) -> service_pb2.ModelI
     return item_request([fp32("pixels", shape or [1, 64], [float(seed)] * 64)])
 
 
-@pytest.mark.parametrize(
-    ("tensor", "values"),
-    [
-        (tensor_pb2.Tensor(name="a", datatype="INT8", shape=[3], data=tensor_pb2.TensorData(int32=[-1, 0, 7])), None),
-        (
-            tensor_pb2.Tensor(name="a", datatype="UINT64", shape=[2], data=tensor_pb2.TensorData(uint64=[1, 2**63])),
-            None,
-        ),
-        (tensor_pb2.Tensor(name="a", datatype="BOOL", shape=[2], data=tensor_pb2.TensorData(bool=[True, False])), None),
-        (tensor_pb2.Tensor(name="a", datatype="BYTES", shape=[2], data=tensor_pb2.TensorData(bytes=[b"x", b""])), None),
-        (fp32("a", [2, 2], [0.5, 1.5, -2.0, 3.25]), None),
-    ],
-)
-def test_raw_round_trip_for_every_list(tensor: tensor_pb2.Tensor, values: object) -> None:
-    assert from_raw(tensor.name, tensor.datatype, list(tensor.shape), to_raw(tensor)) == tensor
-
-
-def test_raw_contents_are_little_endian_kserve_bytes() -> None:
-    assert to_raw(fp32("x", [2], [1.0, 2.0])) == np.array([1.0, 2.0], dtype="<f4").tobytes()
-
-
-@pytest.mark.parametrize(
-    ("tensor", "field"),
-    [
-        (fp32("x", [1, 64], [1.0]), "item.data.fp32"),
-        (tensor_pb2.Tensor(name="x", datatype="FLOAT", shape=[1]), "item.datatype"),
-        (tensor_pb2.Tensor(datatype="FP32", shape=[0]), "item.name"),
-        (
-            tensor_pb2.Tensor(name="x", datatype="FP32", shape=[1], data=tensor_pb2.TensorData(int64=[1])),
-            "item.data.int64",
-        ),
-    ],
-)
-def test_structural_errors_name_the_field(tensor: tensor_pb2.Tensor, field: str) -> None:
-    with pytest.raises(TensorError) as error:
-        check_tensor(tensor, "item")
-    assert error.value.field == field
+# The codec itself (round trips, field paths of refusals) is tested with it: test_runtime_tensors.py
+# and test_tensor_properties.py.
 
 
 def test_items_pack_up_to_the_limit_and_unpack_in_order() -> None:

@@ -1,9 +1,10 @@
-"""Property-based checks of the tensor codecs: friendly tensors ↔ KServe v2 raw contents, and JSON → items.
+"""Property-based checks of the tensor codec: friendly tensors ↔ KServe v2 raw contents, and JSON → items.
 
-The gateway (real-time Infer) and batch (CreateBatchJob) each turn friendly tensors into raw contents;
+The gateway (real-time Infer) and batch (CreateBatchJob) share one codec (services/runtime/tensors.py);
 these properties hold for every tensor hypothesis can build, not only the hand-picked cases of
-test_gateway_tensors.py and test_batch_units.py: both codecs write the same bytes, reading them back
-gives the tensor again, and no input, however malformed, escapes as anything but a clear refusal.
+test_runtime_tensors.py: the stored batch item carries exactly the raw contents Infer sends, reading them
+back gives the tensor again, and no input, however malformed, escapes as anything but a clear refusal
+— on both paths alike.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from servegrid.batch.v1 import batch_pb2
 from servegrid.common.v1 import tensor_pb2
 from tritonclient.grpc import service_pb2
 
-from services.batch import tensors as batch_tensors
 from services.batch.intake import storable_items
-from services.gateway import tensors as gateway_tensors
+from services.batch.tensors import item_request, response_tensors
+from services.runtime import tensors as codec
 from services.runtime.errors import InvalidArgument
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-SPECS = gateway_tensors.DATATYPES
+SPECS = codec.DATATYPES
 
 
 def _elements(datatype: str) -> st.SearchStrategy[Any]:
@@ -55,24 +56,22 @@ def valid_tensors(draw: st.DrawFn) -> tensor_pb2.Tensor:
 
 @FAST
 @given(valid_tensors())
-def test_the_gateway_and_batch_write_the_same_raw_contents(tensor: tensor_pb2.Tensor) -> None:
-    inputs, raw = gateway_tensors.to_infer_inputs([tensor])
-    batch_tensors.check_tensor(tensor, "inputs[0]")
-    assert raw == [batch_tensors.to_raw(tensor)]
-    assert (inputs[0].datatype, list(inputs[0].shape)) == (tensor.datatype, list(tensor.shape))
+def test_a_stored_batch_item_carries_what_infer_sends(tensor: tensor_pb2.Tensor) -> None:
+    inputs, raw = codec.to_infer_inputs([tensor])
+    stored = item_request([tensor])
+    assert list(stored.raw_input_contents) == raw
+    assert (stored.inputs[0].datatype, list(stored.inputs[0].shape)) == (inputs[0].datatype, list(inputs[0].shape))
 
 
 @FAST
 @given(valid_tensors())
 def test_raw_contents_read_back_as_the_same_tensor(tensor: tensor_pb2.Tensor) -> None:
-    _, raw = gateway_tensors.to_infer_inputs([tensor])
+    _, raw = codec.to_infer_inputs([tensor])
     output = service_pb2.ModelInferResponse.InferOutputTensor(name="x", datatype=tensor.datatype, shape=tensor.shape)
     field = SPECS[tensor.datatype].field
     expected = list(getattr(tensor.data, field))
-    for decoded in (
-        gateway_tensors.from_infer_output(output, raw[0]),
-        batch_tensors.from_raw("x", tensor.datatype, tensor.shape, raw[0]),
-    ):
+    response = service_pb2.ModelInferResponse(outputs=[output], raw_output_contents=raw)
+    for decoded in (codec.from_infer_output(output, raw[0]), response_tensors(response)[0]):
         assert list(decoded.shape) == list(tensor.shape)
         assert list(getattr(decoded.data, field)) == expected
 
@@ -108,20 +107,25 @@ def any_tensors(draw: st.DrawFn) -> tensor_pb2.Tensor:
 @given(any_tensors())
 def test_any_tensor_is_accepted_or_refused_with_a_named_field(tensor: tensor_pb2.Tensor) -> None:
     try:
-        gateway_tensors.to_infer_inputs([tensor])
-        gateway_ok = True
-    except gateway_tensors.TensorError as error:
+        codec.to_infer_inputs([tensor])
+        infer_ok = True
+    except codec.TensorError as error:
         assert error.violations and all(f.startswith("inputs") for f, _ in error.violations)
-        gateway_ok = False
+        infer_ok = False
+    # The same tensor in a batch job: refused exactly when Infer refuses it, naming the same field.
+    job = batch_pb2.CreateBatchJobRequest(
+        tenant="t",
+        model_id="m",
+        idempotency_key="k",
+        items=batch_pb2.BatchItems(items=[batch_pb2.BatchItem(inputs=[tensor])]),
+    )
     try:
-        batch_tensors.check_tensor(tensor, "inputs[0]")
+        storable_items(job, max_inline=10, max_items=10)
         batch_ok = True
-    except batch_tensors.TensorError as error:
-        assert error.field.startswith("inputs[0]")
+    except InvalidArgument as error:
+        assert error.field_violations[0][0].startswith("items.items[0].inputs[0]")
         batch_ok = False
-    # The gateway's rules are the stricter ones (it also range-checks narrow integers and requires a
-    # shape); what it accepts, batch accepts too.
-    assert batch_ok or not gateway_ok
+    assert batch_ok == infer_ok
 
 
 _JSON_KEYS = st.sampled_from(["inputs", "name", "datatype", "shape", "data", "fp32", "int32", "bytes", "itemId", "x"])
@@ -165,5 +169,5 @@ def test_a_parsed_item_keeps_its_values() -> None:
         '{"inputs": [{"name": "x", "datatype": "INT8", "shape": [2], "data": {"int32": [-128, 127]}}]}',
         batch_pb2.BatchItem(),
     )
-    raw = batch_tensors.to_raw(item.inputs[0])
+    raw = codec.to_raw(item.inputs[0])
     assert np.frombuffer(raw, dtype="<i1").tolist() == [-128, 127]

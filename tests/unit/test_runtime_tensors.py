@@ -8,7 +8,7 @@ from servegrid.common.v1 import tensor_pb2
 from tritonclient.grpc import service_pb2
 
 from services.gateway.identity import identity_from_metadata
-from services.gateway.tensors import DATATYPES, TensorError, from_infer_output, to_infer_inputs, to_raw
+from services.runtime.tensors import DATATYPES, TensorError, from_infer_output, to_infer_inputs, to_raw
 
 SAMPLES: dict[str, list[object]] = {
     "BOOL": [True, False, True, True],

@@ -1,4 +1,8 @@
-"""Friendly typed tensors (servegrid.common.v1.Tensor) to KServe v2 raw tensor contents and back."""
+"""The one tensor codec: friendly tensors (servegrid.common.v1.Tensor) ↔ KServe v2 inputs and raw contents.
+
+The gateway (real-time Infer) and batch (CreateBatchJob, stored items and results) use it alike, so
+both accept the same tensors, refuse the same ones with the same field paths, and write the same bytes.
+"""
 
 from __future__ import annotations
 
@@ -169,7 +173,8 @@ def to_infer_inputs(
     return tensors, [to_raw(t) for t in inputs]
 
 
-def _decode_bytes(raw: bytes) -> list[bytes]:
+def split_bytes(raw: bytes) -> list[bytes]:
+    """BYTES raw contents (each element length-prefixed, 4 bytes little-endian) as the elements."""
     out: list[bytes] = []
     offset = 0
     while offset + 4 <= len(raw):
@@ -205,7 +210,7 @@ def from_infer_output(output: service_pb2.ModelInferResponse.InferOutputTensor, 
     if raw is None:
         target.extend(getattr(output.contents, _CONTENTS[spec.field]))
     elif spec.dtype is None:
-        target.extend(_decode_bytes(raw))
+        target.extend(split_bytes(raw))
     else:
         array = np.frombuffer(raw, dtype=spec.dtype)
         if spec.name == "FP16":
