@@ -24,6 +24,8 @@ from scripts import gen_openapi  # noqa: E402
 # The OpenAPI document ships inside the generated `servegrid` package, so the router reads it as package
 # data (services/mesh/api_docs.py) wherever servegrid is installed, not from a checkout's path.
 OPENAPI_PACKAGE = Path("python") / "servegrid" / "openapi"
+# Package data of the generated `servegrid` package, so a wheel carries it (services/mesh/params.py).
+DESCRIPTORS = Path("python") / "servegrid" / "descriptors.binpb"
 OPENAPI_FILE = "servegrid.openapi.json"
 
 # The google protos the contracts import, taken from the installed googleapis-common-protos.
@@ -84,7 +86,7 @@ def generate(root: Path, out: Path) -> None:
     )
     # Envoy's grpc_json_transcoder needs every imported file in the set.
     subprocess.run(
-        [*base, "--include_imports", f"--descriptor_set_out={out / 'descriptors.binpb'}", *files],
+        [*base, "--include_imports", f"--descriptor_set_out={out / DESCRIPTORS}", *files],
         check=True,
     )
     generate_openapi(root, out / OPENAPI_PACKAGE / OPENAPI_FILE)
@@ -95,7 +97,8 @@ def generate(root: Path, out: Path) -> None:
 def described_set(root: Path) -> descriptor_pb2.FileDescriptorSet:
     """Every proto with its imports and comments (source info): the OpenAPI document's input.
 
-    Not gen/descriptors.binpb: Envoy's copy stays without comments, which would only enlarge its config."""
+    Not the servegrid package's descriptors.binpb: Envoy's copy stays without comments, which would only
+    enlarge its config."""
     base, files = protoc_command(root)
     with tempfile.TemporaryDirectory(prefix="servegrid-described-") as tmp:
         out = Path(tmp) / "described.binpb"

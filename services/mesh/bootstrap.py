@@ -172,7 +172,7 @@ def _descriptor_path(params: EnvoyParams) -> Path:
 
 
 def descriptor_set_bytes(params: EnvoyParams) -> bytes:
-    """gen/descriptors.binpb plus the error-detail types, so convert_grpc_status can print them."""
+    """The contracts' descriptor set plus the error-detail types, so convert_grpc_status can print them."""
     fds = descriptor_pb2.FileDescriptorSet.FromString(_descriptor_path(params).read_bytes())
     present = {f.name for f in fds.file}
     for module in (error_details_pb2,):
@@ -541,7 +541,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-ca-file", help="CA (PEM) every mesh certificate chains to")
     parser.add_argument("--access-log-path")
     parser.add_argument("--otlp-endpoint", help="host:port of an OTLP/gRPC collector")
-    parser.add_argument("--descriptors", type=Path, help="descriptor set for the transcoder (gen/descriptors.binpb)")
+    parser.add_argument(
+        "--descriptors", type=Path, help="descriptor set for the transcoder (default: the generated one)"
+    )
     return parser
 
 

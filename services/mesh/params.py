@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,8 +20,9 @@ def repo_root() -> Path:
 
 
 def default_descriptors() -> Path:
-    """gen/descriptors.binpb of the checkout; a deployment passes its own with `--descriptors`."""
-    return repo_root() / "gen" / "descriptors.binpb"
+    """The descriptor set generated with the contracts (package data of `servegrid`, so a wheel has it
+    too); a deployment may pass its own with `--descriptors`."""
+    return Path(str(resources.files("servegrid").joinpath("descriptors.binpb")))
 
 
 @dataclass(frozen=True)

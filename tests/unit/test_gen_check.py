@@ -27,7 +27,7 @@ def test_check_gen_fails_after_a_proto_edit(tmp_path: Path) -> None:
     result = _check(tmp_path)
     assert result.returncode == 1
     assert "gen/python/servegrid/gateway/v1/gateway_pb2.py" in result.stderr
-    assert "gen/descriptors.binpb" in result.stderr
+    assert "gen/python/servegrid/descriptors.binpb" in result.stderr
 
 
 def test_check_gen_fails_when_the_openapi_document_is_stale(tmp_path: Path) -> None:
@@ -39,4 +39,4 @@ def test_check_gen_fails_when_the_openapi_document_is_stale(tmp_path: Path) -> N
     result = _check(tmp_path)
     assert result.returncode == 1
     assert "gen/python/servegrid/openapi/servegrid.openapi.json" in result.stderr
-    assert "gen/descriptors.binpb" not in result.stderr
+    assert "gen/python/servegrid/descriptors.binpb" not in result.stderr
