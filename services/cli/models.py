@@ -15,6 +15,7 @@ from servegrid.registry.v1 import registry_pb2 as pb
 from servegrid.registry.v1 import registry_pb2_grpc as pb_grpc
 
 from services.cli.errors import exit_on_rpc_error
+from services.mesh.names import SUBJECT_HEADER
 from services.runtime.channels import open_sync_channel
 from services.stack.local import StackSettings, operator_tls
 
@@ -37,7 +38,7 @@ def _registry(address: str) -> Iterator[pb_grpc.RegistryServiceStub]:
 
 def _md() -> list[tuple[str, str]]:
     # Recorded as `updated_by`; behind Envoy this header comes from the verified token instead.
-    return [("x-servegrid-subject", os.environ.get("USER", "cli"))]
+    return [(SUBJECT_HEADER, os.environ.get("USER", "cli"))]
 
 
 @app.command("list")

@@ -19,15 +19,11 @@ from services.edge.cache import KeyCache
 from services.edge.keys import KEY_PREFIX, ApiKeyStore, hash_key
 from services.edge.metrics import count_decision
 from services.mesh import replies
+from services.mesh.names import API_KEY_HEADER, AUTH_METHOD_HEADER, ROLES_HEADER, SUBJECT_HEADER, TENANT_HEADER
 from services.mesh.replies import Caller
 
 log = logging.getLogger(__name__)
 
-API_KEY_HEADER = "x-api-key"
-TENANT_HEADER = "x-servegrid-tenant"
-SUBJECT_HEADER = "x-servegrid-subject"
-ROLES_HEADER = "x-servegrid-roles"
-AUTH_METHOD_HEADER = "x-servegrid-auth"
 _OVERWRITE = core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _CHALLENGE = 'Bearer realm="servegrid", ApiKey header="x-api-key"'
 # A gRPC method's path: /package.Service/Method (every servegrid and KServe service has a package).

@@ -35,6 +35,7 @@ from servegrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.edge.keys import KEY_PREFIX, ApiKeyStore, hash_key
 from services.edge.metrics import count_decision
 from services.mesh import names
+from services.mesh.names import API_KEY_HEADER
 from services.runtime.errors import Unauthenticated, Unimplemented
 
 if TYPE_CHECKING:
@@ -45,7 +46,6 @@ log = logging.getLogger(__name__)
 
 SIGNING_KEY_FILE = "token-signing-key.pem"
 JWKS_FILE = "token-jwks.json"
-API_KEY_HEADER = "x-api-key"
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 

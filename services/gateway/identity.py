@@ -13,13 +13,10 @@ from dataclasses import dataclass
 
 import grpc
 
+from services.mesh.names import ROLES_HEADER, SUBJECT_HEADER, TENANT_HEADER
 from services.runtime.tls import peer_names
 
 log = logging.getLogger(__name__)
-
-TENANT_HEADER = "x-servegrid-tenant"
-SUBJECT_HEADER = "x-servegrid-subject"
-ROLES_HEADER = "x-servegrid-roles"
 
 
 @dataclass(frozen=True)

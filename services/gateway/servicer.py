@@ -14,9 +14,9 @@ from tritonclient.grpc import service_pb2
 from services.gateway import batch
 from services.gateway.batch import BatchForwarder
 from services.gateway.catalog import ModelCatalog
-from services.gateway.identity import OPEN_POLICY, TENANT_HEADER, IdentityPolicy
+from services.gateway.identity import OPEN_POLICY, IdentityPolicy
 from services.gateway.upstream import KServeClient
-from services.mesh.names import MAX_NAME_BYTES, name_too_long
+from services.mesh.names import MAX_NAME_BYTES, TENANT_HEADER, name_too_long
 from services.runtime import InvalidArgument
 from services.runtime.errors import abort_with, status_for
 from services.runtime.tensors import TensorError, from_infer_response, to_infer_inputs

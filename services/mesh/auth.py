@@ -265,7 +265,7 @@ def ext_authz_filter(params: EnvoyParams) -> dict[str, Any]:
             failure_mode_allow=False,
             status_on_error={"code": 503},
             # content-type: the edge answers a gRPC caller in gRPC's shape (services/edge/authz.py).
-            allowed_headers={"patterns": [{"exact": "x-api-key"}, {"exact": "content-type"}]},
+            allowed_headers={"patterns": [{"exact": names.API_KEY_HEADER}, {"exact": "content-type"}]},
             # Only requests without a verified JWT need an API key, so only they pay for the call.
             filter_enabled_metadata={
                 "filter": JWT_FILTER,

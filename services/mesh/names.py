@@ -11,10 +11,13 @@ VERSION_HEADER = "x-servegrid-model-version"
 # The caller's documented retry opt-in (`true`): the request is safe to repeat.
 RETRY_HEADER = "x-servegrid-retry"
 # Identity: set only by Envoy (jwt_authn claim_to_headers) or the edge (ext_authz); scrubbed from clients.
+# Identity headers: only Envoy (jwt_authn, ext_authz) sets them; the scrub removes a client's copies.
 TENANT_HEADER = "x-servegrid-tenant"
 SUBJECT_HEADER = "x-servegrid-subject"
 ROLES_HEADER = "x-servegrid-roles"
 AUTH_METHOD_HEADER = "x-servegrid-auth"
+# A caller's API key (checked by ext_authz, or exchanged for a token); removed before any service sees it.
+API_KEY_HEADER = "x-api-key"
 # The API key on the token-exchange route only: Envoy copies x-api-key here for the edge, because the
 # public listener strips x-api-key before any upstream sees it.
 EXCHANGE_KEY_HEADER = "x-servegrid-exchange-key"

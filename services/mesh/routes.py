@@ -608,7 +608,7 @@ def public_route_config(
                 "domains": ["*"],
                 "routes": [*fixed_routes(rest_timeout_s), *kserve, not_found_route()],
                 # Scrubbed at the end too: a JWT caller's stray API key never reaches a service.
-                "request_headers_to_remove": ["x-api-key"],
+                "request_headers_to_remove": [names.API_KEY_HEADER],
                 "typed_per_filter_config": {names.CORS_FILTER: _cors_policy(cors_origins)},
             }
         ],

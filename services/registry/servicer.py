@@ -10,6 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from servegrid.registry.v1 import registry_pb2 as pb
 from servegrid.registry.v1 import registry_pb2_grpc as pb_grpc
 
+from services.mesh.names import SUBJECT_HEADER
 from services.registry.domain import (
     Backend,
     LoadBalancing,
@@ -27,7 +28,6 @@ from services.registry.watch import RouteHub
 from services.runtime.errors import InvalidArgument
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RegistryService"].full_name
-SUBJECT_HEADER = "x-servegrid-subject"
 ANONYMOUS = "anonymous"
 
 

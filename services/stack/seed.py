@@ -9,6 +9,7 @@ import grpc
 from servegrid.registry.v1 import registry_pb2 as pb
 from servegrid.registry.v1 import registry_pb2_grpc as pb_grpc
 
+from services.mesh.names import SUBJECT_HEADER
 from services.runtime.channels import open_sync_channel
 from services.runtime.tls import CertFiles
 
@@ -23,7 +24,7 @@ DEMO_MODELS = [
     ("resnet18", "resnet18", "image-classification", "ResNet18 architecture, seeded random weights (for load)"),
     ("affine", "affine_batched", "arithmetic", "y = 2x + 1 on FP32[4], dynamic batching; for protocol and load tests"),
 ]
-_SUBJECT = [("x-servegrid-subject", "servegrid-up")]
+_SUBJECT = [(SUBJECT_HEADER, "servegrid-up")]
 
 
 @contextmanager
