@@ -146,10 +146,22 @@ def json_reply(name: str, match: dict[str, Any], status: int, error: str) -> Rou
 
 
 def _api_route(
-    name: str, match: dict[str, Any], cluster: str, *, grpc: bool, rest_timeout_s: float = REST_TIMEOUT_S
+    name: str,
+    match: dict[str, Any],
+    cluster: str,
+    *,
+    grpc: bool,
+    rest_timeout_s: float = REST_TIMEOUT_S,
+    limited: bool = True,
 ) -> Route:
+    """A route to a service; `limited` routes count against the tenant's rate limit under `name`."""
     action: dict[str, Any] = {"cluster": cluster}
-    route: Route = {"name": name, "match": match, "route": action, "typed_per_filter_config": _rate_limits(name)}
+    route: Route = {
+        "name": name,
+        "match": match,
+        "route": action,
+        "typed_per_filter_config": _rate_limits(name) if limited else {},
+    }
     if grpc:
         # gRPC calls carry their own deadline (grpc-timeout); no fixed route timeout cuts them.
         action["timeout"] = "0s"
@@ -260,7 +272,8 @@ def fixed_routes(rest_timeout_s: float = REST_TIMEOUT_S) -> list[Route]:
         _api_route("gateway", {"prefix": gateway_service, "grpc": {}}, gateway, grpc=True),
         _api_route("admin", {"prefix": names.REGISTRY_PACKAGE_PREFIX, "grpc": {}}, registry, grpc=True),
         # grpcurl and other tools discover the public API through the gateway's reflection service.
-        _api_route("gateway", {"prefix": "/grpc.reflection.", "grpc": {}}, gateway, grpc=True),
+        # Discovery is not inference: it needs a credential but spends none of the tenant's limit.
+        _api_route("reflection", {"prefix": "/grpc.reflection.", "grpc": {}}, gateway, grpc=True, limited=False),
         # REST (the transcoder turns these into the gRPC calls above; unmapped ones get 404)
         _api_route("admin", {"prefix": names.ADMIN_REST_PREFIX}, registry, grpc=False, rest_timeout_s=rest_timeout_s),
         _api_route(

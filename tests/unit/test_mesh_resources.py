@@ -326,3 +326,12 @@ def test_two_builds_share_no_any_dict() -> None:
     first = _any_dicts([route_config_dicts(table, settings), cluster_dicts(table, settings)])
     second = _any_dicts([route_config_dicts(table, settings), cluster_dicts(table, settings)])
     assert first and not {id(d) for d in first} & {id(d) for d in second}
+
+
+def test_reflection_needs_a_credential_but_spends_no_rate_limit() -> None:
+    from services.mesh.routes import fixed_routes
+
+    routes = {r["name"]: r for r in fixed_routes()}
+    assert RATELIMIT_TAG_FILTER not in routes["reflection"]["typed_per_filter_config"]
+    assert RATELIMIT_TAG_FILTER in routes["gateway"]["typed_per_filter_config"]
+    assert names.EXT_AUTHZ_FILTER not in routes["reflection"]["typed_per_filter_config"]  # auth still applies
