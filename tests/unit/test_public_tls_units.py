@@ -117,3 +117,14 @@ def test_plain_http_only_when_asked_for(tmp_path: Path, monkeypatch: pytest.Monk
     assert "DownstreamTlsContext" not in (tmp_path / "envoy" / "envoy.yaml").read_text()
     assert public_url(settings).startswith("http://")
     assert public_grpc_credentials(settings) is None
+
+
+def test_a_given_ca_file_wins_over_the_local_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    other = certs.generate_public(tmp_path / "elsewhere").ca
+    monkeypatch.setenv("SERVEGRID_CA_FILE", str(other))
+    settings = StackSettings(home=tmp_path / "home", mtls=False)
+    assert public_ca(settings) == other
+    assert public_ca(settings, ca_file="/explicit/ca.pem") == Path("/explicit/ca.pem")
+    monkeypatch.delenv("SERVEGRID_CA_FILE")
+    assert public_ca(settings) is None  # no local CA made yet: the system's roots verify
+    assert public_grpc_credentials(settings) is not None  # still TLS
