@@ -99,6 +99,15 @@ def _percentiles(latencies_s: Sequence[float]) -> tuple[float, float, float, flo
     return float(p50), float(p90), float(p99), float(ms.mean())
 
 
+def open_channel(target: str, root_certificates: bytes | None = None) -> grpc.aio.Channel:
+    """The load's channel: TLS verified with `root_certificates` when given (the TLS handshake and record
+    costs are part of what a TLS path measures), plaintext otherwise."""
+    if root_certificates is None:
+        return grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+    credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+    return grpc.aio.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
+
+
 async def run_load(
     target: str,
     model: str,
@@ -112,6 +121,7 @@ async def run_load(
     metadata: Sequence[tuple[str, str]] = (),
     channels: int = 1,
     connect_timeout: float = 10.0,
+    root_certificates: bytes | None = None,
 ) -> LoadResult:
     """Keep `concurrency` ModelInfer calls in flight against `target` (host:port) for warmup + duration.
 
@@ -119,9 +129,10 @@ async def run_load(
     (any non-OK status, including deadline) are counted, not raised. `channels` spreads the workers over
     several HTTP/2 connections, for targets that serialize work per connection. An unreachable target
     raises ConnectionError after `connect_timeout` seconds: that is a setup mistake, not a measurement.
+    `root_certificates` (a CA's PEM) speaks TLS, as a client of a TLS public port must; None: plaintext.
     """
     payload = inputs if isinstance(inputs, bytes) else encode_infer_request(model, inputs, version=version)
-    opened = [grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS) for _ in range(max(1, channels))]
+    opened = [open_channel(target, root_certificates) for _ in range(max(1, channels))]
     try:
         try:
             await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in opened)), connect_timeout)
@@ -227,9 +238,11 @@ async def run_unary_load(
     warmup: float,
     metadata: Sequence[tuple[str, str]] = (),
     deadline_s: float = 30.0,
+    root_certificates: bytes | None = None,
 ) -> LoadResult:
-    """Closed loop: `concurrency` calls of `method` in flight for warmup + duration (bytes in, bytes out)."""
-    async with grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS) as channel:
+    """Closed loop: `concurrency` calls of `method` in flight for warmup + duration (bytes in, bytes out);
+    over TLS with `root_certificates`."""
+    async with open_channel(target, root_certificates) as channel:
         await asyncio.wait_for(channel.channel_ready(), 10)
         call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
         measure_from = time.perf_counter() + warmup

@@ -8,13 +8,14 @@
 # none refused. Paths, each measured right after direct Triton for the same model and concurrency:
 #   direct    client → Triton (the Triton model the mesh name maps to)
 #   mesh      client → Envoy mesh listener → Triton                     (the data plane, no auth)
-#   public    client → Envoy public (JWT + rate limit + model routing) → Triton   (tritonclient, no change)
+#   public    client → Envoy public (TLS + JWT + rate limit + model routing) → Triton   (tritonclient, no change)
 #   public-key    the same with an API key (x-api-key): one ext_authz call to the edge per request
 #   public-token  the same with the token that key exchanges for (AuthService): Envoy verifies it alone
 #   gateway   client → Envoy public → gateway → Envoy mesh → Triton     (the typed servegrid API)
 # For every path: req/s, ratio to direct, p50/p99 added, and CPU µs per request of every process from
 # /proc. Triton's own statistics must account for the requests the load tool claims, so a run of
-# errors cannot pass as throughput.
+# errors cannot pass as throughput. Paths through the public port speak TLS when the stack serves it
+# (the default; SERVEGRID_STACK_PUBLIC_TLS=false measures them in plaintext, for TLS's cost).
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import json
 import math
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -75,6 +77,11 @@ class Stack:
     token: str  # from the development identity provider
     api_key: str
     exchanged_token: str  # what api_key exchanges for
+    ca_file: Path | None  # the CA of the public port's certificate; None when it serves plain HTTP
+
+    @property
+    def public_roots(self) -> bytes | None:
+        return self.ca_file.read_bytes() if self.ca_file else None
 
     def address(self, port: str) -> str:
         return f"127.0.0.1:{self.ports[port]}"
@@ -111,6 +118,7 @@ def _free_ports(count: int) -> list[int]:
 def running_stack(home: Path) -> Iterator[Stack]:
     """`servegrid up` on free ports in `home`; `servegrid down` afterwards whatever happens."""
     from services.edge.devkeys import DevIssuer
+    from services.stack.local import StackSettings, public_ca_file
     from services.stack.supervisor import Supervisor
 
     ports = dict(zip(STACK_PORTS, _free_ports(len(STACK_PORTS)), strict=True))
@@ -129,7 +137,10 @@ def running_stack(home: Path) -> Iterator[Stack]:
         pids = {name: entry.pid for name, entry in Supervisor(home).load().items()}
         token = DevIssuer.load_or_create(home / "edge").token("bench", ttl_s=3600)
         api_key = _create_api_key(env)
-        yield Stack(home, ports, pids, token, api_key, _exchange(ports["ENVOY_PORT"], api_key))
+        settings = StackSettings(home=home)
+        ca_file = public_ca_file(settings) if settings.public_tls else None
+        exchanged = _exchange(ports["ENVOY_PORT"], api_key, ca_file)
+        yield Stack(home, ports, pids, token, api_key, exchanged, ca_file)
     finally:
         subprocess.run([*command, "down"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, check=False)
 
@@ -146,12 +157,14 @@ def _create_api_key(env: Mapping[str, str]) -> str:
     return str(json.loads(created.stdout.strip().splitlines()[-1])["api_key"])
 
 
-def _exchange(envoy_port: int, api_key: str) -> str:
+def _exchange(envoy_port: int, api_key: str, ca_file: Path | None) -> str:
     """The API key's access token, from the public REST mapping of AuthService.CreateAccessToken."""
+    scheme = "https" if ca_file else "http"
     request = urllib.request.Request(
-        f"http://127.0.0.1:{envoy_port}/v1/auth:token", data=b"{}", headers={"x-api-key": api_key}, method="POST"
+        f"{scheme}://127.0.0.1:{envoy_port}/v1/auth:token", data=b"{}", headers={"x-api-key": api_key}, method="POST"
     )
-    with urllib.request.urlopen(request, timeout=10) as reply:
+    context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
+    with urllib.request.urlopen(request, timeout=10, context=context) as reply:
         return str(json.loads(reply.read())["accessToken"])
 
 
@@ -162,7 +175,14 @@ def triton_successes(address: str, triton_model: str) -> int:
     return sum(int(s.inference_stats.success.count) for s in reply.model_stats)
 
 
-def _python_load(target: str, model: str, concurrency: int, duration: float, headers: Mapping[str, str]) -> LoadResult:
+def _python_load(
+    target: str,
+    model: str,
+    concurrency: int,
+    duration: float,
+    headers: Mapping[str, str],
+    root_certificates: bytes | None,
+) -> LoadResult:
     return asyncio.run(
         run_load(
             target,
@@ -172,6 +192,7 @@ def _python_load(target: str, model: str, concurrency: int, duration: float, hea
             duration=duration,
             warmup=min(1.0, duration / 3),
             metadata=list(headers.items()),
+            root_certificates=root_certificates,
         )
     )
 
@@ -190,6 +211,9 @@ def measure(
         "public-token": (stack.address("ENVOY_PORT"), model, {"authorization": f"Bearer {stack.exchanged_token}"}),
         "gateway": (stack.address("ENVOY_PORT"), model, auth),
     }[path]
+    # Every path through the public listener speaks TLS when the stack serves it: its cost is measured.
+    public = target == stack.address("ENVOY_PORT")
+    roots = stack.public_roots if public else None
     meter = CpuMeter(stack.pids)
     before = triton_successes(triton, triton_model)
     meter.start()
@@ -204,17 +228,25 @@ def measure(
                 duration=duration,
                 warmup=min(1.0, duration / 3),
                 metadata=list(headers.items()),
+                root_certificates=roots,
             )
         )
         rps, p50, p99, claimed, errors = result.rps, result.p50_ms, result.p99_ms, result.requests, result.errors
     elif tool is not None:
         perf = run_perf(
-            tool, target, name, concurrency, interval_ms=int(duration * 1000), headers=headers, work_dir=work
+            tool,
+            target,
+            name,
+            concurrency,
+            interval_ms=int(duration * 1000),
+            headers=headers,
+            work_dir=work,
+            ca_file=stack.ca_file if public else None,
         )
         rps, p50, p99, errors = perf.rps, perf.p50_ms, perf.p99_ms, 0
         claimed = int(perf.rps * duration)  # at least one measured window's worth
     else:
-        result = _python_load(target, name, concurrency, duration, headers)
+        result = _python_load(target, name, concurrency, duration, headers, roots)
         rps, p50, p99, claimed, errors = result.rps, result.p50_ms, result.p99_ms, result.requests, result.errors
     meter.stop()
     served = triton_successes(triton, triton_model) - before

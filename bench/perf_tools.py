@@ -75,8 +75,10 @@ def run_perf(
     interval_ms: int,
     headers: dict[str, str] | None = None,
     work_dir: Path,
+    ca_file: Path | None = None,
 ) -> PerfResult:
-    """One perf_analyzer run at a fixed concurrency; raises RuntimeError with its output when it fails."""
+    """One perf_analyzer run at a fixed concurrency (over TLS verified with `ca_file` when given); raises
+    RuntimeError with its output when it fails."""
     report = work_dir / f"perf-{model}-{concurrency}-{os.getpid()}.csv"
     argv = [
         str(tool.binary),
@@ -101,6 +103,8 @@ def run_perf(
     ]
     for key, value in (headers or {}).items():
         argv += ["-H", f"{key}:{value}"]
+    if ca_file is not None:
+        argv += ["--ssl-grpc-use-ssl", "--ssl-grpc-root-certifications-file", str(ca_file)]
     done = subprocess.run(argv, env=tool.env, capture_output=True, text=True, timeout=300)
     if done.returncode != 0 or not report.exists():
         raise RuntimeError(f"perf_analyzer failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")

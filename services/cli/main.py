@@ -13,7 +13,14 @@ from rich.table import Table
 
 from services.cli import access, batch, models
 from services.cli.infer import infer
-from services.stack.local import StackSettings, dev_issuer, local_parts, operator_tls
+from services.stack.local import (
+    StackSettings,
+    dev_issuer,
+    local_parts,
+    operator_tls,
+    public_ca_file,
+    public_url,
+)
 from services.stack.seed import seed
 from services.stack.supervisor import StackError, Supervisor, log_tail, pid_alive
 
@@ -81,26 +88,37 @@ def _print_examples(settings: StackSettings) -> None:
     host, port = settings.host, settings.envoy_port
     token = dev_issuer(settings).token(settings.dev_tenant, roles=["user", "admin"], ttl_s=12 * 3600)
     body = '{"inputs":[{"name":"x","datatype":"FP32","shape":[1,4],"data":{"fp32":[1,2,3,4]}}]}'
+    url = public_url(settings)
+    if settings.public_tls:
+        ca = public_ca_file(settings)
+        tls_line = f"TLS on the public port; clients trust the local CA: {ca}\n\n  export CA={ca}\n"
+        curl, grpcurl = "curl -s --cacert $CA", "grpcurl -cacert $CA"
+        triton = f"g.InferenceServerClient('{host}:{port}', ssl=True, root_certificates=os.environ['CA'])"
+    else:
+        tls_line = "Plain HTTP on the public port (SERVEGRID_STACK_PUBLIC_TLS=false).\n"
+        curl, grpcurl = "curl -s", "grpcurl -plaintext"
+        triton = f"g.InferenceServerClient('{host}:{port}')"
     print(
         f"""
-Everything goes through Envoy at {host}:{port} (REST and gRPC). A dev token for tenant "{settings.dev_tenant}"
+Everything goes through Envoy at {host}:{port} (REST and gRPC). {tls_line}
+A dev token for tenant "{settings.dev_tenant}"
 (roles user, admin; valid 12 h; mint more with `.venv/bin/servegrid token --tenant T --role R`):
 
   export TOKEN={token}
 
 REST:
-  curl -s -H "authorization: Bearer $TOKEN" -d '{body}' http://{host}:{port}/v1/models/affine:infer
+  {curl} -H "authorization: Bearer $TOKEN" -d '{body}' {url}/v1/models/affine:infer
 
 API keys (`.venv/bin/servegrid keys create --tenant T`): exchange one for a 5-minute token, then use it as above
 (the SDKs do this for you):
-  curl -s -X POST -H "x-api-key: $API_KEY" -d '{{}}' http://{host}:{port}/v1/auth:token
+  {curl} -X POST -H "x-api-key: $API_KEY" -d '{{}}' {url}/v1/auth:token
 
 gRPC (reflection, no proto files needed):
-  .venv/bin/grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d '{{"model_id":"affine",{body[1:]}' \\
+  .venv/bin/{grpcurl} -H "authorization: Bearer $TOKEN" -d '{{"model_id":"affine",{body[1:]}' \\
     {host}:{port} servegrid.gateway.v1.GatewayService/Infer
 
 Any KServe v2 client (tritonclient) through Envoy:
-  .venv/bin/python -c "import os, numpy as np, tritonclient.grpc as g; c=g.InferenceServerClient('{host}:{port}'); \\
+  .venv/bin/python -c "import os, numpy as np, tritonclient.grpc as g; c={triton}; \\
 i=g.InferInput('x',[1,4],'FP32'); i.set_data_from_numpy(np.ones((1,4),np.float32)); \\
 print(c.infer('affine',[i],headers={{'authorization':'Bearer '+os.environ['TOKEN']}}).as_numpy('y'))"
 """

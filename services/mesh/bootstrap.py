@@ -10,7 +10,8 @@
 #   dynamic: every KServe cluster and its endpoints (CDS/EDS), RouteConfigurations `public` and
 #            `mesh` (RDS) — so a registry change never needs a new bootstrap or an Envoy restart.
 # With EnvoyParams' tls_* files, the static service clusters and the mesh listener speak mutual TLS
-# (services/runtime/tls.py); the public listener and Triton's dynamic clusters stay plaintext.
+# (services/runtime/tls.py); Triton's dynamic clusters stay plaintext. With public_tls_* files the public
+# listener serves TLS (ALPN h2 + http/1.1: gRPC and REST on one port).
 #
 # Public filter order (each step trusts only what the steps before it established):
 #   cors → header scrub (identity headers) → grpc_field_extraction (ModelStreamInfer's first message)
@@ -45,6 +46,7 @@ from services.mesh.local_replies import local_reply_config
 from services.mesh.names import BUFFER_FILTER, CORS_FILTER, MODEL_HEADER, RBAC_FILTER, TRANSCODER_FILTER
 from services.mesh.params import (
     CHART_MTLS_DIR,
+    CHART_PUBLIC_TLS_DIR,
     CHART_TOKEN_JWKS,
     EnvoyParams,
     Profile,
@@ -149,6 +151,32 @@ def _mesh_tls(params: EnvoyParams) -> dict[str, Any]:
             "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
             common_tls_context=_tls_context(params, _MESH_CLIENTS, ["h2", "http/1.1"]),
             require_client_certificate=True,
+        ),
+    }
+
+
+# The public listener's TLS: no TLS 1.0/1.1 (every gRPC and HTTP client of the last decade speaks 1.2).
+_PUBLIC_TLS_PARAMS = {"tls_minimum_protocol_version": "TLSv1_2"}
+
+
+def _public_tls(params: EnvoyParams) -> dict[str, Any]:
+    """The public listener's server TLS: the operator's certificate, no client certificate (callers
+    authenticate with JWTs or API keys), and ALPN h2 and http/1.1 so gRPC and REST share the port
+    (gRPC clients refuse a TLS server that does not select h2)."""
+    common = {
+        "tls_params": dict(_PUBLIC_TLS_PARAMS),
+        "tls_certificates": [
+            {
+                "certificate_chain": {"filename": params.public_tls_cert_file},
+                "private_key": {"filename": params.public_tls_key_file},
+            }
+        ],
+        "alpn_protocols": ["h2", "http/1.1"],
+    }
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": typed(
+            "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext", common_tls_context=common
         ),
     }
 
@@ -362,7 +390,10 @@ def _listeners(params: EnvoyParams) -> list[dict[str, Any]]:
     mesh_listener = _listener(names.MESH, params.mesh_host, params.mesh_port, mesh)
     if params.mtls:
         mesh_listener["filter_chains"][0]["transport_socket"] = _mesh_tls(params)
-    listeners = [_listener(names.PUBLIC, params.listen_host, params.listen_port, public), mesh_listener]
+    public_listener = _listener(names.PUBLIC, params.listen_host, params.listen_port, public)
+    if params.public_tls:
+        public_listener["filter_chains"][0]["transport_socket"] = _public_tls(params)
+    listeners = [public_listener, mesh_listener]
     if params.stats_port:
         listeners.append(_stats_listener(params))
     return listeners
@@ -477,8 +508,21 @@ def rendered_defaults(root: Path | None = None) -> dict[Path, str]:
             tls_ca_file=f"{CHART_MTLS_DIR}/ca.crt",
         )
 
-    rendered[files / "envoy-mtls.yaml"] = render_yaml(with_mtls(EnvoyParams.for_profile("kubernetes")))
-    rendered[files / "envoy-tokens-mtls.yaml"] = render_yaml(with_mtls(with_tokens))
+    # With `publicTls.existingSecret`: the public listener serves TLS with the Secret's tls.crt/tls.key.
+    # Three independent switches make 2**3 files, each named by its suffixes (the template picks by name).
+    def with_public_tls(params: EnvoyParams) -> EnvoyParams:
+        return replace(
+            params,
+            public_tls_cert_file=f"{CHART_PUBLIC_TLS_DIR}/tls.crt",
+            public_tls_key_file=f"{CHART_PUBLIC_TLS_DIR}/tls.key",
+        )
+
+    base = EnvoyParams.for_profile("kubernetes")
+    for name, params in {"envoy": base, "envoy-tokens": with_tokens}.items():
+        for suffix, variant in (("-mtls", with_mtls(params)), ("", params)):
+            if suffix:
+                rendered[files / f"{name}{suffix}.yaml"] = render_yaml(variant)
+            rendered[files / f"{name}{suffix}-publictls.yaml"] = render_yaml(with_public_tls(variant))
     return rendered
 
 
@@ -539,6 +583,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-cert-file", help="Envoy's mesh certificate (PEM); with key and CA: mutual TLS inside")
     parser.add_argument("--tls-key-file", help="key of --tls-cert-file (PEM)")
     parser.add_argument("--tls-ca-file", help="CA (PEM) every mesh certificate chains to")
+    parser.add_argument("--public-tls-cert", help="certificate chain (PEM) of the public listener; with key: TLS")
+    parser.add_argument("--public-tls-key", help="key of --public-tls-cert (PEM)")
     parser.add_argument("--access-log-path")
     parser.add_argument("--otlp-endpoint", help="host:port of an OTLP/gRPC collector")
     parser.add_argument(
@@ -581,6 +627,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         tls_cert_file=args.tls_cert_file,
         tls_key_file=args.tls_key_file,
         tls_ca_file=args.tls_ca_file,
+        public_tls_cert_file=args.public_tls_cert,
+        public_tls_key_file=args.public_tls_key,
         access_log_path=args.access_log_path,
         otlp_endpoint=args.otlp_endpoint,
         descriptors=args.descriptors,

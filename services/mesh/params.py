@@ -10,6 +10,7 @@ from typing import Any, Literal
 from services.mesh import names
 
 CHART_TOKEN_JWKS = "/etc/servegrid/token-jwks/jwks.json"  # where the Helm chart mounts the edge's JWKS
+CHART_PUBLIC_TLS_DIR = "/etc/servegrid/public-tls"  # where the chart mounts `publicTls.existingSecret`
 CHART_MTLS_DIR = "/etc/servegrid/mtls"  # where the Helm chart mounts `tls.existingSecret` (ca.crt, envoy.crt, ...)
 Profile = Literal["local", "kubernetes"]
 
@@ -84,6 +85,11 @@ class EnvoyParams:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_ca_file: str = ""
+    # TLS on the public listener: the server certificate (chain) and key clients see on the API port.
+    # Both set: HTTPS and gRPC over TLS on one port (ALPN h2 and http/1.1), TLS 1.2 or later. Empty:
+    # plaintext, which only a deployment that asks for it (or terminates TLS in front) should run.
+    public_tls_cert_file: str = ""
+    public_tls_key_file: str = ""
     access_log_path: str = "/dev/stdout"
     otlp_endpoint: str = ""  # host:port of an OTLP/gRPC collector; empty disables Envoy's own spans
     descriptors: Path | None = None  # None: default_descriptors()
@@ -119,6 +125,10 @@ class EnvoyParams:
     @property
     def mtls(self) -> bool:
         return bool(self.tls_cert_file and self.tls_key_file and self.tls_ca_file)
+
+    @property
+    def public_tls(self) -> bool:
+        return bool(self.public_tls_cert_file and self.public_tls_key_file)
 
     @property
     def node(self) -> str:

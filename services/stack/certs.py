@@ -28,6 +28,8 @@ COMPONENTS = ("envoy", "gateway", "registry", "router", "edge", "batch", "cli")
 # Local addresses every certificate also names, so an operator's grpcurl to 127.0.0.1 verifies.
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 CA_NAME = "ca"
+# The public listener's server certificate (`servegrid up` with public TLS): what API clients verify.
+PUBLIC_NAME = "public"
 _CA_DAYS = 3650
 _LEAF_DAYS = 825
 
@@ -100,7 +102,11 @@ def _load_or_create_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCu
 
 
 def _issue(
-    component: str, names: Sequence[str], ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey
+    component: str,
+    names: Sequence[str],
+    ca: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    usages: Sequence[x509.ObjectIdentifier] = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH),
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
@@ -114,9 +120,7 @@ def _issue(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName(_subject_names([component, *names])), critical=False)
         # Every component is both a server (its port) and a client (its calls to the others).
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
-        )
+        .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     return cert, key
@@ -139,6 +143,37 @@ def generate(
             files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         out[component] = files
     return out
+
+
+def _names_of(path: Path) -> set[str]:
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return {str(n) for n in sans.get_values_for_type(x509.DNSName)} | {
+        str(ip) for ip in sans.get_values_for_type(x509.IPAddress)
+    }
+
+
+def generate_public(directory: Path, names: Sequence[str] = LOCAL_NAMES) -> CertFiles:
+    """The public listener's server certificate, signed by the CA in `directory` (made when missing), naming
+    `names` (addresses clients dial). Kept while the CA and the names stay; reissued when either changes,
+    so a new `SERVEGRID_STACK_HOST` is covered on the next `servegrid up`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, ca_key, new_ca = _load_or_create_ca(directory)
+    files = files_for(directory, PUBLIC_NAME)
+    wanted = {str(ipaddress.ip_address(n)) if _is_ip(n) else n for n in names}
+    if new_ca or not (files.cert.exists() and files.key.exists()) or not wanted <= _names_of(files.cert):
+        cert, key = _issue(PUBLIC_NAME, list(dict.fromkeys(names)), ca, ca_key, (ExtendedKeyUsageOID.SERVER_AUTH,))
+        _write_key(files.key, key)
+        files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return files
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import ssl
 import sys
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -71,6 +74,11 @@ class StackSettings(BaseSettings):
         description="Mutual TLS between Envoy and the services and between services, with certificates made once "
         "under home/certs; false: plaintext inside, identity headers trusted from any local caller.",
     )
+    public_tls: bool = Field(
+        True,
+        description="TLS on Envoy's public port (gRPC and REST), with a server certificate from the local CA "
+        "(home/certs/public.crt; clients trust home/certs/ca.crt); false: plain HTTP there, only when asked for.",
+    )
     metrics_port_base: int = Field(
         9150, description="Services' Prometheus ports are base+1 (gateway) … base+5 (edge), as in DESIGN.md."
     )
@@ -106,6 +114,55 @@ def ensure_certs(settings: StackSettings) -> None:
     """Make the CA and certificates the first time the stack starts; later starts keep them."""
     if settings.mtls:
         certs.generate(certs_dir(settings))
+
+
+def public_ca_file(settings: StackSettings) -> Path:
+    """The CA clients of the public port trust (curl --cacert, grpc root certificates)."""
+    return certs_dir(settings) / f"{certs.CA_NAME}.crt"
+
+
+def public_tls_files(settings: StackSettings) -> CertFiles | None:
+    """The public listener's certificate, naming every local address and the configured host; None without
+    public TLS. Made (or reissued for a new host) on the way."""
+    if not settings.public_tls:
+        return None
+    return certs.generate_public(certs_dir(settings), (*certs.LOCAL_NAMES, settings.host))
+
+
+def public_scheme(settings: StackSettings) -> str:
+    return "https" if settings.public_tls else "http"
+
+
+def public_ca(settings: StackSettings, ca_file: str = "") -> Path | None:
+    """The CA a client of the public port verifies it with: `ca_file` or SERVEGRID_CA_FILE when given, else
+    the local stack's CA when it serves TLS; None for plain HTTP (SERVEGRID_STACK_PUBLIC_TLS=false) or when
+    the system's roots should do (TLS on, no local CA: a deployment with a public certificate)."""
+    given = ca_file or os.environ.get("SERVEGRID_CA_FILE", "")
+    if given:
+        return Path(given)
+    local = public_ca_file(settings)
+    return local if settings.public_tls and local.exists() else None
+
+
+def public_grpc_credentials(settings: StackSettings, ca_file: str = "") -> grpc.ChannelCredentials | None:
+    """Channel credentials for the public port (None: plaintext), as every shipped client opens it."""
+    ca = public_ca(settings, ca_file)
+    if ca is None and not (settings.public_tls or ca_file):
+        return None
+    return grpc.ssl_channel_credentials(root_certificates=ca.read_bytes() if ca else None)
+
+
+def public_ssl_context(settings: StackSettings, ca_file: str = "") -> ssl.SSLContext | None:
+    """The same for HTTP clients (urllib, httpx): None for plain HTTP."""
+    ca = public_ca(settings, ca_file)
+    if ca is None and not settings.public_tls:
+        return None
+    return ssl.create_default_context(cafile=str(ca) if ca else None)
+
+
+def public_url(settings: StackSettings, path: str = "") -> str:
+    """The public port's base URL (https with public TLS)."""
+    return f"{public_scheme(settings)}://{settings.host}:{settings.envoy_port}{path}"
 
 
 def operator_tls(settings: StackSettings) -> CertFiles | None:
@@ -229,6 +286,7 @@ def envoy_part(settings: StackSettings) -> Part:
 
     def prepare() -> None:
         ensure_certs(settings)
+        public = public_tls_files(settings)
         dev_issuer(settings)
         _, token_jwks = load_or_create_signing_key(edge_token_dir(settings))
         params = EnvoyParams.for_profile(
@@ -254,6 +312,9 @@ def envoy_part(settings: StackSettings) -> Part:
             tls_cert_file=str(tls.cert.resolve()) if tls else "",
             tls_key_file=str(tls.key.resolve()) if tls else "",
             tls_ca_file=str(tls.ca.resolve()) if tls else "",
+            # TLS on the public port (SERVEGRID_STACK_PUBLIC_TLS=false: plain HTTP).
+            public_tls_cert_file=str(public.cert.resolve()) if public else "",
+            public_tls_key_file=str(public.key.resolve()) if public else "",
         )
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(render_yaml(params))

@@ -3,12 +3,16 @@ through the CLI, a canary through the CLI, status, and a clean `down` that leave
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,6 +86,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     assert up.returncode == 0, up.stdout + up.stderr
     assert "servegrid is up" in up.stderr
     env["_ENVOY"] = f"127.0.0.1:{ports['ENVOY_PORT']}"
+    env["_CA"] = str(home / "certs" / "ca.crt")  # the CA `servegrid up` made and printed
+    assert env["_CA"] in up.stdout.replace("\n", ""), "`servegrid up` prints where the public port's CA is"
     try:
         yield env
     finally:
@@ -97,7 +103,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
 def test_readme_examples_run_as_written(stack: dict[str, str]) -> None:
     found = examples()
     assert len(found) >= 6, "the README keeps its curl, grpcurl, tritonclient, SDK and batch examples"
-    failures = run(found, replace={"127.0.0.1:8080": stack["_ENVOY"]}, env=stack)
+    replace = {"127.0.0.1:8080": stack["_ENVOY"], ".servegrid/certs/ca.crt": stack["_CA"]}
+    failures = run(found, replace=replace, env=stack)
     assert failures == [], "\n\n".join(failures)
 
 
@@ -141,10 +148,20 @@ def test_typescript_sdk_through_envoy(stack: dict[str, str]) -> None:
         [*SERVEGRID, "token", "--tenant", "ts"], cwd=REPO, env=stack, capture_output=True, text=True, check=True
     ).stdout.strip()
     done = subprocess.run(
-        ["node", str(sdk / "dist" / "examples" / "infer.js"), stack["_ENVOY"], token],
+        ["node", str(sdk / "dist" / "examples" / "infer.js"), stack["_ENVOY"], token, stack["_CA"]],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"model": "affine", "version": 1, "y": [3, 5, 7, 9]}
+
+
+def test_the_public_port_refuses_plain_http_and_serves_the_local_ca_s_certificate(stack: dict[str, str]) -> None:
+    """TLS is on by default: plain HTTP to the public port gets no HTTP answer; HTTPS verified with the CA does."""
+    host, port = stack["_ENVOY"].rsplit(":", 1)
+    with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+        urllib.request.urlopen(f"http://{host}:{port}/openapi.json", timeout=5)
+    context = ssl.create_default_context(cafile=stack["_CA"])
+    with urllib.request.urlopen(f"https://{host}:{port}/openapi.json", timeout=5, context=context) as reply:
+        assert reply.status == 200 and json.loads(reply.read())["openapi"]

@@ -228,3 +228,36 @@ def test_the_mtls_secret_gives_each_pod_its_own_certificate_and_envoy_a_config_s
     envoy = deployments["servegrid-envoy"]["spec"]["template"]["spec"]
     (volume,) = [v for v in envoy["volumes"] if v["name"] == "mtls"]
     assert [i["key"] for i in volume["secret"]["items"]] == ["ca.crt", "envoy.crt", "envoy.key"]
+
+
+def test_the_public_tls_secret_mounts_into_envoy_and_switches_the_public_listener_to_tls() -> None:
+    plain = by_kind(render(), "ConfigMap")["servegrid-envoy"]["data"]["envoy.yaml"]
+    assert "/etc/servegrid/public-tls" not in plain  # no Secret: plain HTTP, as values.yaml says
+    for tokens in ("", "servegrid-tokens"):
+        for mtls in ("", "servegrid-mtls"):
+            values = {
+                "publicTls": {"existingSecret": "servegrid-public-tls"},
+                "tokens": {"existingSecret": tokens},
+                "tls": {"existingSecret": mtls},
+            }
+            docs = render(values)
+            for doc in docs:
+                kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+            config = yaml.safe_load(by_kind(docs, "ConfigMap")["servegrid-envoy"]["data"]["envoy.yaml"])
+            (public,) = [
+                listener for listener in config["static_resources"]["listeners"] if listener["name"] == "public"
+            ]
+            context = public["filter_chains"][0]["transport_socket"]["typed_config"]["common_tls_context"]
+            assert context["alpn_protocols"] == ["h2", "http/1.1"]
+            (cert,) = context["tls_certificates"]
+            assert cert["certificate_chain"]["filename"] == "/etc/servegrid/public-tls/tls.crt"
+            assert cert["private_key"]["filename"] == "/etc/servegrid/public-tls/tls.key"
+            text = yaml.safe_dump(config)
+            assert ("/etc/servegrid/mtls/envoy.key" in text) == bool(mtls)
+            assert ("/etc/servegrid/token-jwks/jwks.json" in text) == bool(tokens)
+            envoy = by_kind(docs, "Deployment")["servegrid-envoy"]["spec"]["template"]["spec"]
+            (volume,) = [v for v in envoy["volumes"] if v["name"] == "public-tls"]
+            assert volume["secret"]["secretName"] == "servegrid-public-tls"
+            assert [i["key"] for i in volume["secret"]["items"]] == ["tls.crt", "tls.key"]
+            mounts = {m["name"]: m["mountPath"] for m in envoy["containers"][0]["volumeMounts"]}
+            assert mounts["public-tls"] == "/etc/servegrid/public-tls"

@@ -202,7 +202,7 @@ def test_servegrid_up_gives_each_service_and_envoy_their_own_certificate(tmp_pat
 
 
 def test_servegrid_up_without_mtls_passes_no_certificates(tmp_path: Path) -> None:
-    settings = StackSettings(home=tmp_path, mtls=False)
+    settings = StackSettings(home=tmp_path, mtls=False, public_tls=False)
     part = python_service_part("gateway", 50051, 9151, {}, settings)
     assert not any("TLS" in key for key in part.env)
     envoy = envoy_part(settings)

@@ -29,6 +29,7 @@ from servegrid_sdk.client import (
     infer_result,
     needs_signature,
     refresh_time,
+    tls_credentials,
 )
 
 
@@ -78,8 +79,10 @@ class AsyncServegridClient:
         api_key: str | None = None,
         timeout_s: float = 30.0,
         credentials: grpc.ChannelCredentials | None = None,
+        ca_file: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        credentials = tls_credentials(credentials, ca_file)
         self._channel = (
             grpc.aio.secure_channel(target, credentials) if credentials else grpc.aio.insecure_channel(target)
         )

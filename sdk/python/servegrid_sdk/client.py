@@ -110,6 +110,15 @@ class InferResult:
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def tls_credentials(credentials: grpc.ChannelCredentials | None, ca_file: str | None) -> grpc.ChannelCredentials | None:
+    """`credentials` as given, else TLS verified with `ca_file` (a private CA, e.g. a local stack's
+    .servegrid/certs/ca.crt); None: plaintext."""
+    if credentials is not None or not ca_file:
+        return credentials
+    with open(ca_file, "rb") as pem:
+        return grpc.ssl_channel_credentials(root_certificates=pem.read())
+
+
 def _retry_config(max_attempts: int) -> str:
     # Transparent retries by grpc itself, only for UNAVAILABLE: inference has no side effects and
     # batch submits carry an idempotency key, so a retried call never does work twice.
@@ -205,11 +214,15 @@ class ServegridClient:
         timeout_s: float = 30.0,
         max_attempts: int = 3,
         credentials: grpc.ChannelCredentials | None = None,
+        ca_file: str | None = None,
         exchange_api_key: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`api_key` is exchanged for a short-lived token on first use (`exchange_api_key=False` sends
-        the key on every call instead); `token` is sent as it is."""
+        the key on every call instead); `token` is sent as it is. `credentials` (e.g.
+        `grpc.ssl_channel_credentials()` for a public certificate) or `ca_file` (a private CA's PEM)
+        speak TLS; neither: plaintext."""
+        credentials = tls_credentials(credentials, ca_file)
         options = [("grpc.service_config", _retry_config(max_attempts)), ("grpc.enable_retries", 1)]
         self._channel = (
             grpc.secure_channel(target, credentials, options=options)

@@ -26,6 +26,10 @@ export interface Credentials {
   token?: string;
   apiKey?: string;
   exchangeApiKey?: boolean;
+  /** TLS: the PEM of a private CA to verify the server with (a local stack's .servegrid/certs/ca.crt). */
+  rootCertificates?: Buffer;
+  /** TLS with the system's roots when no rootCertificates are given; false: plaintext. Default true. */
+  tls?: boolean;
 }
 
 /**
@@ -113,12 +117,15 @@ function credentialInterceptor(creds: Credentials, exchange: ApiKeyExchange | nu
 
 /** A client for servegrid's public API at `target` (Envoy's host:port). */
 export function gatewayClient(target: string, creds: Credentials = {}): GatewayServiceClient {
-  const insecure = grpcCredentials.createInsecure();
+  const channel =
+    creds.tls === false && !creds.rootCertificates
+      ? grpcCredentials.createInsecure()
+      : grpcCredentials.createSsl(creds.rootCertificates ?? null);
   const exchange =
     creds.apiKey && !creds.token && creds.exchangeApiKey !== false
-      ? new ApiKeyExchange(new AuthServiceClient(target, insecure), creds.apiKey)
+      ? new ApiKeyExchange(new AuthServiceClient(target, channel), creds.apiKey)
       : null;
-  return new GatewayServiceClient(target, insecure, {
+  return new GatewayServiceClient(target, channel, {
     interceptors: [credentialInterceptor(creds, exchange)],
   });
 }
