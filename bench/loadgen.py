@@ -99,12 +99,22 @@ def _percentiles(latencies_s: Sequence[float]) -> tuple[float, float, float, flo
     return float(p50), float(p90), float(p99), float(ms.mean())
 
 
-def open_channel(target: str, root_certificates: bytes | None = None) -> grpc.aio.Channel:
+# A client certificate: (PEM private key, PEM certificate chain), for listeners that require one (the mesh).
+ClientCert = tuple[bytes, bytes]
+
+
+def open_channel(
+    target: str, root_certificates: bytes | None = None, client_cert: ClientCert | None = None
+) -> grpc.aio.Channel:
     """The load's channel: TLS verified with `root_certificates` when given (the TLS handshake and record
-    costs are part of what a TLS path measures), plaintext otherwise."""
+    costs are part of what a TLS path measures), presenting `client_cert` where the listener asks for
+    one (the mesh listener under mTLS); plaintext otherwise."""
     if root_certificates is None:
         return grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
-    credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+    key, chain = client_cert if client_cert is not None else (None, None)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=root_certificates, private_key=key, certificate_chain=chain
+    )
     return grpc.aio.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
 
 
@@ -122,6 +132,7 @@ async def run_load(
     channels: int = 1,
     connect_timeout: float = 10.0,
     root_certificates: bytes | None = None,
+    client_cert: ClientCert | None = None,
 ) -> LoadResult:
     """Keep `concurrency` ModelInfer calls in flight against `target` (host:port) for warmup + duration.
 
@@ -132,7 +143,7 @@ async def run_load(
     `root_certificates` (a CA's PEM) speaks TLS, as a client of a TLS public port must; None: plaintext.
     """
     payload = inputs if isinstance(inputs, bytes) else encode_infer_request(model, inputs, version=version)
-    opened = [open_channel(target, root_certificates) for _ in range(max(1, channels))]
+    opened = [open_channel(target, root_certificates, client_cert) for _ in range(max(1, channels))]
     try:
         try:
             await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in opened)), connect_timeout)

@@ -78,6 +78,9 @@ class Stack:
     api_key: str
     exchanged_token: str  # what api_key exchanges for
     ca_file: Path | None  # the CA of the public port's certificate; None when it serves plain HTTP
+    # The mesh listener under mTLS: the CA and a certificate it admits (the gateway's, as its real
+    # clients present); None when the stack runs without mTLS.
+    mesh_tls: tuple[bytes, tuple[bytes, bytes]] | None = None
 
     @property
     def public_roots(self) -> bytes | None:
@@ -118,7 +121,7 @@ def _free_ports(count: int) -> list[int]:
 def running_stack(home: Path) -> Iterator[Stack]:
     """`servegrid up` on free ports in `home`; `servegrid down` afterwards whatever happens."""
     from services.edge.devkeys import DevIssuer
-    from services.stack.local import StackSettings, public_ca_file
+    from services.stack.local import StackSettings, component_tls, public_ca_file
     from services.stack.supervisor import Supervisor
 
     ports = dict(zip(STACK_PORTS, _free_ports(len(STACK_PORTS)), strict=True))
@@ -140,7 +143,12 @@ def running_stack(home: Path) -> Iterator[Stack]:
         settings = StackSettings(home=home)
         ca_file = public_ca_file(settings) if settings.public_tls else None
         exchanged = _exchange(ports["ENVOY_PORT"], api_key, ca_file)
-        yield Stack(home, ports, pids, token, api_key, exchanged, ca_file)
+        gateway_tls = component_tls(settings, "gateway")
+        mesh_tls = None
+        if gateway_tls is not None:
+            cert, key, ca = gateway_tls.read()
+            mesh_tls = (ca, (key, cert))
+        yield Stack(home, ports, pids, token, api_key, exchanged, ca_file, mesh_tls)
     finally:
         subprocess.run([*command, "down"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, check=False)
 
@@ -182,6 +190,7 @@ def _python_load(
     duration: float,
     headers: Mapping[str, str],
     root_certificates: bytes | None,
+    client_cert: tuple[bytes, bytes] | None = None,
 ) -> LoadResult:
     return asyncio.run(
         run_load(
@@ -193,6 +202,7 @@ def _python_load(
             warmup=min(1.0, duration / 3),
             metadata=list(headers.items()),
             root_certificates=root_certificates,
+            client_cert=client_cert,
         )
     )
 
@@ -214,6 +224,9 @@ def measure(
     # Every path through the public listener speaks TLS when the stack serves it: its cost is measured.
     public = target == stack.address("ENVOY_PORT")
     roots = stack.public_roots if public else None
+    client_cert = None
+    if path == "mesh" and stack.mesh_tls is not None:
+        roots, client_cert = stack.mesh_tls
     meter = CpuMeter(stack.pids)
     before = triton_successes(triton, triton_model)
     meter.start()
@@ -246,7 +259,7 @@ def measure(
         rps, p50, p99, errors = perf.rps, perf.p50_ms, perf.p99_ms, 0
         claimed = int(perf.rps * duration)  # at least one measured window's worth
     else:
-        result = _python_load(target, name, concurrency, duration, headers, roots)
+        result = _python_load(target, name, concurrency, duration, headers, roots, client_cert)
         rps, p50, p99, claimed, errors = result.rps, result.p50_ms, result.p99_ms, result.requests, result.errors
     meter.stop()
     served = triton_successes(triton, triton_model) - before
