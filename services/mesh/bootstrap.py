@@ -232,7 +232,11 @@ def _transcoder_filter(params: EnvoyParams, descriptor_bin: bytes) -> dict[str, 
         "name": TRANSCODER_FILTER,
         "typed_config": typed(
             "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
-            proto_descriptor_bin=base64.b64encode(descriptor_bin).decode(),
+            **(
+                {"proto_descriptor": params.descriptor_file}
+                if params.descriptor_file
+                else {"proto_descriptor_bin": base64.b64encode(descriptor_bin).decode()}
+            ),
             services=list(names.TRANSCODED_SERVICES),
             # Server streams come out as newline-delimited JSON, one message per line.
             print_options={
@@ -523,6 +527,9 @@ def rendered_defaults(root: Path | None = None) -> dict[Path, str]:
             if suffix:
                 rendered[files / f"{name}{suffix}.yaml"] = render_yaml(variant)
             rendered[files / f"{name}{suffix}-publictls.yaml"] = render_yaml(with_public_tls(variant))
+    # The one descriptor set every chart variant reads (CHART_DESCRIPTORS), as base64 for the ConfigMap's
+    # binaryData.
+    rendered[files / "descriptors.binpb.b64"] = base64.b64encode(descriptor_set_bytes(base)).decode() + "\n"
     return rendered
 
 

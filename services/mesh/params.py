@@ -10,6 +10,7 @@ from typing import Any, Literal
 from services.mesh import names
 
 CHART_TOKEN_JWKS = "/etc/servegrid/token-jwks/jwks.json"  # where the Helm chart mounts the edge's JWKS
+CHART_DESCRIPTORS = "/etc/envoy/descriptors.binpb"  # the chart's ConfigMap mounts its one copy here
 CHART_PUBLIC_TLS_DIR = "/etc/servegrid/public-tls"  # where the chart mounts `publicTls.existingSecret`
 CHART_MTLS_DIR = "/etc/servegrid/mtls"  # where the Helm chart mounts `tls.existingSecret` (ca.crt, envoy.crt, ...)
 Profile = Literal["local", "kubernetes"]
@@ -93,6 +94,10 @@ class EnvoyParams:
     access_log_path: str = "/dev/stdout"
     otlp_endpoint: str = ""  # host:port of an OTLP/gRPC collector; empty disables Envoy's own spans
     descriptors: Path | None = None  # None: default_descriptors()
+    # Where Envoy reads the descriptor set at run time; empty: inline in the config (proto_descriptor_bin).
+    # The Kubernetes profile reads the chart's one copy (CHART_DESCRIPTORS) instead of embedding ~100 KB
+    # in every config variant.
+    descriptor_file: str = ""
     extra_descriptor_files: tuple[str, ...] = field(default=("google/rpc/error_details.proto",))
 
     @classmethod
@@ -116,6 +121,7 @@ class EnvoyParams:
                 # The chart mounts the edge's JWKS here when `tokens.existingSecret` is set; the bundled
                 # config trusts none (Envoy refuses to start on a missing JWKS file).
                 token_jwks_file="",
+                descriptor_file=CHART_DESCRIPTORS,
             )
         router = overrides.pop("router", None)
         if router is not None and overrides.get("xds") is None:

@@ -134,3 +134,17 @@ def start_envoy(
         time.sleep(0.05)
     envoy.stop()
     raise RuntimeError(f"envoy not ready in {timeout_s}s:\n{envoy.log_tail()}")
+
+
+def chart_descriptors(directory: Path) -> str:
+    """The chart's descriptor set (files/descriptors.binpb.b64, what its ConfigMap mounts at
+    /etc/envoy/descriptors.binpb) written under `directory`: a Kubernetes-profile config to validate
+    here reads it from there instead."""
+    import base64
+
+    from tests.support.processes import REPO
+
+    encoded = (REPO / "deploy" / "helm" / "servegrid" / "files" / "descriptors.binpb.b64").read_text()
+    path = directory / "descriptors.binpb"
+    path.write_bytes(base64.b64decode(encoded))
+    return str(path)

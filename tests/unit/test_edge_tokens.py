@@ -17,7 +17,7 @@ from services.mesh import names
 from services.mesh.auth import TOKEN_PROVIDER
 from services.mesh.bootstrap import EnvoyParams, render_config, render_yaml
 from services.runtime.errors import Unauthenticated, Unimplemented
-from tests.support.envoy import validate_config
+from tests.support.envoy import chart_descriptors, validate_config
 
 KEY = "sgk_0123456789ab_" + "s" * 43
 
@@ -158,7 +158,13 @@ def test_the_chart_config_with_tokens_passes_envoy_validate(tmp_path: Path) -> N
 
     _, token_jwks = load_or_create_signing_key(tmp_path / "tokens")
     idp = DevIssuer.generate().write(tmp_path / "idp")
-    params = EnvoyParams.for_profile("kubernetes", token_jwks_file=str(token_jwks), jwks_uri="", jwks_file=str(idp))
+    params = EnvoyParams.for_profile(
+        "kubernetes",
+        token_jwks_file=str(token_jwks),
+        jwks_uri="",
+        jwks_file=str(idp),
+        descriptor_file=chart_descriptors(tmp_path),
+    )
     path = tmp_path / "envoy.yaml"
     path.write_text(render_yaml(params))
     result = validate_config(path)

@@ -261,3 +261,18 @@ def test_the_public_tls_secret_mounts_into_envoy_and_switches_the_public_listene
             assert [i["key"] for i in volume["secret"]["items"]] == ["tls.crt", "tls.key"]
             mounts = {m["name"]: m["mountPath"] for m in envoy["containers"][0]["volumeMounts"]}
             assert mounts["public-tls"] == "/etc/servegrid/public-tls"
+
+
+def test_every_bundled_config_reads_the_one_descriptor_set_the_configmap_carries() -> None:
+    import base64
+
+    from google.protobuf import descriptor_pb2
+
+    config_map = by_kind(render(), "ConfigMap")["servegrid-envoy"]
+    descriptors = descriptor_pb2.FileDescriptorSet.FromString(
+        base64.b64decode(config_map["binaryData"]["descriptors.binpb"])
+    )
+    assert "servegrid/gateway/v1/gateway.proto" in {f.name for f in descriptors.file}
+    for path in (CHART / "files").glob("envoy*.yaml"):
+        text = path.read_text()
+        assert "proto_descriptor: /etc/envoy/descriptors.binpb" in text and "proto_descriptor_bin" not in text, path

@@ -20,7 +20,7 @@ from services.mesh.bootstrap import (
     write_defaults,
 )
 from services.mesh.quota import QUOTA_CLUSTER, QUOTA_FILTER
-from tests.support.envoy import validate_config
+from tests.support.envoy import chart_descriptors, validate_config
 
 
 def _hcm(config: dict[str, Any], listener: str = "public") -> dict[str, Any]:
@@ -41,7 +41,11 @@ def jwks(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("profile", ["local", "kubernetes"])
 def test_profile_passes_envoy_validate(profile: str, jwks: Path, tmp_path: Path) -> None:
     # The local profile also trusts the edge's exchanged tokens: it needs that JWKS too.
-    overrides = {"jwks_file": str(jwks), "token_jwks_file": str(jwks)} if profile == "local" else {}
+    overrides = (
+        {"jwks_file": str(jwks), "token_jwks_file": str(jwks)}
+        if profile == "local"
+        else {"descriptor_file": chart_descriptors(tmp_path)}  # what the chart's ConfigMap mounts
+    )
     path = tmp_path / "envoy.yaml"
     path.write_text(render_yaml(EnvoyParams.for_profile(profile, **overrides)))  # type: ignore[arg-type]
     result = validate_config(path)
