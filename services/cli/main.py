@@ -24,7 +24,7 @@ from services.stack.local import (
 from services.stack.seed import seed
 from services.stack.supervisor import StackError, Supervisor, log_tail, pid_alive
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="servegrid: gRPC-first inference on Triton.")
+app = typer.Typer(no_args_is_help=True, help="servegrid: gRPC-first inference on Triton.")
 app.add_typer(models.app, name="models")
 app.add_typer(access.keys_app, name="keys")
 app.add_typer(batch.app, name="batch")

@@ -119,3 +119,9 @@ def test_models_get_describes_the_traffic_policy_in_words() -> None:
     assert "sticky on header: x-user-id" in text and "backends: round robin" in text
     assert "{" not in text  # words, not JSON
     assert describe_policy(rpb.TrafficPolicy(model_id="m")).startswith("traffic: 100% to the PRODUCTION version")
+
+
+def test_shell_completion_can_be_installed() -> None:
+    result = _run(["--help"], 200)
+    assert result.exit_code == 0
+    assert "--install-completion" in result.output and "--show-completion" in result.output
