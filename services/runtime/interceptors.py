@@ -37,6 +37,16 @@ def _code_name(context: grpc.aio.ServicerContext) -> str:
     return "UNKNOWN"
 
 
+async def responses(result: Any) -> AsyncIterator[Any]:
+    """A server-streaming handler's responses, whether it is an async generator or a coroutine that
+    writes with context.write() and returns (then there is nothing to yield)."""
+    if inspect.isasyncgen(result):
+        async for item in result:
+            yield item
+    else:
+        await result
+
+
 class WrappingInterceptor(grpc.aio.ServerInterceptor):
     """A server interceptor that wraps each method's handler once (cached by method) and leaves
     health checks and reflection alone: they are not the service's work, and probes must pass."""
@@ -137,12 +147,8 @@ class ServiceInterceptor(WrappingInterceptor):
             try:
                 if request.__class__ is Undecodable:
                     raise request.error()
-                result = behavior(request, context)
-                if inspect.isasyncgen(result):
-                    async for item in result:
-                        yield item
-                else:  # a handler that writes with context.write() and returns
-                    await result
+                async for item in responses(behavior(request, context)):
+                    yield item
                 code = _code_name(context)
             except BaseException as exc:
                 code, status = _classify(exc, context, service, name)
@@ -214,12 +220,8 @@ def _guarded_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         if request.__class__ is Undecodable:
             await _reject(request, context)
-        result = behavior(request, context)
-        if inspect.isasyncgen(result):
-            async for item in result:
-                yield item
-        else:
-            await result
+        async for item in responses(behavior(request, context)):
+            yield item
 
     return call
 

@@ -8,14 +8,13 @@ operator's certificate).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any
 
 import grpc
 
 from services.runtime.errors import PermissionDenied, abort_with
-from services.runtime.interceptors import WrappingInterceptor
+from services.runtime.interceptors import WrappingInterceptor, responses
 from services.runtime.tls import peer_common_name, peer_names
 
 
@@ -58,11 +57,7 @@ class PeerAllowlist(WrappingInterceptor):
     def _stream(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             await self._check(context)
-            result = behavior(request, context)
-            if inspect.isasyncgen(result):
-                async for item in result:
-                    yield item
-            else:  # a handler that writes with context.write() and returns
-                await result
+            async for item in responses(behavior(request, context)):
+                yield item
 
         return call
