@@ -72,19 +72,7 @@ local function percent_encode(text)
   end))
 end
 
-local function varint(n)
-  local out = {}
-  repeat
-    local low = n % 128
-    n = floor(n / 128)
-    out[#out + 1] = char(n > 0 and low + 128 or low)
-  until n == 0
-  return table.concat(out)
-end
-
-local function field_bytes(number, payload)
-  return varint(number * 8 + 2) .. varint(#payload) .. payload
-end
+-- varint and field_bytes: protobuf_write.lua (lua.py puts it in front of this file).
 
 local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 

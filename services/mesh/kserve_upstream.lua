@@ -19,19 +19,7 @@ local FAILED_PRECONDITION = 9
 
 local byte, char, sub, floor = string.byte, string.char, string.sub, math.floor
 
-local function varint(n)
-  local out = {}
-  repeat
-    local low = n % 128
-    n = floor(n / 128)
-    out[#out + 1] = char(n > 0 and low + 128 or low)
-  until n == 0
-  return table.concat(out)
-end
-
-local function field_bytes(number, payload)
-  return varint(number * 8 + 2) .. varint(#payload) .. payload
-end
+-- varint and field_bytes: protobuf_write.lua (lua.py puts it in front of this file).
 
 local function head(name, version)
   local out = field_bytes(1, name)

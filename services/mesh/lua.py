@@ -35,6 +35,11 @@ def _package_source(name: str) -> str:
     return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
 
 
+def _filter_source(name: str) -> str:
+    """A filter's Lua with the shared protobuf writer (varint, field_bytes) in front of it."""
+    return _package_source("protobuf_write.lua") + _package_source(name)
+
+
 def _replace_line(source: str, line: str, replacement: str) -> str:
     if source.count(line) != 1:
         raise RuntimeError(f"the Lua source lost its configuration line {line.strip()!r}")
@@ -51,7 +56,7 @@ def downstream_source(max_elements: int = DEFAULT_MAX_ELEMENTS, *, trust_header:
     client names its model in x-servegrid-model (for the internal mesh listener only)."""
     if not 0 < max_elements <= 2**53:
         raise ValueError("max_elements must be in 1..2^53 (Lua numbers are doubles)")
-    source = _replace_line(_package_source("kserve.lua"), _MAX_ELEMENTS_LINE, f"local MAX_ELEMENTS = {max_elements}\n")
+    source = _replace_line(_filter_source("kserve.lua"), _MAX_ELEMENTS_LINE, f"local MAX_ELEMENTS = {max_elements}\n")
     trust = "true" if trust_header else "false"
     return _replace_line(source, _TRUST_HEADER_LINE, f"local TRUST_HEADER = {trust}\n")
 
@@ -60,7 +65,7 @@ def upstream_source(triton_name: str, triton_version: str, client_name: str, cli
     """kserve_upstream.lua with one cluster's names inlined."""
     names = ", ".join(lua_string(v) for v in (triton_name, triton_version, client_name, client_version))
     line = f"local TRITON_NAME, TRITON_VERSION, CLIENT_NAME, CLIENT_VERSION = {names}\n"
-    return _replace_line(_package_source("kserve_upstream.lua"), _NAMES_LINE, line)
+    return _replace_line(_filter_source("kserve_upstream.lua"), _NAMES_LINE, line)
 
 
 def _lua_filter(source: str, stat_prefix: str) -> dict[str, Any]:
