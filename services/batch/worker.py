@@ -226,11 +226,10 @@ def _version(item: PendingItem) -> str:
     return str(item.version) if item.version else ""
 
 
-def build_worker_app(settings: BatchSettings) -> ServiceApp:
-    """A standalone worker process, built like every service: gRPC health (its database), drain on
-    SIGTERM (consumers stop and commit, then the pool closes), metrics, structured logs; no API."""
-    update: dict[str, object] = {"port": settings.worker_port, "metrics_port": settings.worker_metrics_port}
-    app = ServiceApp("batch-worker", settings.model_copy(update=update))
+def batch_resources(app: ServiceApp, settings: BatchSettings) -> tuple[BatchStore, KServeBatchClient]:
+    """The database and the inference client every batch process runs on, with their lifecycle on
+    `app`: the store opens and migrates first and is a required health component; both close last
+    (shutdown hooks run in reverse, so whatever the caller registers after this stops before them)."""
     store = BatchStore(settings.database_url, settings.db_schema, max_size=settings.db_pool_max)
     inference = KServeBatchClient(
         settings.inference_address,
@@ -238,7 +237,6 @@ def build_worker_app(settings: BatchSettings) -> ServiceApp:
         config_ttl_s=settings.model_config_ttl_s,
         tls=settings.tls,
     )
-    pool = WorkerPool(settings, store, inference, consumers=max(1, settings.workers))
 
     async def migrate() -> None:
         await store.migrate()
@@ -246,10 +244,19 @@ def build_worker_app(settings: BatchSettings) -> ServiceApp:
     app.health.add_component("database", store.ping)
     app.on_startup(store.open)
     app.on_startup(migrate)
-    app.on_startup(pool.start)
-    # Shutdown hooks run in reverse: consumers stop first, the pool closes last.
     app.on_shutdown(store.close)
     app.on_shutdown(inference.close)
+    return store, inference
+
+
+def build_worker_app(settings: BatchSettings) -> ServiceApp:
+    """A standalone worker process, built like every service: gRPC health (its database), drain on
+    SIGTERM (consumers stop and commit, then the pool closes), metrics, structured logs; no API."""
+    update: dict[str, object] = {"port": settings.worker_port, "metrics_port": settings.worker_metrics_port}
+    app = ServiceApp("batch-worker", settings.model_copy(update=update))
+    store, inference = batch_resources(app, settings)
+    pool = WorkerPool(settings, store, inference, consumers=max(1, settings.workers))
+    app.on_startup(pool.start)
     app.on_shutdown(pool.stop)
     return app
 
