@@ -125,14 +125,18 @@ class AsyncServegridClient:
         return infer_result(await self._call("Infer", request, timeout_s))
 
     async def list_models(self, page_size: int = 0) -> AsyncIterator[gateway_pb2.Model]:
-        token = ""
+        async for model in self._paged("ListModels", gateway_pb2.ListModelsRequest(page_size=page_size), "models"):
+            yield model
+
+    async def _paged(self, method: str, request: Any, field: str) -> AsyncIterator[Any]:
+        """Every item of a List RPC, following next_page_token from page to page."""
         while True:
-            reply = await self._call("ListModels", gateway_pb2.ListModelsRequest(page_size=page_size, page_token=token))
-            for model in reply.models:
-                yield model
-            token = reply.next_page_token
-            if not token:
+            reply = await self._call(method, request)
+            for item in getattr(reply, field):
+                yield item
+            if not reply.next_page_token:
                 return
+            request.page_token = reply.next_page_token
 
     async def get_model(self, model_id: str) -> gateway_pb2.Model:
         return (await self._call("GetModel", gateway_pb2.GetModelRequest(model_id=model_id))).model
@@ -157,15 +161,9 @@ class AsyncServegridClient:
         return (await self._call("GetBatchJob", gateway_pb2.GetBatchJobRequest(job_id=job_id))).progress
 
     async def list_batch_jobs(self, page_size: int = 0) -> AsyncIterator[batch_pb2.BatchJob]:
-        token = ""
-        while True:
-            request = gateway_pb2.ListBatchJobsRequest(page_size=page_size, page_token=token)
-            reply = await self._call("ListBatchJobs", request)
-            for job in reply.jobs:
-                yield job
-            token = reply.next_page_token
-            if not token:
-                return
+        request = gateway_pb2.ListBatchJobsRequest(page_size=page_size)
+        async for job in self._paged("ListBatchJobs", request, "jobs"):
+            yield job
 
     async def cancel_batch_job(self, job_id: str) -> batch_pb2.BatchJob:
         return (await self._call("CancelBatchJob", gateway_pb2.CancelBatchJobRequest(job_id=job_id))).job

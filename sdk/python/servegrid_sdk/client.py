@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any
 
 import grpc
 import numpy as np
@@ -288,15 +289,16 @@ class ServegridClient:
 
     def list_models(self, page_size: int = 0) -> Iterator[gateway_pb2.Model]:
         """Every servable model, fetching pages as needed."""
-        token = ""
+        yield from self._paged("ListModels", gateway_pb2.ListModelsRequest(page_size=page_size), "models")
+
+    def _paged(self, method: str, request: Any, field: str) -> Iterator[Any]:
+        """Every item of a List RPC, following next_page_token from page to page."""
         while True:
-            reply: gateway_pb2.ListModelsResponse = self._call(  # type: ignore[assignment]
-                "ListModels", gateway_pb2.ListModelsRequest(page_size=page_size, page_token=token)
-            )
-            yield from reply.models
-            token = reply.next_page_token
-            if not token:
+            reply: Any = self._call(method, request)
+            yield from getattr(reply, field)
+            if not reply.next_page_token:
                 return
+            request.page_token = reply.next_page_token
 
     def get_model(self, model_id: str) -> gateway_pb2.Model:
         reply: gateway_pb2.GetModelResponse = self._call(  # type: ignore[assignment]
@@ -331,15 +333,7 @@ class ServegridClient:
 
     def list_batch_jobs(self, page_size: int = 0) -> Iterator[batch_pb2.BatchJob]:
         """The caller's jobs, newest first, fetching pages as needed."""
-        token = ""
-        while True:
-            reply: gateway_pb2.ListBatchJobsResponse = self._call(  # type: ignore[assignment]
-                "ListBatchJobs", gateway_pb2.ListBatchJobsRequest(page_size=page_size, page_token=token)
-            )
-            yield from reply.jobs
-            token = reply.next_page_token
-            if not token:
-                return
+        yield from self._paged("ListBatchJobs", gateway_pb2.ListBatchJobsRequest(page_size=page_size), "jobs")
 
     def cancel_batch_job(self, job_id: str) -> batch_pb2.BatchJob:
         """No new items start; items in flight finish. Cancelling an ended job is FAILED_PRECONDITION."""
