@@ -49,6 +49,7 @@ gen: $(STAMP) $(TS_STAMP) ## regenerate gen/ from proto/ and the rendered Envoy 
 check-gen: $(STAMP) $(TS_STAMP) ## fail when gen/ (or anything else generated) differs from its source
 	$(PY) scripts/gen_protos.py --check
 	$(PY) -m services.mesh.bootstrap --write-defaults --check
+	$(PY) scripts/gen_chart_readme.py --check
 
 lint: $(STAMP) check-gen ## buf lint, ruff, mypy and bandit on hand-written code; generated code and docs are fresh
 	$(PY) scripts/gen_docs.py --check

@@ -2,7 +2,8 @@
 
 # One function builds the whole bootstrap as a dict; the two profiles differ only in parameters
 # (addresses, where the JWKS comes from), never in structure. envoy/*.yaml are this module's output
-# with the default parameters, kept for reading and for the Helm chart; a test fails when they drift.
+# with the default parameters, kept for reading; a test fails when they drift. The Helm chart renders
+# its own at pod start with this CLI (an init container), from the release's names and values.
 #
 # What is static here and what comes over ADS from the router (services/mesh/resources.py):
 #   static:  listeners `public` and `mesh` (their filter chains), clusters gateway/registry/edge/xds
@@ -45,9 +46,7 @@ from services.mesh.auth import ext_authz_filter, header_scrub, jwt_filter, rbac_
 from services.mesh.local_replies import local_reply_config
 from services.mesh.names import BUFFER_FILTER, CORS_FILTER, MODEL_HEADER, RBAC_FILTER, TRANSCODER_FILTER
 from services.mesh.params import (
-    CHART_MTLS_DIR,
-    CHART_PUBLIC_TLS_DIR,
-    CHART_TOKEN_JWKS,
+    CHART_DESCRIPTORS,
     EnvoyParams,
     Profile,
     default_descriptors,
@@ -488,49 +487,12 @@ def render_yaml(params: EnvoyParams) -> str:
 
 
 def rendered_defaults(root: Path | None = None) -> dict[Path, str]:
-    """envoy/envoy.<profile>.yaml as the default parameters render them, and the Helm chart's copy of
-    the Kubernetes one (a chart can only read files inside itself)."""
+    """envoy/envoy.<profile>.yaml as the default parameters render them: committed for reading (and
+    diffing in review). The Helm chart bundles no copy: its Envoy pod renders its own config at start
+    with this module's CLI, from the release's names and values (deploy/helm/servegrid)."""
     root = root or repo_root()
     profiles: tuple[Profile, ...] = ("local", "kubernetes")
-    rendered = {root / "envoy" / f"envoy.{p}.yaml": render_yaml(EnvoyParams.for_profile(p)) for p in profiles}
-    rendered[root / "deploy" / "helm" / "servegrid" / "files" / "envoy.yaml"] = rendered[
-        root / "envoy" / "envoy.kubernetes.yaml"
-    ]
-    # The chart's config when `tokens.existingSecret` is set: it also trusts the edge's exchanged tokens,
-    # with the JWKS the chart mounts from that Secret.
-    with_tokens = EnvoyParams.for_profile("kubernetes", token_jwks_file=CHART_TOKEN_JWKS)
-    files = root / "deploy" / "helm" / "servegrid" / "files"
-    rendered[files / "envoy-tokens.yaml"] = render_yaml(with_tokens)
-
-    # With `tls.existingSecret`: mutual TLS to the services and on the mesh listener, with the
-    # certificates the chart mounts from that Secret (with and without the token Secret).
-    def with_mtls(params: EnvoyParams) -> EnvoyParams:
-        return replace(
-            params,
-            tls_cert_file=f"{CHART_MTLS_DIR}/envoy.crt",
-            tls_key_file=f"{CHART_MTLS_DIR}/envoy.key",
-            tls_ca_file=f"{CHART_MTLS_DIR}/ca.crt",
-        )
-
-    # With `publicTls.existingSecret`: the public listener serves TLS with the Secret's tls.crt/tls.key.
-    # Three independent switches make 2**3 files, each named by its suffixes (the template picks by name).
-    def with_public_tls(params: EnvoyParams) -> EnvoyParams:
-        return replace(
-            params,
-            public_tls_cert_file=f"{CHART_PUBLIC_TLS_DIR}/tls.crt",
-            public_tls_key_file=f"{CHART_PUBLIC_TLS_DIR}/tls.key",
-        )
-
-    base = EnvoyParams.for_profile("kubernetes")
-    for name, params in {"envoy": base, "envoy-tokens": with_tokens}.items():
-        for suffix, variant in (("-mtls", with_mtls(params)), ("", params)):
-            if suffix:
-                rendered[files / f"{name}{suffix}.yaml"] = render_yaml(variant)
-            rendered[files / f"{name}{suffix}-publictls.yaml"] = render_yaml(with_public_tls(variant))
-    # The one descriptor set every chart variant reads (CHART_DESCRIPTORS), as base64 for the ConfigMap's
-    # binaryData.
-    rendered[files / "descriptors.binpb.b64"] = base64.b64encode(descriptor_set_bytes(base)).decode() + "\n"
-    return rendered
+    return {root / "envoy" / f"envoy.{p}.yaml": render_yaml(EnvoyParams.for_profile(p)) for p in profiles}
 
 
 def write_defaults(check: bool) -> int:
@@ -556,6 +518,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--check", action="store_true", help="with --write-defaults: fail if they are stale")
     parser.add_argument("--profile", choices=["local", "kubernetes"], default="local")
     parser.add_argument("--out", type=Path, help="file to write; stdout when absent")
+    parser.add_argument(
+        "--descriptor-set-out",
+        type=Path,
+        help="also write the transcoder's descriptor set here: the file the config's --descriptor-file names",
+    )
     parser.add_argument("--listen-host")
     parser.add_argument("--listen-port", type=int)
     parser.add_argument("--mesh-host")
@@ -570,10 +537,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--edge", help="host:port")
     parser.add_argument("--node-id")
     parser.add_argument("--node-cluster")
-    parser.add_argument("--issuer")
-    parser.add_argument("--audience")
-    parser.add_argument("--jwks-file", help="local JWKS file (local profile)")
-    parser.add_argument("--jwks-uri", help="remote JWKS URL (kubernetes profile)")
+    parser.add_argument("--issuer", help="`iss` of the identity provider's tokens")
+    parser.add_argument("--audience", help="`aud` every token must name (the identity provider's and exchanged ones)")
+    parser.add_argument("--jwks-file", help="the identity provider's JWKS as a local file (replaces the profile's URI)")
+    parser.add_argument("--jwks-uri", help="the identity provider's JWKS URL (replaces the profile's file)")
     parser.add_argument(
         "--jwt-max-lifetime-s", type=int, help="refuse tokens whose exp lies further ahead (default 86400; 0: no bound)"
     )
@@ -597,13 +564,21 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--descriptors", type=Path, help="descriptor set for the transcoder (default: the generated one)"
     )
+    parser.add_argument(
+        "--descriptor-file",
+        help=f"where Envoy reads the descriptor set at run time (kubernetes default {CHART_DESCRIPTORS}); "
+        "'' embeds it in the config",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.write_defaults:
         return write_defaults(args.check)
+    if args.jwks_file and args.jwks_uri:
+        parser.error("give the identity provider's JWKS as --jwks-file or --jwks-uri, not both")
     params = EnvoyParams.for_profile(
         args.profile,
         listen_host=args.listen_host,
@@ -639,15 +614,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         access_log_path=args.access_log_path,
         otlp_endpoint=args.otlp_endpoint,
         descriptors=args.descriptors,
+        descriptor_file=args.descriptor_file,
     )
-    if params.jwks_uri and args.jwks_uri:
+    # One JWKS source for the identity provider: the one given replaces the profile's other one
+    # (the local profile's file, the Kubernetes profile's URI).
+    if args.jwks_uri:
         params = replace(params, jwks_file="")
+    elif args.jwks_file:
+        params = replace(params, jwks_uri="")
     text = render_yaml(params)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
     else:
         sys.stdout.write(text)
+    if args.descriptor_set_out:
+        args.descriptor_set_out.parent.mkdir(parents=True, exist_ok=True)
+        args.descriptor_set_out.write_bytes(descriptor_set_bytes(params))
     return 0
 
 

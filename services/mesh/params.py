@@ -9,10 +9,9 @@ from typing import Any, Literal
 
 from services.mesh import names
 
-CHART_TOKEN_JWKS = "/etc/servegrid/token-jwks/jwks.json"  # where the Helm chart mounts the edge's JWKS
-CHART_DESCRIPTORS = "/etc/envoy/descriptors.binpb"  # the chart's ConfigMap mounts its one copy here
-CHART_PUBLIC_TLS_DIR = "/etc/servegrid/public-tls"  # where the chart mounts `publicTls.existingSecret`
-CHART_MTLS_DIR = "/etc/servegrid/mtls"  # where the Helm chart mounts `tls.existingSecret` (ca.crt, envoy.crt, ...)
+# Where a Kubernetes-profile config reads the transcoder's descriptor set: the Helm chart's Envoy pod
+# writes it there at start (`--descriptor-set-out`), from the image the services run.
+CHART_DESCRIPTORS = "/etc/envoy/descriptors.binpb"
 Profile = Literal["local", "kubernetes"]
 
 
@@ -95,8 +94,7 @@ class EnvoyParams:
     otlp_endpoint: str = ""  # host:port of an OTLP/gRPC collector; empty disables Envoy's own spans
     descriptors: Path | None = None  # None: default_descriptors()
     # Where Envoy reads the descriptor set at run time; empty: inline in the config (proto_descriptor_bin).
-    # The Kubernetes profile reads the chart's one copy (CHART_DESCRIPTORS) instead of embedding ~100 KB
-    # in every config variant.
+    # The Kubernetes profile reads a file beside the config (CHART_DESCRIPTORS) instead of embedding ~100 KB.
     descriptor_file: str = ""
     extra_descriptor_files: tuple[str, ...] = field(default=("google/rpc/error_details.proto",))
 
@@ -118,8 +116,8 @@ class EnvoyParams:
                 edge="servegrid-edge:50055",
                 jwks_file="",
                 jwks_uri="https://auth.servegrid.example/.well-known/jwks.json",
-                # The chart mounts the edge's JWKS here when `tokens.existingSecret` is set; the bundled
-                # config trusts none (Envoy refuses to start on a missing JWKS file).
+                # None by default (Envoy refuses to start on a missing JWKS file); the chart passes
+                # --token-jwks-file when `tokens.existingSecret` is set.
                 token_jwks_file="",
                 descriptor_file=CHART_DESCRIPTORS,
             )

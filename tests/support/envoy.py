@@ -14,7 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from services.mesh.bootstrap import EnvoyParams, render_yaml
+from services.mesh.bootstrap import EnvoyParams, descriptor_set_bytes, render_yaml
 from services.stack.ports import free_port
 
 
@@ -137,14 +137,9 @@ def start_envoy(
 
 
 def chart_descriptors(directory: Path) -> str:
-    """The chart's descriptor set (files/descriptors.binpb.b64, what its ConfigMap mounts at
-    /etc/envoy/descriptors.binpb) written under `directory`: a Kubernetes-profile config to validate
-    here reads it from there instead."""
-    import base64
-
-    from tests.support.processes import REPO
-
-    encoded = (REPO / "deploy" / "helm" / "servegrid" / "files" / "descriptors.binpb.b64").read_text()
+    """The descriptor set a Kubernetes-profile config reads from /etc/envoy/descriptors.binpb (the Helm
+    chart's Envoy pod writes it there at start), written under `directory`: a config to validate here
+    reads it from there instead."""
     path = directory / "descriptors.binpb"
-    path.write_bytes(base64.b64decode(encoded))
+    path.write_bytes(descriptor_set_bytes(EnvoyParams.for_profile("kubernetes")))
     return str(path)
