@@ -434,9 +434,10 @@ def _info(catalogue: Catalogue) -> Schema:
             "servegrid's REST API: Envoy transcodes each call to the gRPC method it is generated from "
             "(proto3 JSON: lowerCamelCase names, 64-bit integers as strings, enums by name, bytes as base64).\n\n"
             "Authenticate with `Authorization: Bearer <JWT>` (the identity provider's token, or one exchanged "
-            "for an API key at `POST /v1/auth:token`) or with `x-api-key: <key>`. The `/v1/admin/` operations "
-            "need the admin role. Errors are the gRPC status as JSON: `code`, `message` and `details`, one of "
-            'them a `google.rpc.ErrorInfo` with domain "servegrid.dev" and a `reason` such as MODEL_NOT_FOUND.\n\n'
+            "for an API key at `POST /v1/auth:token`) or with `x-api-key: <key>`. The `/v1/admin/` and "
+            "`/v1/router/` operations need the admin role. Errors are the gRPC status as JSON: `code`, `message` "
+            'and `details`, one of them a `google.rpc.ErrorInfo` with domain "servegrid.dev" and a `reason` such as '
+            "MODEL_NOT_FOUND.\n\n"
             "Generated from proto/ by scripts/gen_protos.py; do not edit by hand."
         ),
         "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},

@@ -62,7 +62,7 @@ def up(
             f"{settings.host}:{settings.triton_http_port}",
             tls=operator_tls(settings),
         )
-        console.print(f"[green]✓[/] seeded     models {', '.join(served)} (PRODUCTION) on backend triton-local")
+        console.print(f"[green]✓[/] seeded     models {', '.join(served)} (STAGE_PRODUCTION) on backend triton-local")
     except (StackError, grpc.RpcError) as err:
         console.print(f"[red]✗ {err}[/]")
         console.print("stopping what was started…")

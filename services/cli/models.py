@@ -25,7 +25,14 @@ out = Console()
 RegistryOpt = Annotated[
     str, typer.Option("--registry", envvar="SERVEGRID_REGISTRY_ADDRESS", help="Registry gRPC address.")
 ]
+# `--stage` takes "production" or the API's own name, "STAGE_PRODUCTION" (any case); output always
+# prints the API's name, as the gateway, the registry and the SDKs spell it.
 STAGES = {s.removeprefix("STAGE_").lower(): v for s, v in pb.Stage.items() if v}
+
+
+def stage_value(name: str) -> pb.Stage.ValueType | None:
+    """The stage `name` means ("production", "STAGE_PRODUCTION", any case); None when it names none."""
+    return STAGES.get(name.lower().removeprefix("stage_"))
 
 
 @contextmanager
@@ -83,7 +90,7 @@ def get(model_id: str, registry: RegistryOpt = "127.0.0.1:50053") -> None:
         table = Table("version", "stage", "triton model", "artifact")
         for v in versions.versions:
             triton = f"{v.triton_model_name}:{v.triton_model_version or 'latest'}"
-            table.add_row(str(v.version), pb.Stage.Name(v.stage).removeprefix("STAGE_"), triton, v.artifact_uri)
+            table.add_row(str(v.version), pb.Stage.Name(v.stage), triton, v.artifact_uri)
         out.print(table)
         out.print(describe_policy(policy), markup=False, soft_wrap=True)
 
@@ -110,7 +117,7 @@ def create(
             timeout=10,
             metadata=_md(),
         ).version
-        out.print(f"created {model_id} with version {version.version} (DRAFT)")
+        out.print(f"created {model_id} with version {version.version} ({pb.Stage.Name(version.stage)})")
 
 
 @app.command("add-version")
@@ -137,7 +144,7 @@ def add_version(
             timeout=10,
             metadata=_md(),
         ).version
-        Console(stderr=True).print(f"{model_id} v{version.version} registered (DRAFT)")
+        Console(stderr=True).print(f"{model_id} v{version.version} registered ({pb.Stage.Name(version.stage)})")
         print(version.version)
 
 
@@ -145,24 +152,27 @@ def add_version(
 def promote(
     model_id: str,
     version: int,
-    stage: Annotated[str, typer.Option(help=f"Target stage: {', '.join(STAGES)}.")] = "production",
+    stage: Annotated[
+        str, typer.Option(help=f"Target stage: {', '.join(STAGES)} (or the API's name, e.g. STAGE_PRODUCTION).")
+    ] = "production",
     load: Annotated[bool, typer.Option(help="Load the version on the backends first.")] = False,
     registry: RegistryOpt = "127.0.0.1:50053",
 ) -> None:
     """Move a version to another stage."""
-    if stage.lower() not in STAGES:
+    target = stage_value(stage)
+    if target is None:
         raise typer.BadParameter(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
     with _registry(registry) as stub:
         reply = stub.TransitionModelVersionStage(
             pb.TransitionModelVersionStageRequest(
-                model_id=model_id, version=version, stage=STAGES[stage.lower()], load_on_backends=load
+                model_id=model_id, version=version, stage=target, load_on_backends=load
             ),
             timeout=60,
             metadata=_md(),
         )
-        out.print(f"{model_id} v{version} → {pb.Stage.Name(reply.version.stage).removeprefix('STAGE_')}")
+        out.print(f"{model_id} v{version} → {pb.Stage.Name(reply.version.stage)}")
         for other in reply.also_changed:
-            out.print(f"  also: v{other.version} → {pb.Stage.Name(other.stage).removeprefix('STAGE_')}")
+            out.print(f"  also: v{other.version} → {pb.Stage.Name(other.stage)}")
 
 
 @app.command()

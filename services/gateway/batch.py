@@ -12,6 +12,7 @@ from servegrid.gateway.v1 import gateway_pb2
 from services.gateway.identity import Identity
 from services.runtime import Unauthenticated, Unimplemented
 from services.runtime.channels import open_channel
+from services.runtime.errors import relay
 from services.runtime.tls import CertFiles
 
 # ListBatchJobResults page size used to stream a job's results.
@@ -62,19 +63,6 @@ def tenant_of(forwarder: BatchForwarder, identity: Identity) -> str:
             reason="TENANT_REQUIRED",
         )
     return identity.tenant
-
-
-# The only trailer relayed: the google.rpc.Status (ErrorInfo, BadRequest) the batch service attached.
-_RELAYED_TRAILERS = ("grpc-status-details-bin",)
-
-
-async def relay(error: grpc.aio.AioRpcError, context: grpc.aio.ServicerContext) -> None:
-    """Pass the batch service's status on unchanged: code, message and ErrorInfo details.
-
-    `context.abort` wants a tuple of (key, value) pairs; an RPC error's trailers are a
-    grpc.aio.Metadata, which it refuses (a TypeError that turned every relayed error into INTERNAL)."""
-    trailers = tuple((key, value) for key, value in error.trailing_metadata() or () if key in _RELAYED_TRAILERS)
-    await context.abort(error.code(), error.details() or "", trailers)
 
 
 def create_request(tenant: str, request: gateway_pb2.CreateBatchJobRequest) -> batch_pb2.CreateBatchJobRequest:

@@ -11,7 +11,13 @@ from services.gateway.upstream import KServeClient, RegistryClient
 from services.runtime import InvalidArgument, NotFound
 
 DEFAULT_PAGE_SIZE = 50
-_STAGE_NAMES = {registry_pb2.STAGE_STAGING: "STAGING", registry_pb2.STAGE_PRODUCTION: "PRODUCTION"}
+
+
+def stage_name(stage: registry_pb2.Stage.ValueType) -> str:
+    """A stage as every servegrid API spells it: the registry's enum value name ("STAGE_PRODUCTION").
+
+    A value this gateway does not know (a newer registry's) reads as STAGE_UNSPECIFIED, never an error."""
+    return registry_pb2.Stage.Name(stage) if stage in registry_pb2.Stage.values() else "STAGE_UNSPECIFIED"
 
 
 def _model(model: registry_pb2.Model, route: registry_pb2.Route) -> gateway_pb2.Model:
@@ -22,9 +28,7 @@ def _model(model: registry_pb2.Model, route: registry_pb2.Route) -> gateway_pb2.
         task=model.task,
         labels=dict(model.labels),
         versions=[
-            gateway_pb2.ModelVersion(
-                version=v.version, stage=_STAGE_NAMES.get(v.stage, "UNSPECIFIED"), traffic_percent=v.weight
-            )
+            gateway_pb2.ModelVersion(version=v.version, stage=stage_name(v.stage), traffic_percent=v.weight)
             for v in route.versions
         ],
     )

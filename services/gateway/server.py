@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from google.protobuf import descriptor_pool
 from servegrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+# Imported for their descriptors: the gateway answers reflection for Envoy's whole public port (the
+# public routes send /grpc.reflection.* here), so it describes every service those routes reach.
+from servegrid.registry.v1 import registry_pb2  # noqa: F401
+from servegrid.router.v1 import router_admin_pb2  # noqa: F401
+from tritonclient.grpc import service_pb2  # noqa: F401
 
 from services.gateway.batch import BatchForwarder
 from services.gateway.catalog import ModelCatalog
@@ -10,13 +17,24 @@ from services.gateway.identity import IdentityPolicy
 from services.gateway.servicer import GatewayServicer
 from services.gateway.settings import GatewaySettings
 from services.gateway.upstream import KServeClient, RegistryClient
+from services.mesh.names import PUBLIC_GRPC_SERVICES
 from services.runtime import ServiceApp
 
 SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
 
 
+def public_services() -> tuple[str, ...]:
+    """What reflection through Envoy lists: every service the public port routes, each checked to be
+    describable here (a KeyError at startup names one whose generated module is not imported)."""
+    pool = descriptor_pool.Default()
+    for name in PUBLIC_GRPC_SERVICES:
+        pool.FindServiceByName(name)
+    return PUBLIC_GRPC_SERVICES
+
+
 def build_app(settings: GatewaySettings) -> ServiceApp:
     app = ServiceApp("gateway", settings)
+    app.reflect(public_services())
     tls = settings.tls
     identity = IdentityPolicy(mtls=tls is not None, trusted_peers=frozenset(settings.identity_peers))
 

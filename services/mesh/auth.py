@@ -125,9 +125,14 @@ def _has_role(params: EnvoyParams, role: str) -> dict[str, Any]:
 
 
 def admin_paths() -> dict[str, Any]:
-    """The registry admin API (its gRPC package and REST prefix) and KServe's ModelStatistics: paths as
-    the client sent them, normalized by the HCM; the transcoder runs after RBAC."""
-    prefixes = (names.REGISTRY_PACKAGE_PREFIX, names.ADMIN_REST_PREFIX)
+    """The registry and router admin APIs (each one's gRPC package and REST prefix) and KServe's
+    ModelStatistics: paths as the client sent them, normalized by the HCM; the transcoder runs after RBAC."""
+    prefixes = (
+        names.REGISTRY_PACKAGE_PREFIX,
+        names.ADMIN_REST_PREFIX,
+        names.ROUTER_PACKAGE_PREFIX,
+        names.ROUTER_REST_PREFIX,
+    )
     rules: list[dict[str, Any]] = [{"url_path": {"path": {"prefix": p}}} for p in prefixes]
     # Triton's statistics count every tenant's requests to a model: operators only. (Over REST the
     # statistics paths are not served at all: routes.REST_NOT_SERVED.)

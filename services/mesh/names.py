@@ -94,11 +94,27 @@ KSERVE_SERVICE = "inference.GRPCInferenceService"
 GATEWAY_SERVICE = "servegrid.gateway.v1.GatewayService"
 AUTH_SERVICE = "servegrid.gateway.v1.AuthService"  # served by the edge (API key → token exchange)
 REGISTRY_SERVICE = "servegrid.registry.v1.RegistryService"
+ROUTER_ADMIN_SERVICE = "servegrid.router.v1.RouterAdminService"  # served by every router replica
 # The services whose google.api.http mappings Envoy transcodes (the REST API, and its OpenAPI document).
-TRANSCODED_SERVICES = (GATEWAY_SERVICE, AUTH_SERVICE, REGISTRY_SERVICE)
+TRANSCODED_SERVICES = (GATEWAY_SERVICE, AUTH_SERVICE, REGISTRY_SERVICE, ROUTER_ADMIN_SERVICE)
+# Admin-only paths (the RBAC filter asks for the admin role on them): gRPC package and REST prefix of each.
 REGISTRY_PACKAGE_PREFIX = "/servegrid.registry.v1."
 ADMIN_REST_PREFIX = "/v1/admin/"
+ROUTER_PACKAGE_PREFIX = "/servegrid.router.v1."
+ROUTER_REST_PREFIX = "/v1/router/"
 HEALTH_SERVICE = "grpc.health.v1.Health"
+REFLECTION_PREFIX = "/grpc.reflection."  # v1 and v1alpha, both answered by the gateway for the public port
+# Every gRPC service a client may call on the public listener: what its routes send somewhere other than
+# not-found (services/mesh/routes.py; a unit test keeps the two equal). The gateway's reflection lists and
+# describes exactly these, so `grpcurl list` through Envoy shows what Envoy routes.
+PUBLIC_GRPC_SERVICES = (
+    GATEWAY_SERVICE,
+    AUTH_SERVICE,
+    REGISTRY_SERVICE,
+    ROUTER_ADMIN_SERVICE,
+    KSERVE_SERVICE,
+    HEALTH_SERVICE,
+)
 
 CORS_FILTER = "envoy.filters.http.cors"
 HEADER_SCRUB_FILTER = "servegrid.header_scrub"

@@ -1,7 +1,7 @@
 """Every route of the data plane as a dict in Envoy's JSON shape: the fixed API routes and each model's KServe ones."""
 
 # Envoy evaluates routes in order and takes the first match, so the order below is part of the policy:
-#   public: health, API docs → gateway/registry/reflection (gRPC, then REST) → KServe → not-found
+#   public: health, API docs → gateway/registry/router admin/reflection (gRPC, then REST) → KServe → not-found
 #   mesh:   KServe → not-found
 # KServe, per protocol: server-wide methods → methods never served (UNIMPLEMENTED / 403) → one block of
 # routes per model (explicit version → that version; other version → VERSION_NOT_FOUND; no version →
@@ -260,9 +260,13 @@ def token_exchange_routes(rest_timeout_s: float = REST_TIMEOUT_S) -> list[Route]
 
 
 def fixed_routes(rest_timeout_s: float = REST_TIMEOUT_S) -> list[Route]:
-    """Health, the gateway's API (Infer first: its own rate-limit descriptor), the registry admin API
-    (the listener's RBAC filter requires the admin role by path), reflection; gRPC then REST."""
-    gateway, registry = names.GATEWAY_CLUSTER, names.REGISTRY_CLUSTER
+    """Health, the gateway's API (Infer first: its own rate-limit descriptor), the registry and router
+    admin APIs (the listener's RBAC filter requires the admin role by path), reflection; gRPC then REST.
+
+    Router admin calls go to the xds cluster (every router replica), so each reaches one replica: its
+    reads answer for that replica, and its drains are stored in the registry for all of them
+    (services/router/admin.py)."""
+    gateway, registry, router = names.GATEWAY_CLUSTER, names.REGISTRY_CLUSTER, names.XDS_CLUSTER
     gateway_service = f"/{names.GATEWAY_SERVICE}/"
     return [
         *health_routes(),
@@ -271,11 +275,14 @@ def fixed_routes(rest_timeout_s: float = REST_TIMEOUT_S) -> list[Route]:
         _api_route("infer", {"path": f"{gateway_service}Infer", "grpc": {}}, gateway, grpc=True),
         _api_route("gateway", {"prefix": gateway_service, "grpc": {}}, gateway, grpc=True),
         _api_route("admin", {"prefix": names.REGISTRY_PACKAGE_PREFIX, "grpc": {}}, registry, grpc=True),
-        # grpcurl and other tools discover the public API through the gateway's reflection service.
-        # Discovery is not inference: it needs a credential but spends none of the tenant's limit.
-        _api_route("reflection", {"prefix": "/grpc.reflection.", "grpc": {}}, gateway, grpc=True, limited=False),
+        _api_route("admin", {"prefix": names.ROUTER_PACKAGE_PREFIX, "grpc": {}}, router, grpc=True),
+        # grpcurl and other tools discover the public API through the gateway's reflection service (v1 and
+        # v1alpha), which describes every service routed here (names.PUBLIC_GRPC_SERVICES). Discovery is
+        # not inference: it needs a credential but spends none of the tenant's limit (no rate-limit tag).
+        _api_route("reflection", {"prefix": names.REFLECTION_PREFIX, "grpc": {}}, gateway, grpc=True, limited=False),
         # REST (the transcoder turns these into the gRPC calls above; unmapped ones get 404)
         _api_route("admin", {"prefix": names.ADMIN_REST_PREFIX}, registry, grpc=False, rest_timeout_s=rest_timeout_s),
+        _api_route("admin", {"prefix": names.ROUTER_REST_PREFIX}, router, grpc=False, rest_timeout_s=rest_timeout_s),
         _api_route(
             "infer",
             {"safe_regex": {"regex": r"/v1/models/[^/]+(/versions/[^/]+)?:infer"}},

@@ -114,6 +114,7 @@ class Backend:
     update_time: datetime | None = None
     etag: str = ""
     http_address: str = ""  # KServe v2 REST "host:port"; empty when it serves gRPC only
+    drained: bool = False  # an operator drained it: no new requests (EDS DRAINING on every router)
 
     def serves(self, triton_model_name: str) -> bool:
         """An empty `triton_models` means the backend serves every model."""
@@ -128,6 +129,7 @@ class RouteBackend:
     address: str
     weight: int
     http_address: str = ""
+    drained: bool = False
 
 
 @dataclass(frozen=True)
@@ -193,7 +195,7 @@ def _version_dict(v: RouteVersion) -> dict[str, Any]:
         "triton_model_name": v.triton_model_name,
         "triton_model_version": v.triton_model_version,
         "weight": v.weight,
-        "backends": [[b.backend_id, b.address, b.weight, b.http_address] for b in v.backends],
+        "backends": [[b.backend_id, b.address, b.weight, b.http_address, b.drained] for b in v.backends],
     }
 
 
@@ -204,8 +206,11 @@ def _version_from(data: dict[str, Any]) -> RouteVersion:
         triton_model_name=data["triton_model_name"],
         triton_model_version=int(data["triton_model_version"]),
         weight=int(data["weight"]),
-        # Entries cached before backends had an HTTP address have three items.
-        backends=tuple(RouteBackend(b[0], b[1], int(b[2]), b[3] if len(b) > 3 else "") for b in data["backends"]),
+        # Entries cached before backends had an HTTP address have three items, before drains four.
+        backends=tuple(
+            RouteBackend(b[0], b[1], int(b[2]), b[3] if len(b) > 3 else "", bool(b[4]) if len(b) > 4 else False)
+            for b in data["backends"]
+        ),
     )
 
 

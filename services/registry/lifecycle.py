@@ -31,7 +31,7 @@ TRANSITIONS: Mapping[Stage, frozenset[Stage]] = {
 
 MODEL_MASK_PATHS = frozenset({"description", "task", "labels"})
 VERSION_MASK_PATHS = frozenset({"description", "artifact_uri", "triton_model_name", "triton_model_version"})
-BACKEND_MASK_PATHS = frozenset({"address", "http_address", "labels", "triton_models", "weight"})
+BACKEND_MASK_PATHS = frozenset({"address", "http_address", "labels", "triton_models", "weight", "drained"})
 
 
 def check_id(value: str, field: str) -> str:

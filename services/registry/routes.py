@@ -40,7 +40,7 @@ def default_weights(versions: Sequence[ModelVersion], policy: TrafficPolicy | No
 def route_backends(triton_model_name: str, backends: Iterable[Backend]) -> tuple[RouteBackend, ...]:
     """Backends that can serve a Triton model, in id order so every replica builds the same route."""
     return tuple(
-        RouteBackend(b.backend_id, b.address, b.weight, b.http_address)
+        RouteBackend(b.backend_id, b.address, b.weight, b.http_address, b.drained)
         for b in sorted(backends, key=lambda b: b.backend_id)
         if b.serves(triton_model_name)
     )

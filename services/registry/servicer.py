@@ -122,6 +122,7 @@ def backend_pb(b: Backend) -> pb.Backend:
         labels=b.labels,
         triton_models=list(b.triton_models),
         weight=b.weight,
+        drained=b.drained,
         create_time=_ts(b.create_time),
         update_time=_ts(b.update_time),
         etag=b.etag,
@@ -136,7 +137,13 @@ def route_version_pb(v: RouteVersion) -> pb.RouteVersion:
         triton_model_version=v.triton_model_version,
         weight=v.weight,
         backends=[
-            pb.RouteBackend(backend_id=b.backend_id, address=b.address, weight=b.weight, http_address=b.http_address)
+            pb.RouteBackend(
+                backend_id=b.backend_id,
+                address=b.address,
+                weight=b.weight,
+                http_address=b.http_address,
+                drained=b.drained,
+            )
             for b in v.backends
         ],
     )
@@ -195,6 +202,7 @@ def backend_from(b: pb.Backend) -> Backend:
         labels=dict(b.labels),
         triton_models=tuple(b.triton_models),
         weight=b.weight,
+        drained=b.drained,
         etag=b.etag,
     )
 

@@ -498,8 +498,9 @@ class RegistryStore:
         async def body(tx: _Write) -> Backend:
             cur = await tx.conn.execute(
                 """
-                INSERT INTO backends (backend_id, address, http_address, labels, triton_models, weight, revision)
-                VALUES (%s, %s, %s, %s, %s, %s, %s)
+                INSERT INTO backends
+                    (backend_id, address, http_address, labels, triton_models, weight, drained, revision)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
                 ON CONFLICT (backend_id) DO NOTHING RETURNING *
                 """,
                 (
@@ -509,6 +510,7 @@ class RegistryStore:
                     Jsonb(backend.labels),
                     list(backend.triton_models),
                     backend.weight,
+                    backend.drained,
                     tx.revision,
                 ),
             )
@@ -532,7 +534,7 @@ class RegistryStore:
             cur = await tx.conn.execute(
                 """
                 UPDATE backends SET address = %s, http_address = %s, labels = %s, triton_models = %s, weight = %s,
-                    revision = %s, update_time = now()
+                    drained = %s, revision = %s, update_time = now()
                 WHERE backend_id = %s RETURNING *
                 """,
                 (
@@ -541,6 +543,7 @@ class RegistryStore:
                     Jsonb(updated.labels),
                     list(updated.triton_models),
                     updated.weight,
+                    updated.drained,
                     tx.revision,
                     backend.backend_id,
                 ),
@@ -651,6 +654,7 @@ def _backend(row: DictRow) -> Backend:
         labels=dict(row["labels"]),
         triton_models=tuple(row["triton_models"]),
         weight=int(row["weight"]),
+        drained=bool(row["drained"]),
         create_time=row["create_time"],
         update_time=row["update_time"],
         etag=str(row["revision"]),

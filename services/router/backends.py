@@ -126,7 +126,8 @@ async def resolve_host(host: str) -> str | None:
 
 
 class ProbedBackend:
-    """One Triton as the probes see it: server readiness, per-model readiness, the operator's drain flag."""
+    """One Triton as the probes see it: server readiness, per-model readiness, the operator's drain flag
+    (the registry's, shared by every replica; or this replica's own, on a static routes file)."""
 
     def __init__(self, backend_id: str, spec: BackendSpec, client: ProbeClient) -> None:
         self.backend_id = backend_id
@@ -134,13 +135,17 @@ class ProbedBackend:
         self.client = client
         self.health = UNSPECIFIED
         self.model_ready: dict[ModelKey, bool] = {}  # only models probed at least once
-        self.drained = False
+        self.replica_drained = False  # drained on this replica only (a router without a registry)
         self.probed_at = 0.0
         self.resolved: dict[str, str | None] = {}  # host of the gRPC / HTTP address -> IP, at the last probe
 
     @property
     def models(self) -> frozenset[ModelKey]:
         return self.spec.models
+
+    @property
+    def drained(self) -> bool:
+        return self.spec.drained or self.replica_drained
 
     def state(self, model: ModelKey) -> EndpointState:
         if self.drained:
@@ -215,18 +220,26 @@ class BackendProbes:
         return self._states
 
     def sync(self, wanted: Mapping[str, BackendSpec]) -> None:
-        """Follow the table: probe new backends, re-address moved ones, forget removed ones (drain flags stay
-        with a backend whose address changes, and go with one the table drops)."""
+        """Follow the table: probe new backends, re-address moved ones, forget removed ones (a replica's own
+        drain flag stays with a backend whose address changes, and goes with one the table drops; the
+        registry's comes with the spec)."""
         for backend_id, spec in wanted.items():
             backend = self.backends.get(backend_id)
             if backend is None or backend.spec.address != spec.address:
                 replacement = ProbedBackend(backend_id, spec, self._client_factory(spec.address))
                 if backend is not None:
-                    replacement.drained = backend.drained
+                    replacement.replica_drained = backend.replica_drained
                     self._close_later(backend.client)
                 self.backends[backend_id] = replacement
                 log.info("backend %s probed at %s", backend_id, spec.address, extra={"backend_id": backend_id})
             else:
+                if backend.spec.drained != spec.drained:
+                    log.warning(
+                        "backend %s %s in the registry",
+                        backend_id,
+                        "drained" if spec.drained else "undrained",
+                        extra={"backend_id": backend_id},
+                    )
                 backend.spec = spec
                 backend.model_ready = {m: r for m, r in backend.model_ready.items() if m in spec.models}
         for backend_id in [b for b in self.backends if b not in wanted]:
@@ -244,12 +257,13 @@ class BackendProbes:
         return self._resolved.get(host)
 
     def set_drained(self, backend_id: str, drained: bool) -> ProbedBackend | None:
-        """Drain or undrain; None when the table names no such backend."""
+        """Drain or undrain on this replica only (a router on a static table, with no registry to share
+        the flag through); None when the table names no such backend."""
         backend = self.backends.get(backend_id)
         if backend is None:
             return None
-        if backend.drained != drained:
-            backend.drained = drained
+        if backend.replica_drained != drained:
+            backend.replica_drained = drained
             log.warning(
                 "backend %s %s by an operator",
                 backend_id,

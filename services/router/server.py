@@ -102,7 +102,7 @@ def build_router(
     app.add_servicer(ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server, ads, ADS_SERVICE)
     app.add_servicer(
         router_admin_pb2_grpc.add_RouterAdminServiceServicer_to_server,
-        RouterAdmin(table, probes, publisher, ads, watcher),
+        RouterAdmin(table, probes, publisher, ads, watcher, settings.drain_timeout_s),
         ADMIN_SERVICE,
     )
     # Mirrors are answered with an empty OK at once; the comparison records its own metrics.

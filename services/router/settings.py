@@ -26,6 +26,12 @@ class RouterSettings(ServiceSettings):
     watcher_name: str = Field("router", description="Name this replica gives the registry in WatchRoutes.")
     registry_backoff_initial_s: float = Field(0.1, gt=0, description="First wait before reconnecting to the registry.")
     registry_backoff_max_s: float = Field(5.0, gt=0, description="Longest wait between registry reconnects.")
+    drain_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="How long DrainBackend/UndrainBackend wait for the registry to store the flag and this"
+        " replica to receive it back over WatchRoutes (UNAVAILABLE past it; the stored flag still applies).",
+    )
     mesh_address: str = Field(
         "", description="Envoy's mesh listener host:port, where shadow comparisons re-ask; empty turns them off."
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ class BackendRef:
     address: str
     weight: int
     http_address: str = ""  # KServe v2 REST "host:port"; empty when the backend serves gRPC only
+    drained: bool = False  # drained by an operator, as the registry stores it (Backend.drained)
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class BackendSpec(NamedTuple):
     weight: int
     models: frozenset[tuple[str, str]]  # (Triton model, Triton version)
     http_address: str = ""
+    drained: bool = False  # the registry's drain flag (shared by every router replica)
 
 
 def _target(model_id: str, version: registry_pb2.RouteVersion) -> VersionTarget:
@@ -77,7 +80,9 @@ def _target(model_id: str, version: registry_pb2.RouteVersion) -> VersionTarget:
         triton_model_version=triton_version,
         weight=max(0, version.weight),
         stage=version.stage,
-        backends=tuple(BackendRef(b.backend_id, b.address, b.weight or 1, b.http_address) for b in version.backends),
+        backends=tuple(
+            BackendRef(b.backend_id, b.address, b.weight or 1, b.http_address, b.drained) for b in version.backends
+        ),
         backend_key=(version.triton_model_name, triton_version),
         backend_ids=tuple(b.backend_id for b in version.backends),
     )
@@ -113,6 +118,7 @@ class RouteTable:
     update_time: float = 0.0
     loaded: bool = False  # False until the first reset: an empty table that was never loaded is not "no routes"
     _listeners: list[Callable[[], None]] = field(default_factory=list)
+    _waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = field(default_factory=list)
 
     def get(self, model_id: str) -> CompiledRoute:
         route = self.routes.get(model_id)
@@ -152,7 +158,7 @@ class RouteTable:
                 for ref in target.backends:
                     found.setdefault(ref.backend_id, (ref, set()))[1].add(target.backend_key)
         return {
-            backend_id: BackendSpec(ref.address, ref.weight, frozenset(models), ref.http_address)
+            backend_id: BackendSpec(ref.address, ref.weight, frozenset(models), ref.http_address, ref.drained)
             for backend_id, (ref, models) in found.items()
         }
 
@@ -163,12 +169,30 @@ class RouteTable:
         """Register a callable run after every change (the probes follow the backends, a snapshot is built)."""
         self._listeners.append(listener)
 
+    async def wait_for(self, condition: Callable[[], bool], timeout_s: float) -> bool:
+        """True once `condition()` holds, checked now and after every change (listeners have run by
+        then); False when `timeout_s` passes first."""
+        if condition():
+            return True
+        waiter = (condition, asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter[1]), timeout_s)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._waiters.remove(waiter)
+
     def _changed(self, revision: int) -> None:
         self.loaded = True
         self.revision = revision
         self.update_time = time.time()
         for listener in self._listeners:
             listener()
+        for condition, future in self._waiters:
+            if not future.done() and condition():
+                future.set_result(None)
 
 
 def load_routes_file(path: Path) -> registry_pb2.WatchRoutesResponse:

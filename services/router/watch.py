@@ -1,4 +1,5 @@
-"""WatchRoutes client: keeps the routing table in step with the registry, and survives its outages."""
+"""The router's registry client: WatchRoutes keeps the routing table in step (and survives outages), and
+operator drains are stored there, where every replica reads them back."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 import random
 
 import grpc
+from google.protobuf import field_mask_pb2
 from servegrid.registry.v1 import registry_pb2, registry_pb2_grpc
 
 from services.router import metrics
@@ -85,6 +87,21 @@ class RegistryWatcher:
             self._set_connected(False)
             await asyncio.sleep(random.uniform(delay / 2, delay))  # nosec B311
             delay = min(self.backoff_max_s, delay * 2)
+
+    async def store_drained(
+        self, backend_id: str, drained: bool, timeout_s: float, metadata: tuple[tuple[str, str], ...] = ()
+    ) -> registry_pb2.Backend:
+        """Set the registry's drain flag of a backend (UpdateBackend, mask `drained`); its routes then
+        come back to every replica's watch. Raises the registry's grpc.aio.AioRpcError."""
+        if self._channel is None:
+            raise RuntimeError("the registry watcher is not started")
+        request = registry_pb2.UpdateBackendRequest(
+            backend=registry_pb2.Backend(backend_id=backend_id, drained=drained),
+            update_mask=field_mask_pb2.FieldMask(paths=["drained"]),
+        )
+        stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
+        reply = await stub.UpdateBackend(request, timeout=timeout_s, metadata=metadata or None)
+        return reply.backend
 
     def _set_connected(self, connected: bool) -> None:
         self.connected = connected

@@ -146,6 +146,20 @@ async def abort_with(context: grpc.aio.ServicerContext, status: grpc.Status) -> 
     raise AssertionError("abort returns only by raising")
 
 
+# The only trailer relayed: the google.rpc.Status (ErrorInfo, BadRequest) the upstream service attached.
+_RELAYED_TRAILERS = (_DETAILS_KEY,)
+
+
+async def relay(error: grpc.aio.AioRpcError, context: grpc.aio.ServicerContext) -> NoReturn:
+    """End the call with another servegrid service's status unchanged: code, message and ErrorInfo details.
+
+    `context.abort` wants a tuple of (key, value) pairs; an RPC error's trailers are a
+    grpc.aio.Metadata, which it refuses (a TypeError that turned every relayed error into INTERNAL)."""
+    trailers = tuple((key, value) for key, value in error.trailing_metadata() or () if key in _RELAYED_TRAILERS)
+    await context.abort(error.code(), error.details() or "", trailers)
+    raise AssertionError("abort returns only by raising")
+
+
 def status_details(
     metadata: Sequence[tuple[str, str | bytes]] | None,
 ) -> tuple[status_pb2.Status | None, error_details_pb2.ErrorInfo | None]:

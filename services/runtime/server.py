@@ -13,13 +13,13 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from services.runtime.health import HealthReporter
 from services.runtime.interceptors import ServiceInterceptor
 from services.runtime.logs import setup_logging
 from services.runtime.metrics import serve_metrics
 from services.runtime.peers import PeerAllowlist
+from services.runtime.reflection import enable_reflection
 from services.runtime.settings import ServiceSettings
 from services.runtime.tls import server_credentials
 from services.runtime.tracing import server_interceptors, setup_tracing, shutdown_tracing
@@ -60,6 +60,7 @@ class ServiceApp:
         self._servicers: list[tuple[AddServicer, Any, str]] = []
         self._generic_handlers: list[grpc.GenericRpcHandler] = []
         self._passthrough_methods: set[str] = set()
+        self._reflected: set[str] = set()
         self._extra_interceptors = extra_interceptors or []
         self._startup: list[Hook] = []
         self._drain: list[Hook] = []
@@ -91,6 +92,12 @@ class ServiceApp:
         self._generic_handlers.append(handler)
         self._passthrough_methods.update(passthrough_methods)
         self.health.service_names.append(full_name)
+
+    def reflect(self, full_names: Iterable[str]) -> None:
+        """Also list these services in reflection (v1 and v1alpha), though this process does not serve them:
+        the gateway answers reflection for Envoy's whole public port. Each must be in the default
+        descriptor pool (its generated module imported)."""
+        self._reflected.update(full_names)
 
     def on_startup(self, hook: Hook) -> None:
         """Run before the port opens (connect pools, run migrations)."""
@@ -138,10 +145,8 @@ class ServiceApp:
             server.add_generic_rpc_handlers(tuple(self._generic_handlers))
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         names = [full for *_, full in self._servicers] + self.health.service_names[1:]
-        reflection.enable_server_reflection(
-            sorted({*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME}),
-            server,
-        )
+        health = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        enable_reflection(server, {*names, *self._reflected, health})
         self.port = self._bind(server)
         await self.health.refresh()
         self.health.start()

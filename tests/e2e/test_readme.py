@@ -156,6 +156,25 @@ def test_typescript_sdk_through_envoy(stack: dict[str, str]) -> None:
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"model": "affine", "version": 1, "y": [3, 5, 7, 9]}
 
+    # listModels({pageSize: 2}): a partial request, paged with the tokens the gateway returns.
+    paged = subprocess.run(
+        ["node", str(sdk / "dist" / "examples" / "models.js"), stack["_ENVOY"], token, stack["_CA"]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert paged.returncode == 0, paged.stderr
+    pages = [json.loads(line) for line in paged.stdout.splitlines()]
+    # Three seeded models, two a page (a page may come back shorter, AIP-158): at least two pages.
+    assert len(pages) >= 2 and all(len(page["models"]) <= 2 for page in pages)
+    assert [page["next"] == "" for page in pages] == [False] * (len(pages) - 1) + [True]
+    listed = [model for page in pages for model in page["models"]]
+    assert {"affine", "digits"} <= set(listed) and len(listed) == len(set(listed)) >= 3
+    assert {stage for page in pages for stages in page["stages"] for stage in stages} <= {
+        "STAGE_PRODUCTION",
+        "STAGE_STAGING",
+    }
+
 
 def test_the_public_port_refuses_plain_http_and_serves_the_local_ca_s_certificate(stack: dict[str, str]) -> None:
     """TLS is on by default: plain HTTP to the public port gets no HTTP answer; HTTPS verified with the CA does."""

@@ -181,7 +181,7 @@ def test_list_and_get_models_over_rest(stack: EdgeStack) -> None:
     model = got.json()["model"]
     assert [i["name"] for i in model["inputs"]] == ["pixels"]
     assert {o["name"] for o in model["outputs"]} == {"label", "probabilities"}
-    assert model["versions"][0]["stage"] == "PRODUCTION"
+    assert model["versions"][0]["stage"] == "STAGE_PRODUCTION"  # the registry's spelling
 
 
 def test_batch_is_unimplemented_with_a_clear_message(stack: EdgeStack) -> None:

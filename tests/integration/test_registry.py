@@ -282,6 +282,61 @@ async def test_backend_http_address_reaches_routes_and_follows_the_update_mask(
     await stub.DeleteBackend(pb.DeleteBackendRequest(backend_id=backend_id))
 
 
+async def test_a_drained_backend_is_drained_in_every_route_and_watch_and_only_the_mask_drains(
+    stub: pb_grpc.RegistryServiceStub, stub_b: pb_grpc.RegistryServiceStub
+) -> None:
+    backend_id = unique("drain")
+    await stub.CreateBackend(
+        pb.CreateBackendRequest(backend=pb.Backend(backend_id=backend_id, address="10.9.9.7:8001"))
+    )
+    model_id = await new_model(stub, "drain", "affine")
+    await move(stub, model_id, 1, pb.STAGE_STAGING, pb.STAGE_PRODUCTION)
+    watch = stub_b.WatchRoutes(pb.WatchRoutesRequest(watcher="drain-test"))
+    first = await watch.read()
+    assert isinstance(first, pb.WatchRoutesResponse) and first.reset
+
+    def drained_in(route: pb.Route) -> bool:
+        return next(b.drained for b in route.versions[0].backends if b.backend_id == backend_id)
+
+    # Only the `drained` path changes it: a Backend written with drained=true under another mask does not.
+    untouched = await stub.UpdateBackend(
+        pb.UpdateBackendRequest(
+            backend=pb.Backend(backend_id=backend_id, address="10.9.9.7:8002", drained=True),
+            update_mask=field_mask_pb2.FieldMask(paths=["address"]),
+        )
+    )
+    assert not untouched.backend.drained
+    drained = await stub.UpdateBackend(
+        pb.UpdateBackendRequest(
+            backend=pb.Backend(backend_id=backend_id, drained=True),
+            update_mask=field_mask_pb2.FieldMask(paths=["drained"]),
+        )
+    )
+    assert drained.backend.drained and drained.backend.address == "10.9.9.7:8002"
+    assert (await stub.GetBackend(pb.GetBackendRequest(backend_id=backend_id))).backend.drained
+    assert drained_in((await stub.ResolveRoute(pb.ResolveRouteRequest(model_id=model_id))).route)
+    assert drained_in((await stub_b.ResolveRoute(pb.ResolveRouteRequest(model_id=model_id))).route)
+
+    async def watched_drained(wanted: bool) -> None:
+        while True:  # the other replica's watch carries the change (and the address change before it)
+            change = await asyncio.wait_for(watch.read(), 5)
+            assert isinstance(change, pb.WatchRoutesResponse)
+            mine = [r for r in change.routes if r.model_id == model_id]
+            if mine and drained_in(mine[0]) == wanted:
+                return
+
+    await watched_drained(True)
+    await stub.UpdateBackend(
+        pb.UpdateBackendRequest(
+            backend=pb.Backend(backend_id=backend_id), update_mask=field_mask_pb2.FieldMask(paths=["drained"])
+        )
+    )
+    await watched_drained(False)
+    watch.cancel()
+    await stub.DeleteModel(pb.DeleteModelRequest(model_id=model_id, force=True))
+    await stub.DeleteBackend(pb.DeleteBackendRequest(backend_id=backend_id))
+
+
 async def test_envoy_style_json_round_trips(stub: pb_grpc.RegistryServiceStub) -> None:
     model_id = unique("json")
     # What Envoy's transcoder hands over for POST /v1/admin/models: lowerCamelCase, enums by name.

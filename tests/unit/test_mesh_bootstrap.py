@@ -114,6 +114,8 @@ def test_the_admin_api_needs_the_admin_role_by_path_listener_wide() -> None:
     assert [p["url_path"]["path"] for p in admin_paths] == [
         {"prefix": "/servegrid.registry.v1."},
         {"prefix": "/v1/admin/"},
+        {"prefix": "/servegrid.router.v1."},  # the router admin API: drains, backends, the route table
+        {"prefix": "/v1/router/"},
         {"exact": "/inference.GRPCInferenceService/ModelStatistics"},  # every tenant's counts
     ]
     assert "admin" in str(policies["admin-only"]["principals"])

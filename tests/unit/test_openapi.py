@@ -15,6 +15,7 @@ from openapi_spec_validator import validate
 from openapi_spec_validator.validation.validators import OpenAPIV31SpecValidator
 from servegrid.gateway.v1 import gateway_pb2  # noqa: F401  (registers the services in the default pool)
 from servegrid.registry.v1 import registry_pb2  # noqa: F401
+from servegrid.router.v1 import router_admin_pb2  # noqa: F401
 
 from scripts import gen_openapi, gen_protos
 from services.mesh import api_docs, names
@@ -64,9 +65,14 @@ def test_every_binding_envoy_transcodes_is_an_operation_and_nothing_else() -> No
     expected = {b for name in names.TRANSCODED_SERVICES for b in _http_bindings(pool.FindServiceByName(name))}
     described = {(verb, re.sub(r"\{[^}]*\}", "{}", path)) for verb, path, _ in operations()}
     assert described == expected
-    assert len(expected) == 32  # a new mapping shows up here too
-    # RouterAdminService's mappings are declared but not routed: not described until they are served.
-    assert not [path for _, path, _ in operations() if path.startswith("/v1/router/")]
+    assert len(expected) == 36  # a new mapping shows up here too
+    # RouterAdminService's mappings are routed (admin only) and described.
+    assert {p for _, p, _ in operations() if p.startswith("/v1/router/")} == {
+        "/v1/router/backends",
+        "/v1/router/backends/{backend_id}:drain",
+        "/v1/router/backends/{backend_id}:undrain",
+        "/v1/router/routes",
+    }
 
 
 def test_fields_follow_the_proto3_json_mapping() -> None:

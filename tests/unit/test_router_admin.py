@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
+from servegrid.registry.v1 import registry_pb2 as rpb
 from servegrid.router.v1 import router_admin_pb2 as apb
 from servegrid.router.v1 import router_admin_pb2_grpc as apb_grpc
 
@@ -20,6 +22,7 @@ from services.router.xds import TYPE_ENDPOINT
 from services.runtime.errors import status_details
 from tests.support.router_harness import (
     FakeProbeClients,
+    FakeRegistry,
     endpoint_name,
     fake_snapshot,
     route,
@@ -155,3 +158,124 @@ async def test_route_table_reports_the_snapshot_each_envoy_acked_and_the_last_re
         await wait_until(lambda: router.app.health.components["xds"].ok is False, timeout_s=5)
         assert router.app.health.serving
         stream.cancel()
+
+
+# --- drains shared through the registry -------------------------------------------------------
+
+
+class DrainingRegistry(FakeRegistry):
+    """The harness's WatchRoutes registry plus UpdateBackend for the drain flag, as the real one stores it:
+    the flag lands on every RouteBackend of that id, and the change goes to every watcher."""
+
+    def __init__(self, routes: list[rpb.Route]) -> None:
+        super().__init__(routes)
+        self.updates: list[tuple[rpb.UpdateBackendRequest, str]] = []
+        self.server = grpc.aio.server()
+
+    async def UpdateBackend(self, request: rpb.UpdateBackendRequest, context: grpc.aio.ServicerContext) -> Any:
+        subject = dict(context.invocation_metadata() or ()).get("x-servegrid-subject", "")
+        self.updates.append((request, str(subject)))
+        changed = []
+        for stored in self.routes:
+            copy = rpb.Route()
+            copy.CopyFrom(stored)
+            for version in copy.versions:
+                for backend in version.backends:
+                    if backend.backend_id == request.backend.backend_id:
+                        backend.drained = request.backend.drained
+            changed.append(copy)
+        self.push(changed)
+        return rpb.UpdateBackendResponse(backend=rpb.Backend(backend_id=request.backend.backend_id))
+
+    async def start(self, port: int = 0) -> DrainingRegistry:
+        handler = grpc.method_handlers_generic_handler(
+            "servegrid.registry.v1.RegistryService",
+            {
+                "WatchRoutes": grpc.unary_stream_rpc_method_handler(
+                    self.WatchRoutes,
+                    request_deserializer=rpb.WatchRoutesRequest.FromString,
+                    response_serializer=rpb.WatchRoutesResponse.SerializeToString,
+                ),
+                "UpdateBackend": grpc.unary_unary_rpc_method_handler(
+                    self.UpdateBackend,
+                    request_deserializer=rpb.UpdateBackendRequest.FromString,
+                    response_serializer=rpb.UpdateBackendResponse.SerializeToString,
+                ),
+            },
+        )
+        self.server.add_generic_rpc_handlers((handler,))
+        self.port = self.server.add_insecure_port(f"127.0.0.1:{port}")
+        await self.server.start()
+        return self
+
+    async def stop(self) -> None:
+        await self.server.stop(None)
+
+
+@pytest.fixture
+async def registry() -> AsyncIterator[DrainingRegistry]:
+    found = await DrainingRegistry([route("m", [(1, "affine", 100, [A, B])])]).start()
+    yield found
+    await found.stop()
+
+
+@pytest.fixture
+async def replicas(registry: DrainingRegistry, clients: FakeProbeClients) -> AsyncIterator[list[Router]]:
+    """Two router replicas watching one registry, as the chart runs them."""
+    built = []
+    for name in ("router-0", "router-1"):
+        settings = unit_settings(registry_address=f"127.0.0.1:{registry.port}", watcher_name=name, drain_timeout_s=5.0)
+        router = build_router(settings, build_snapshot=fake_snapshot, probe_clients=clients)
+        await router.app.start()
+        built.append(router)
+    await wait_until(lambda: all(r.table.loaded for r in built), timeout_s=5)
+    yield built
+    for router in built:
+        await router.app.stop()
+
+
+def served_as(router: Router, backend_id: str) -> int | None:
+    """What the replica's current snapshot tells Envoy about the backend's affine endpoint."""
+    snapshot = router.ads.snapshot
+    return None if snapshot is None else snapshot_states(snapshot)[endpoint_name(backend_id, "affine", "")]
+
+
+async def test_a_drain_through_one_replica_drains_every_replica(
+    registry: DrainingRegistry, replicas: list[Router]
+) -> None:
+    first, second = replicas
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{first.app.port}") as channel:
+        admin = apb_grpc.RouterAdminServiceStub(channel)
+        drained = await admin.DrainBackend(
+            apb.DrainBackendRequest(backend_id="a"), metadata=[("x-servegrid-subject", "ops@example.com")]
+        )
+        assert drained.backend.drained and drained.backend.endpoint_state == apb.ENDPOINT_STATE_DRAINING
+        # Stored in the registry (with who asked), and in the answering replica's snapshot when the call returns.
+        request, subject = registry.updates[-1]
+        assert request.update_mask.paths == ["drained"] and request.backend.drained and subject == "ops@example.com"
+        assert first.ads.snapshot is not None
+        assert snapshot_states(first.ads.snapshot)[endpoint_name("a", "affine", "")] == DRAINING
+        # The other replica, which no call reached, drains it too.
+        await wait_until(lambda: served_as(second, "a") == DRAINING, timeout_s=5)
+        assert served_as(second, "b") == HEALTHY
+
+        await admin.UndrainBackend(apb.UndrainBackendRequest(backend_id="a"))
+        await wait_until(lambda: [served_as(r, "a") for r in replicas] == [HEALTHY, HEALTHY], timeout_s=5)
+
+
+async def test_a_drain_the_registry_cannot_store_is_unavailable_and_changes_nothing(
+    registry: DrainingRegistry, replicas: list[Router]
+) -> None:
+    first = replicas[0]
+    await registry.stop()  # an outage: the routers keep their tables, and nothing can store a drain
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{first.app.port}") as channel:
+        admin = apb_grpc.RouterAdminServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await admin.DrainBackend(apb.DrainBackendRequest(backend_id="a"), timeout=10)
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert "registry" in (caught.value.details() or "")
+    _, info = status_details(caught.value.trailing_metadata())
+    assert info is not None and info.reason == "REGISTRY_UNAVAILABLE"
+    assert registry.updates == []
+    assert first.ads.snapshot is not None
+    assert snapshot_states(first.ads.snapshot)[endpoint_name("a", "affine", "")] == HEALTHY

@@ -65,7 +65,11 @@ class ModelVersion(_message.Message):
     version: _builtins.int
     """Version number."""
     stage: _builtins.str
-    """Lifecycle stage name: "STAGING" or "PRODUCTION"."""
+    """Lifecycle stage: the name of a `servegrid.registry.v1.Stage` value, spelled exactly as the
+    registry's API (gRPC enum name, REST JSON) spells it: "STAGE_STAGING" or "STAGE_PRODUCTION".
+    One spelling everywhere: the CLI and the SDKs print these names too. (Until 0.2 this field said
+    "STAGING" / "PRODUCTION"; it stays a string, so the wire format is unchanged.)
+    """
     traffic_percent: _builtins.int
     """Percent of requests that name no version which this version receives."""
     def __init__(

@@ -39,7 +39,10 @@ class _StageEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Stage.ValueType
     """Retired: not served, unloaded from backends."""
 
 class Stage(_Stage, metaclass=_StageEnumTypeWrapper):
-    """Stage is where a model version stands in its lifecycle."""
+    """Stage is where a model version stands in its lifecycle. These value names are the one spelling of
+    a stage across servegrid: the gateway's `ModelVersion.stage`, the CLI and the SDKs use them as they
+    are (for example "STAGE_PRODUCTION"), so the same stage never reads two ways.
+    """
 
 STAGE_UNSPECIFIED: Stage.ValueType  # 0
 """Not set; never stored."""
@@ -387,6 +390,7 @@ class Backend(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
     HTTP_ADDRESS_FIELD_NUMBER: _builtins.int
+    DRAINED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, "backends/{backend_id}"."""
     backend_id: _builtins.str
@@ -400,6 +404,11 @@ class Backend(_message.Message):
     http_address: _builtins.str
     """KServe v2 HTTP/REST address, "host:port"; empty when the backend serves gRPC only (the
     data plane then answers `/v2/...` REST calls for its models with 503).
+    """
+    drained: _builtins.bool
+    """Drained by an operator: Envoy sends it no new requests (its endpoints are DRAINING), requests
+    in flight finish. Stored here, so every router replica tells every Envoy the same; set it with
+    UpdateBackend (`update_mask: drained`) or RouterAdminService.DrainBackend / UndrainBackend.
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -430,10 +439,11 @@ class Backend(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         etag: _builtins.str = ...,
         http_address: _builtins.str = ...,
+        drained: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backend_id", b"backend_id", "create_time", b"create_time", "etag", b"etag", "http_address", b"http_address", "labels", b"labels", "name", b"name", "triton_models", b"triton_models", "update_time", b"update_time", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backend_id", b"backend_id", "create_time", b"create_time", "drained", b"drained", "etag", b"etag", "http_address", b"http_address", "labels", b"labels", "name", b"name", "triton_models", b"triton_models", "update_time", b"update_time", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -537,6 +547,7 @@ class RouteBackend(_message.Message):
     ADDRESS_FIELD_NUMBER: _builtins.int
     WEIGHT_FIELD_NUMBER: _builtins.int
     HTTP_ADDRESS_FIELD_NUMBER: _builtins.int
+    DRAINED_FIELD_NUMBER: _builtins.int
     backend_id: _builtins.str
     """Backend id."""
     address: _builtins.str
@@ -545,6 +556,8 @@ class RouteBackend(_message.Message):
     """Relative weight for weighted balancing."""
     http_address: _builtins.str
     """KServe v2 HTTP/REST address, "host:port"; empty when it serves gRPC only."""
+    drained: _builtins.bool
+    """Drained by an operator (Backend.drained): no new requests, those in flight finish."""
     def __init__(
         self,
         *,
@@ -552,10 +565,11 @@ class RouteBackend(_message.Message):
         address: _builtins.str = ...,
         weight: _builtins.int = ...,
         http_address: _builtins.str = ...,
+        drained: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backend_id", b"backend_id", "http_address", b"http_address", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backend_id", b"backend_id", "drained", b"drained", "http_address", b"http_address", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1384,7 +1398,7 @@ class UpdateBackendRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Fields to change: address, labels, triton_models, weight."""
+        """Fields to change: address, http_address, labels, triton_models, weight, drained."""
 
     def __init__(
         self,

@@ -145,7 +145,7 @@ class BackendStatus(_message.Message):
         """Deprecated: breakers live in Envoy now; always unset."""
 
     drained: _builtins.bool
-    """True while drained by an operator."""
+    """True while drained by an operator (the registry's Backend.drained, shared by every replica)."""
     @_builtins.property
     @_deprecated("""This field has been marked as deprecated using proto field options.""")
     def in_flight(self) -> _builtins.int:

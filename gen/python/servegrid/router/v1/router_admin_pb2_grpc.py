@@ -29,6 +29,14 @@ class RouterAdminServiceStub:
     """RouterAdminService lets operators see and steer a router replica: backend health, draining,
     the routing table it holds and the configuration each Envoy has accepted.
 
+    Reachable through Envoy's public port, gRPC and REST (`/v1/router/...`), with the admin role only.
+    There it reaches whichever replica Envoy picks: the read methods answer for that replica (each
+    replica serves the same table, so they differ only in the Envoys connected to it and the health
+    its own probes saw). Drains are shared: DrainBackend and UndrainBackend store the flag on the
+    registry's Backend (`drained`), every replica receives it over WatchRoutes and tells its Envoys,
+    and the call returns once the replica that answered serves it. A router run on a static routes
+    file (no registry) keeps drains to itself.
+
     The router is the data plane's control plane: it turns the registry's routes and its own
     readiness probes into xDS snapshots and serves them to every Envoy over the Aggregated Discovery
     Service (`envoy.service.discovery.v3.AggregatedDiscoveryService`) on the same port. Inference
@@ -68,6 +76,14 @@ class RouterAdminServiceServicer:
     """RouterAdminService lets operators see and steer a router replica: backend health, draining,
     the routing table it holds and the configuration each Envoy has accepted.
 
+    Reachable through Envoy's public port, gRPC and REST (`/v1/router/...`), with the admin role only.
+    There it reaches whichever replica Envoy picks: the read methods answer for that replica (each
+    replica serves the same table, so they differ only in the Envoys connected to it and the health
+    its own probes saw). Drains are shared: DrainBackend and UndrainBackend store the flag on the
+    registry's Backend (`drained`), every replica receives it over WatchRoutes and tells its Envoys,
+    and the call returns once the replica that answered serves it. A router run on a static routes
+    file (no registry) keeps drains to itself.
+
     The router is the data plane's control plane: it turns the registry's routes and its own
     readiness probes into xDS snapshots and serves them to every Envoy over the Aggregated Discovery
     Service (`envoy.service.discovery.v3.AggregatedDiscoveryService`) on the same port. Inference
@@ -84,14 +100,16 @@ class RouterAdminServiceServicer:
 
     def DrainBackend(self, request, context):
         """Stops sending new requests to a backend: Envoy is told the endpoint is DRAINING; requests in
-        flight finish.
+        flight finish. Stored in the registry (Backend.drained), so every router replica drains it; the
+        call returns once this replica's snapshot says so. NOT_FOUND when no route names the backend;
+        UNAVAILABLE when the registry cannot store it or this replica does not hear back in time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UndrainBackend(self, request, context):
-        """Sends requests to a drained backend again.
+        """Sends requests to a drained backend again, on every replica (see DrainBackend).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -139,6 +157,14 @@ def add_RouterAdminServiceServicer_to_server(servicer, server):
 class RouterAdminService:
     """RouterAdminService lets operators see and steer a router replica: backend health, draining,
     the routing table it holds and the configuration each Envoy has accepted.
+
+    Reachable through Envoy's public port, gRPC and REST (`/v1/router/...`), with the admin role only.
+    There it reaches whichever replica Envoy picks: the read methods answer for that replica (each
+    replica serves the same table, so they differ only in the Envoys connected to it and the health
+    its own probes saw). Drains are shared: DrainBackend and UndrainBackend store the flag on the
+    registry's Backend (`drained`), every replica receives it over WatchRoutes and tells its Envoys,
+    and the call returns once the replica that answered serves it. A router run on a static routes
+    file (no registry) keeps drains to itself.
 
     The router is the data plane's control plane: it turns the registry's routes and its own
     readiness probes into xDS snapshots and serves them to every Envoy over the Aggregated Discovery

@@ -30,6 +30,14 @@ class RouterAdminServiceStub:
     """RouterAdminService lets operators see and steer a router replica: backend health, draining,
     the routing table it holds and the configuration each Envoy has accepted.
 
+    Reachable through Envoy's public port, gRPC and REST (`/v1/router/...`), with the admin role only.
+    There it reaches whichever replica Envoy picks: the read methods answer for that replica (each
+    replica serves the same table, so they differ only in the Envoys connected to it and the health
+    its own probes saw). Drains are shared: DrainBackend and UndrainBackend store the flag on the
+    registry's Backend (`drained`), every replica receives it over WatchRoutes and tells its Envoys,
+    and the call returns once the replica that answered serves it. A router run on a static routes
+    file (no registry) keeps drains to itself.
+
     The router is the data plane's control plane: it turns the registry's routes and its own
     readiness probes into xDS snapshots and serves them to every Envoy over the Aggregated Discovery
     Service (`envoy.service.discovery.v3.AggregatedDiscoveryService`) on the same port. Inference
@@ -45,10 +53,12 @@ class RouterAdminServiceStub:
     """Lists the backends this router knows, with their health and load."""
     DrainBackend: _grpc.UnaryUnaryMultiCallable[_router_admin_pb2.DrainBackendRequest, _router_admin_pb2.DrainBackendResponse]
     """Stops sending new requests to a backend: Envoy is told the endpoint is DRAINING; requests in
-    flight finish.
+    flight finish. Stored in the registry (Backend.drained), so every router replica drains it; the
+    call returns once this replica's snapshot says so. NOT_FOUND when no route names the backend;
+    UNAVAILABLE when the registry cannot store it or this replica does not hear back in time.
     """
     UndrainBackend: _grpc.UnaryUnaryMultiCallable[_router_admin_pb2.UndrainBackendRequest, _router_admin_pb2.UndrainBackendResponse]
-    """Sends requests to a drained backend again."""
+    """Sends requests to a drained backend again, on every replica (see DrainBackend)."""
     GetRouteTable: _grpc.UnaryUnaryMultiCallable[_router_admin_pb2.GetRouteTableRequest, _router_admin_pb2.GetRouteTableResponse]
     """Returns the routing table this router holds, how fresh it is, the xDS snapshot it serves and
     the version each connected Envoy has accepted.
@@ -58,6 +68,14 @@ class RouterAdminServiceStub:
 class RouterAdminServiceAsyncStub(RouterAdminServiceStub):
     """RouterAdminService lets operators see and steer a router replica: backend health, draining,
     the routing table it holds and the configuration each Envoy has accepted.
+
+    Reachable through Envoy's public port, gRPC and REST (`/v1/router/...`), with the admin role only.
+    There it reaches whichever replica Envoy picks: the read methods answer for that replica (each
+    replica serves the same table, so they differ only in the Envoys connected to it and the health
+    its own probes saw). Drains are shared: DrainBackend and UndrainBackend store the flag on the
+    registry's Backend (`drained`), every replica receives it over WatchRoutes and tells its Envoys,
+    and the call returns once the replica that answered serves it. A router run on a static routes
+    file (no registry) keeps drains to itself.
 
     The router is the data plane's control plane: it turns the registry's routes and its own
     readiness probes into xDS snapshots and serves them to every Envoy over the Aggregated Discovery
@@ -71,10 +89,12 @@ class RouterAdminServiceAsyncStub(RouterAdminServiceStub):
     """Lists the backends this router knows, with their health and load."""
     DrainBackend: _aio.UnaryUnaryMultiCallable[_router_admin_pb2.DrainBackendRequest, _router_admin_pb2.DrainBackendResponse]  # type: ignore[assignment]
     """Stops sending new requests to a backend: Envoy is told the endpoint is DRAINING; requests in
-    flight finish.
+    flight finish. Stored in the registry (Backend.drained), so every router replica drains it; the
+    call returns once this replica's snapshot says so. NOT_FOUND when no route names the backend;
+    UNAVAILABLE when the registry cannot store it or this replica does not hear back in time.
     """
     UndrainBackend: _aio.UnaryUnaryMultiCallable[_router_admin_pb2.UndrainBackendRequest, _router_admin_pb2.UndrainBackendResponse]  # type: ignore[assignment]
-    """Sends requests to a drained backend again."""
+    """Sends requests to a drained backend again, on every replica (see DrainBackend)."""
     GetRouteTable: _aio.UnaryUnaryMultiCallable[_router_admin_pb2.GetRouteTableRequest, _router_admin_pb2.GetRouteTableResponse]  # type: ignore[assignment]
     """Returns the routing table this router holds, how fresh it is, the xDS snapshot it serves and
     the version each connected Envoy has accepted.
@@ -83,6 +103,14 @@ class RouterAdminServiceAsyncStub(RouterAdminServiceStub):
 class RouterAdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """RouterAdminService lets operators see and steer a router replica: backend health, draining,
     the routing table it holds and the configuration each Envoy has accepted.
+
+    Reachable through Envoy's public port, gRPC and REST (`/v1/router/...`), with the admin role only.
+    There it reaches whichever replica Envoy picks: the read methods answer for that replica (each
+    replica serves the same table, so they differ only in the Envoys connected to it and the health
+    its own probes saw). Drains are shared: DrainBackend and UndrainBackend store the flag on the
+    registry's Backend (`drained`), every replica receives it over WatchRoutes and tells its Envoys,
+    and the call returns once the replica that answered serves it. A router run on a static routes
+    file (no registry) keeps drains to itself.
 
     The router is the data plane's control plane: it turns the registry's routes and its own
     readiness probes into xDS snapshots and serves them to every Envoy over the Aggregated Discovery
@@ -106,7 +134,9 @@ class RouterAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_router_admin_pb2.DrainBackendResponse, _abc.Awaitable[_router_admin_pb2.DrainBackendResponse]]:
         """Stops sending new requests to a backend: Envoy is told the endpoint is DRAINING; requests in
-        flight finish.
+        flight finish. Stored in the registry (Backend.drained), so every router replica drains it; the
+        call returns once this replica's snapshot says so. NOT_FOUND when no route names the backend;
+        UNAVAILABLE when the registry cannot store it or this replica does not hear back in time.
         """
 
     @_abc_1.abstractmethod
@@ -115,7 +145,7 @@ class RouterAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _router_admin_pb2.UndrainBackendRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_router_admin_pb2.UndrainBackendResponse, _abc.Awaitable[_router_admin_pb2.UndrainBackendResponse]]:
-        """Sends requests to a drained backend again."""
+        """Sends requests to a drained backend again, on every replica (see DrainBackend)."""
 
     @_abc_1.abstractmethod
     def GetRouteTable(

@@ -50,7 +50,12 @@ export interface TensorSpec {
 export interface ModelVersion {
   /** Version number. */
   version: number;
-  /** Lifecycle stage name: "STAGING" or "PRODUCTION". */
+  /**
+   * Lifecycle stage: the name of a `servegrid.registry.v1.Stage` value, spelled exactly as the
+   * registry's API (gRPC enum name, REST JSON) spells it: "STAGE_STAGING" or "STAGE_PRODUCTION".
+   * One spelling everywhere: the CLI and the SDKs print these names too. (Until 0.2 this field said
+   * "STAGING" / "PRODUCTION"; it stays a string, so the wire format is unchanged.)
+   */
   stage: string;
   /** Percent of requests that name no version which this version receives. */
   trafficPercent: number;

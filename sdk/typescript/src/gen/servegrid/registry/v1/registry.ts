@@ -27,7 +27,11 @@ export const protobufPackage = "servegrid.registry.v1";
 
 export const protobufFileName = "servegrid/registry/v1/registry.proto";
 
-/** Stage is where a model version stands in its lifecycle. */
+/**
+ * Stage is where a model version stands in its lifecycle. These value names are the one spelling of
+ * a stage across servegrid: the gateway's `ModelVersion.stage`, the CLI and the SDKs use them as they
+ * are (for example "STAGE_PRODUCTION"), so the same stage never reads two ways.
+ */
 export enum Stage {
   /** STAGE_UNSPECIFIED - Not set; never stored. */
   STAGE_UNSPECIFIED = 0,
@@ -280,6 +284,12 @@ export interface Backend {
    * data plane then answers `/v2/...` REST calls for its models with 503).
    */
   httpAddress: string;
+  /**
+   * Drained by an operator: Envoy sends it no new requests (its endpoints are DRAINING), requests
+   * in flight finish. Stored here, so every router replica tells every Envoy the same; set it with
+   * UpdateBackend (`update_mask: drained`) or RouterAdminService.DrainBackend / UndrainBackend.
+   */
+  drained: boolean;
 }
 
 export interface Backend_LabelsEntry {
@@ -332,6 +342,8 @@ export interface RouteBackend {
   weight: number;
   /** KServe v2 HTTP/REST address, "host:port"; empty when it serves gRPC only. */
   httpAddress: string;
+  /** Drained by an operator (Backend.drained): no new requests, those in flight finish. */
+  drained: boolean;
 }
 
 /** RouteShadow is where shadow copies go. */
@@ -578,7 +590,7 @@ export interface UpdateBackendRequest {
   backend:
     | Backend
     | undefined;
-  /** Fields to change: address, labels, triton_models, weight. */
+  /** Fields to change: address, http_address, labels, triton_models, weight, drained. */
   updateMask: string[] | undefined;
 }
 
@@ -1675,6 +1687,7 @@ function createBaseBackend(): Backend {
     updateTime: undefined,
     etag: "",
     httpAddress: "",
+    drained: false,
   };
 }
 
@@ -1709,6 +1722,9 @@ export const Backend: MessageFns<Backend> = {
     }
     if (message.httpAddress !== "") {
       writer.uint32(82).string(message.httpAddress);
+    }
+    if (message.drained !== false) {
+      writer.uint32(88).bool(message.drained);
     }
     return writer;
   },
@@ -1809,6 +1825,14 @@ export const Backend: MessageFns<Backend> = {
             message.httpAddress = reader.string();
             continue;
           }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.drained = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1866,6 +1890,7 @@ export const Backend: MessageFns<Backend> = {
         : isSet(object.http_address)
         ? globalThis.String(object.http_address)
         : "",
+      drained: isSet(object.drained) ? globalThis.Boolean(object.drained) : false,
     };
   },
 
@@ -1907,6 +1932,9 @@ export const Backend: MessageFns<Backend> = {
     if (message.httpAddress !== "") {
       obj.httpAddress = message.httpAddress;
     }
+    if (message.drained !== false) {
+      obj.drained = message.drained;
+    }
     return obj;
   },
 
@@ -1933,6 +1961,7 @@ export const Backend: MessageFns<Backend> = {
     message.updateTime = object.updateTime ?? undefined;
     message.etag = object.etag ?? "";
     message.httpAddress = object.httpAddress ?? "";
+    message.drained = object.drained ?? false;
     return message;
   },
 };
@@ -2331,7 +2360,7 @@ export const RouteVersion: MessageFns<RouteVersion> = {
 };
 
 function createBaseRouteBackend(): RouteBackend {
-  return { backendId: "", address: "", weight: 0, httpAddress: "" };
+  return { backendId: "", address: "", weight: 0, httpAddress: "", drained: false };
 }
 
 export const RouteBackend: MessageFns<RouteBackend> = {
@@ -2347,6 +2376,9 @@ export const RouteBackend: MessageFns<RouteBackend> = {
     }
     if (message.httpAddress !== "") {
       writer.uint32(34).string(message.httpAddress);
+    }
+    if (message.drained !== false) {
+      writer.uint32(40).bool(message.drained);
     }
     return writer;
   },
@@ -2396,6 +2428,14 @@ export const RouteBackend: MessageFns<RouteBackend> = {
             message.httpAddress = reader.string();
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.drained = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2422,6 +2462,7 @@ export const RouteBackend: MessageFns<RouteBackend> = {
         : isSet(object.http_address)
         ? globalThis.String(object.http_address)
         : "",
+      drained: isSet(object.drained) ? globalThis.Boolean(object.drained) : false,
     };
   },
 
@@ -2439,6 +2480,9 @@ export const RouteBackend: MessageFns<RouteBackend> = {
     if (message.httpAddress !== "") {
       obj.httpAddress = message.httpAddress;
     }
+    if (message.drained !== false) {
+      obj.drained = message.drained;
+    }
     return obj;
   },
 
@@ -2451,6 +2495,7 @@ export const RouteBackend: MessageFns<RouteBackend> = {
     message.address = object.address ?? "";
     message.weight = object.weight ?? 0;
     message.httpAddress = object.httpAddress ?? "";
+    message.drained = object.drained ?? false;
     return message;
   },
 };

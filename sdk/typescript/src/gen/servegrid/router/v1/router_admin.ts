@@ -185,7 +185,7 @@ export interface BackendStatus {
    * @deprecated
    */
   breakerState: BreakerState;
-  /** True while drained by an operator. */
+  /** True while drained by an operator (the registry's Backend.drained, shared by every replica). */
   drained: boolean;
   /**
    * Deprecated: the router no longer carries requests; always 0 (Envoy's cluster stats have it).
@@ -1804,6 +1804,14 @@ export const XdsRejection: MessageFns<XdsRejection> = {
  * RouterAdminService lets operators see and steer a router replica: backend health, draining,
  * the routing table it holds and the configuration each Envoy has accepted.
  *
+ * Reachable through Envoy's public port, gRPC and REST (`/v1/router/...`), with the admin role only.
+ * There it reaches whichever replica Envoy picks: the read methods answer for that replica (each
+ * replica serves the same table, so they differ only in the Envoys connected to it and the health
+ * its own probes saw). Drains are shared: DrainBackend and UndrainBackend store the flag on the
+ * registry's Backend (`drained`), every replica receives it over WatchRoutes and tells its Envoys,
+ * and the call returns once the replica that answered serves it. A router run on a static routes
+ * file (no registry) keeps drains to itself.
+ *
  * The router is the data plane's control plane: it turns the registry's routes and its own
  * readiness probes into xDS snapshots and serves them to every Envoy over the Aggregated Discovery
  * Service (`envoy.service.discovery.v3.AggregatedDiscoveryService`) on the same port. Inference
@@ -1825,7 +1833,9 @@ export const RouterAdminServiceService = {
   },
   /**
    * Stops sending new requests to a backend: Envoy is told the endpoint is DRAINING; requests in
-   * flight finish.
+   * flight finish. Stored in the registry (Backend.drained), so every router replica drains it; the
+   * call returns once this replica's snapshot says so. NOT_FOUND when no route names the backend;
+   * UNAVAILABLE when the registry cannot store it or this replica does not hear back in time.
    */
   drainBackend: {
     path: "/servegrid.router.v1.RouterAdminService/DrainBackend" as const,
@@ -1837,7 +1847,7 @@ export const RouterAdminServiceService = {
       Buffer.from(DrainBackendResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): DrainBackendResponse => DrainBackendResponse.decode(value),
   },
-  /** Sends requests to a drained backend again. */
+  /** Sends requests to a drained backend again, on every replica (see DrainBackend). */
   undrainBackend: {
     path: "/servegrid.router.v1.RouterAdminService/UndrainBackend" as const,
     requestStream: false as const,
@@ -1870,10 +1880,12 @@ export interface RouterAdminServiceServer extends UntypedServiceImplementation {
   listBackends: handleUnaryCall<ListBackendsRequest, ListBackendsResponse>;
   /**
    * Stops sending new requests to a backend: Envoy is told the endpoint is DRAINING; requests in
-   * flight finish.
+   * flight finish. Stored in the registry (Backend.drained), so every router replica drains it; the
+   * call returns once this replica's snapshot says so. NOT_FOUND when no route names the backend;
+   * UNAVAILABLE when the registry cannot store it or this replica does not hear back in time.
    */
   drainBackend: handleUnaryCall<DrainBackendRequest, DrainBackendResponse>;
-  /** Sends requests to a drained backend again. */
+  /** Sends requests to a drained backend again, on every replica (see DrainBackend). */
   undrainBackend: handleUnaryCall<UndrainBackendRequest, UndrainBackendResponse>;
   /**
    * Returns the routing table this router holds, how fresh it is, the xDS snapshot it serves and
@@ -1901,7 +1913,9 @@ export interface RouterAdminServiceClient extends Client {
   ): ClientUnaryCall;
   /**
    * Stops sending new requests to a backend: Envoy is told the endpoint is DRAINING; requests in
-   * flight finish.
+   * flight finish. Stored in the registry (Backend.drained), so every router replica drains it; the
+   * call returns once this replica's snapshot says so. NOT_FOUND when no route names the backend;
+   * UNAVAILABLE when the registry cannot store it or this replica does not hear back in time.
    */
   drainBackend(
     request: DrainBackendRequest,
@@ -1918,7 +1932,7 @@ export interface RouterAdminServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: DrainBackendResponse) => void,
   ): ClientUnaryCall;
-  /** Sends requests to a drained backend again. */
+  /** Sends requests to a drained backend again, on every replica (see DrainBackend). */
   undrainBackend(
     request: UndrainBackendRequest,
     callback: (error: ServiceError | null, response: UndrainBackendResponse) => void,
