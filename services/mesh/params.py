@@ -13,6 +13,7 @@ CHART_TOKEN_JWKS = "/etc/servegrid/token-jwks/jwks.json"  # where the Helm chart
 CHART_DESCRIPTORS = "/etc/envoy/descriptors.binpb"  # the chart's ConfigMap mounts its one copy here
 CHART_PUBLIC_TLS_DIR = "/etc/servegrid/public-tls"  # where the chart mounts `publicTls.existingSecret`
 CHART_MTLS_DIR = "/etc/servegrid/mtls"  # where the Helm chart mounts `tls.existingSecret` (ca.crt, envoy.crt, ...)
+TRACE_SERVICE_NAME = "servegrid-envoy"  # `service.name` of Envoy's spans, in every deployment
 Profile = Literal["local", "kubernetes"]
 
 
@@ -92,7 +93,12 @@ class EnvoyParams:
     public_tls_cert_file: str = ""
     public_tls_key_file: str = ""
     access_log_path: str = "/dev/stdout"
-    otlp_endpoint: str = ""  # host:port of an OTLP/gRPC collector; empty disables Envoy's own spans
+    # OpenTelemetry: the OTLP/gRPC collector Envoy exports its spans to (host:port, or an http:// or
+    # https:// URL). Set, both listeners trace (service name TRACE_SERVICE_NAME) and pass W3C
+    # traceparent on to every upstream (gateway, Triton); empty: no tracer, headers pass untouched.
+    otlp_endpoint: str = ""
+    # Share of requests Envoy traces (the connection managers' random_sampling), in percent.
+    trace_sampling_percent: float = 100.0
     descriptors: Path | None = None  # None: default_descriptors()
     # Where Envoy reads the descriptor set at run time; empty: inline in the config (proto_descriptor_bin).
     # The Kubernetes profile reads the chart's one copy (CHART_DESCRIPTORS) instead of embedding ~100 KB

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.runtime.health import HealthReporter
-from services.runtime.interceptors import ServiceInterceptor
+from services.runtime.interceptors import RequestIdInterceptor, ServiceInterceptor
 from services.runtime.logs import setup_logging
 from services.runtime.metrics import serve_metrics
 from services.runtime.peers import PeerAllowlist
@@ -125,6 +125,7 @@ class ServiceApp:
         allowlist = [PeerAllowlist(self.name, s.tls_allowed_peers)] if s.tls is not None and s.tls_allowed_peers else []
         server = grpc.aio.server(
             interceptors=[
+                RequestIdInterceptor(),
                 *server_interceptors(),
                 ServiceInterceptor(self._passthrough_methods),
                 *allowlist,
