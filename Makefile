@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet -e '.[stack,dev]'
+	@# xds-protos ships an older copy of opentelemetry-proto's modules over the same paths; put the real
+	@# package's files back (Envoy's protos that import them work with the newer ones).
+	$(PY) -m pip install --quiet --force-reinstall --no-deps "opentelemetry-proto==$$($(PY) -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
 	$(PY) -m pip check
 	@touch $@
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -71,13 +72,18 @@ class KServeBatchClient:
             await channel.close()
 
     async def infer(
-        self, model: str, version: str, request: service_pb2.ModelInferRequest
+        self,
+        model: str,
+        version: str,
+        request: service_pb2.ModelInferRequest,
+        metadata: Sequence[tuple[str, str]] = (),
     ) -> service_pb2.ModelInferResponse:
+        """`metadata`: what the call carries besides the routing headers (the job's request id, trace context)."""
         request.model_name = model
         request.model_version = version
         try:
             response: service_pb2.ModelInferResponse = await self._stub.ModelInfer(
-                request, timeout=self._timeout_s, metadata=model_headers(model, version)
+                request, timeout=self._timeout_s, metadata=[*metadata, *model_headers(model, version)]
             )
         except grpc.aio.AioRpcError as error:
             raise InferenceFailure(error.code(), error.details() or "") from error

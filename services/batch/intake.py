@@ -21,7 +21,10 @@ def _invalid(message: str, field: str, reason: str = "INVALID_ARGUMENT") -> Inva
     return InvalidArgument(message, reason=reason, field_violations=[(field, message)])
 
 
-def new_job(request: batch_pb2.CreateBatchJobRequest) -> NewJob:
+def new_job(
+    request: batch_pb2.CreateBatchJobRequest, trace_context: dict[str, str] | None = None, request_id: str = ""
+) -> NewJob:
+    """The job to store; `trace_context` and `request_id` are the submitting request's (see NewJob)."""
     if not request.tenant:
         raise _invalid("tenant is required", "tenant")
     if not request.model_id:
@@ -43,6 +46,8 @@ def new_job(request: batch_pb2.CreateBatchJobRequest) -> NewJob:
         labels=dict(request.labels),
         # Deterministic bytes: the same request sent twice hashes the same, a different one does not.
         request_sha256=request_digest(request.SerializeToString(deterministic=True)),
+        trace_context=dict(trace_context or {}),
+        request_id=request_id,
     )
 
 

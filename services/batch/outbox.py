@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 import time
+from collections.abc import Sequence
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -15,6 +16,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from services.batch.metrics import DEAD_LETTERS, ITEMS_PUBLISHED
 from services.batch.settings import BatchSettings
 from services.batch.store import BatchStore, DeadLetter, DueChunk
+from services.mesh.names import REQUEST_ID_HEADER
+from services.runtime.tracing import TRACE_HEADERS
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +30,31 @@ def encode_chunk(chunk: DueChunk) -> bytes:
     """A work message names items, never carries their tensors: a 64-image chunk would pass Kafka's 1 MB
     default, and the worker reads the inputs anyway to learn whether the item still wants a result."""
     return json.dumps({"job_id": str(chunk.job_id), "items": chunk.item_indices}, separators=(",", ":")).encode()
+
+
+# Kafka record headers of a chunk: its job's W3C trace context (traceparent, tracestate) and the
+# submitting request's id, so the worker's spans and log lines join that request.
+Headers = list[tuple[str, bytes]]
+
+
+def chunk_headers(chunk: DueChunk) -> Headers:
+    headers = [(key, value.encode()) for key, value in chunk.trace_context.items() if key in TRACE_HEADERS]
+    if chunk.request_id:
+        headers.append((REQUEST_ID_HEADER, chunk.request_id.encode()))
+    return headers
+
+
+def chunk_context(headers: Sequence[tuple[str, bytes]] | None) -> tuple[dict[str, str], str]:
+    """(trace context, request id) from a chunk's headers (chunk_headers'); empty for a message without."""
+    trace_context: dict[str, str] = {}
+    request_id = ""
+    for key, value in headers or ():
+        text = value.decode(errors="replace") if isinstance(value, bytes) else ""
+        if key in TRACE_HEADERS:
+            trace_context[key] = text
+        elif key == REQUEST_ID_HEADER:
+            request_id = text
+    return trace_context, request_id
 
 
 def encode_dead_letter(letter: DeadLetter) -> bytes:
@@ -182,12 +210,14 @@ class OutboxRelay:
                 await self._close_producer()
                 await asyncio.sleep(0.5)
 
-    async def _send_all(self, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
+    async def _send_all(self, topic: str, messages: list[tuple[bytes, bytes, Headers]]) -> None:
         producer = self._producer
         if producer is None:
             raise ConnectionError("producer not connected")
         deadline = time.monotonic() + _PUBLISH_TIMEOUT_S
-        pending = [await producer.send(topic, value, key=key) for key, value in messages]
+        pending = [
+            await producer.send(topic, value, key=key, headers=headers or None) for key, value, headers in messages
+        ]
         await asyncio.wait_for(asyncio.gather(*pending), max(0.1, deadline - time.monotonic()))
 
     async def _publish_chunks(self, chunks: list[DueChunk]) -> None:
@@ -197,12 +227,15 @@ class OutboxRelay:
         sequence = next(self._sequence)
         await self._send_all(
             self._settings.items_topic,
-            [(f"{c.job_id}:{c.item_indices[0]}:{sequence}".encode(), encode_chunk(c)) for c in chunks],
+            [
+                (f"{c.job_id}:{c.item_indices[0]}:{sequence}".encode(), encode_chunk(c), chunk_headers(c))
+                for c in chunks
+            ],
         )
         ITEMS_PUBLISHED.inc(sum(len(c.item_indices) for c in chunks))
 
     async def _publish_dead_letters(self, letters: list[DeadLetter]) -> None:
         await self._send_all(
-            self._settings.dlq_topic, [(str(d.job_id).encode(), encode_dead_letter(d)) for d in letters]
+            self._settings.dlq_topic, [(str(d.job_id).encode(), encode_dead_letter(d), []) for d in letters]
         )
         DEAD_LETTERS.inc(len(letters))

@@ -19,7 +19,9 @@ from services.batch.settings import BatchSettings
 from services.batch.store import BatchStore, Job, ResultRow
 from services.batch.tensors import response_tensors
 from services.runtime.errors import InvalidArgument
+from services.runtime.logs import current_request_id
 from services.runtime.paging import bad_position, decode_page_token, encode_page_token
+from services.runtime.tracing import trace_context
 
 DEFAULT_JOBS_PAGE = 50
 MAX_JOBS_PAGE = 500
@@ -109,7 +111,8 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
     async def CreateBatchJob(
         self, request: batch_pb2.CreateBatchJobRequest, context: grpc.aio.ServicerContext
     ) -> batch_pb2.CreateBatchJobResponse:
-        spec = new_job(request)
+        # The job keeps the submit's trace context and request id: its items' spans and logs join them.
+        spec = new_job(request, trace_context(context.invocation_metadata()), current_request_id())
         # Parsing and encoding thousands of tensors is CPU work; keep the event loop answering meanwhile.
         items = await asyncio.to_thread(
             storable_items, request, max_inline=self._settings.max_inline_items, max_items=self._settings.max_items

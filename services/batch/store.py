@@ -96,6 +96,9 @@ class NewJob:
     priority: int
     labels: dict[str, str]
     request_sha256: bytes
+    # The submitting request's W3C trace context and request id, carried to the worker with every item.
+    trace_context: dict[str, str] = field(default_factory=dict)
+    request_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,8 @@ class DueChunk:
 
     job_id: uuid.UUID
     item_indices: list[int]
+    trace_context: dict[str, str] = field(default_factory=dict)  # the job's (NewJob.trace_context)
+    request_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -233,8 +238,8 @@ class BatchStore:
         async with self._pool.connection() as conn, conn.transaction():
             cur = await conn.execute(
                 sql.SQL("""INSERT INTO jobs (job_id, tenant, idempotency_key, request_sha256, model_id, version,
-                        priority, labels, state, total_items)
-                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                        priority, labels, state, total_items, trace_context, request_id)
+                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
                     ON CONFLICT (tenant, idempotency_key) DO NOTHING RETURNING {}""").format(_COLUMNS),
                 (
                     job_id,
@@ -247,6 +252,8 @@ class BatchStore:
                     json.dumps(new.labels),
                     JOB_QUEUED,
                     len(items),
+                    json.dumps(new.trace_context),
+                    new.request_id,
                 ),
             )
             row = await cur.fetchone()
@@ -405,7 +412,8 @@ class BatchStore:
         async with self._pool.connection() as conn:
             async with conn.transaction():
                 cur = await conn.execute(
-                    """SELECT i.job_id, i.item_index FROM items i JOIN jobs j USING (job_id)
+                    """SELECT i.job_id, i.item_index, j.trace_context, j.request_id
+                       FROM items i JOIN jobs j USING (job_id)
                        WHERE i.state = %s AND i.due_at <= now() AND j.state IN (%s, %s)
                        ORDER BY j.priority DESC, i.due_at, i.job_id, i.item_index
                        LIMIT %s FOR UPDATE OF i SKIP LOCKED""",
@@ -416,11 +424,13 @@ class BatchStore:
                     return 0
                 chunks: list[DueChunk] = []
                 by_job: dict[uuid.UUID, list[int]] = {}
-                for job_id, index in rows:
+                context: dict[uuid.UUID, tuple[dict[str, str], str]] = {}
+                for job_id, index, trace_context, request_id in rows:
                     by_job.setdefault(job_id, []).append(int(index))
+                    context[job_id] = (dict(trace_context or {}), request_id or "")
                 for job_id, indices in by_job.items():
                     for start in range(0, len(indices), chunk_size):
-                        chunks.append(DueChunk(job_id, indices[start : start + chunk_size]))
+                        chunks.append(DueChunk(job_id, indices[start : start + chunk_size], *context[job_id]))
                 await publish(chunks)
                 await conn.execute(
                     """UPDATE items SET due_at = NULL, taken_at = NULL, lease_until = now() + make_interval(secs => %s)

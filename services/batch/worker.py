@@ -10,12 +10,14 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import grpc
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from google.rpc import code_pb2
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from servegrid.batch.v1 import batch_pb2
 from tritonclient.grpc import service_pb2
 
@@ -29,12 +31,17 @@ from services.batch.metrics import (
     JOB_DURATION,
     PACK_SIZE,
 )
+from services.batch.outbox import chunk_context
 from services.batch.settings import BatchSettings
 from services.batch.store import BatchStore, Outcomes, PendingItem
 from services.batch.tensors import ModelShape, Pack, make_packs, unpack_response
+from services.mesh.names import REQUEST_ID_HEADER
 from services.runtime import ServiceApp
+from services.runtime.logs import request_id_scope
+from services.runtime.tracing import resumed
 
 log = logging.getLogger(__name__)
+_TRACER = trace.get_tracer("servegrid.batch.worker")
 
 
 def decode_chunk(value: bytes) -> tuple[uuid.UUID, list[int]]:
@@ -54,9 +61,30 @@ def _rpc_code(code: grpc.StatusCode) -> int:
 
 @dataclass
 class _JobWork:
+    job_id: uuid.UUID
     model_id: str
     version: str
     items: list[tuple[int, service_pb2.ModelInferRequest]]
+    # The submitting request's, from the chunk's Kafka headers (services/batch/outbox.py chunk_headers).
+    trace_context: dict[str, str] = field(default_factory=dict)
+    request_id: str = ""
+
+    def metadata(self) -> list[tuple[str, str]]:
+        """Sent with the job's inference calls: the request id, and the job's trace context (which this
+        process's client interceptor replaces with its own span's when it traces)."""
+        carried = list(self.trace_context.items())
+        return [*carried, (REQUEST_ID_HEADER, self.request_id)] if self.request_id else carried
+
+
+@contextlib.contextmanager
+def _on_behalf_of(work: _JobWork) -> Iterator[None]:
+    """Spans started and lines logged inside belong to the job's submitting request: its trace, its request id."""
+    token = otel_context.attach(resumed(work.trace_context))
+    try:
+        with request_id_scope(work.request_id):
+            yield
+    finally:
+        otel_context.detach(token)
 
 
 class WorkerPool:
@@ -147,12 +175,14 @@ class WorkerPool:
     async def process(self, messages: Sequence[ConsumerRecord]) -> None:
         """Handle one round of messages; returns once every outcome is durable."""
         keys: dict[tuple[uuid.UUID, int], None] = {}
+        origins: dict[uuid.UUID, tuple[dict[str, str], str]] = {}
         for message in messages:
             try:
                 job_id, indices = decode_chunk(message.value)
             except (ValueError, KeyError, TypeError):
                 log.error("dropping undecodable message", extra={"offset": message.offset})
                 continue
+            origins.setdefault(job_id, chunk_context(message.headers))
             for index in indices:
                 keys[(job_id, index)] = None
         if not keys:
@@ -162,26 +192,47 @@ class WorkerPool:
             DUPLICATES_DROPPED.inc(dropped)
         jobs: dict[uuid.UUID, _JobWork] = {}
         for item in pending:
-            work = jobs.setdefault(item.job_id, _JobWork(item.model_id, _version(item), []))
+            work = jobs.get(item.job_id)
+            if work is None:
+                work = jobs[item.job_id] = _JobWork(
+                    item.job_id, item.model_id, _version(item), [], *origins[item.job_id]
+                )
             work.items.append((item.item_index, service_pb2.ModelInferRequest.FromString(item.request)))
         results = await asyncio.gather(*(self._infer_job(work) for work in jobs.values()))
-        for job_id, outcomes in zip(jobs, results, strict=True):
-            await self._record(job_id, outcomes)
+        for work, outcomes in zip(jobs.values(), results, strict=True):
+            with _on_behalf_of(work):
+                await self._record(work.job_id, outcomes)
 
     async def _record(self, job_id: uuid.UUID, outcomes: Outcomes) -> None:
         await record_outcomes(self._store, self._settings, job_id, outcomes)
 
     async def _infer_job(self, work: _JobWork) -> Outcomes:
         outcomes = Outcomes()
-        try:
-            shape = await self._inference.model_shape(work.model_id, work.version)
-        except InferenceFailure as failure:
-            outcomes.transient.extend((i, _rpc_code(failure.code), failure.message) for i, _ in work.items)
-            return outcomes
-        originals = dict(work.items)
-        packs = make_packs(work.items, shape, self._settings.pack_size)
-        await asyncio.gather(*(self._infer_pack(work, pack, originals, shape, outcomes) for pack in packs))
+        with _on_behalf_of(work):
+            try:
+                shape = await self._inference.model_shape(work.model_id, work.version)
+            except InferenceFailure as failure:
+                outcomes.transient.extend((i, _rpc_code(failure.code), failure.message) for i, _ in work.items)
+                return outcomes
+            originals = dict(work.items)
+            packs = make_packs(work.items, shape, self._settings.pack_size)
+            await asyncio.gather(*(self._infer_pack(work, pack, originals, shape, outcomes) for pack in packs))
         return outcomes
+
+    def _pack_span(self, work: _JobWork, pack: Pack) -> trace.Span:
+        """One span per inference call, a child of the job's submit span (the current context here)."""
+        return _TRACER.start_span(
+            "batch.pack",
+            kind=trace.SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.operation": "process",
+                "messaging.destination.name": self._settings.items_topic,
+                "servegrid.batch.job_id": str(work.job_id),
+                "servegrid.batch.item_indices": list(pack.indices),
+                "servegrid.model": work.model_id,
+            },
+        )
 
     async def _infer_pack(
         self,
@@ -191,35 +242,40 @@ class WorkerPool:
         shape: ModelShape,
         outcomes: Outcomes,
     ) -> None:
-        async with self._infer_slots:
-            try:
-                response = await self._inference.infer(work.model_id, work.version, pack.request)
-                INFER_REQUESTS.labels("OK").inc()
-                PACK_SIZE.observe(len(pack.indices))
-            except InferenceFailure as failure:
-                INFER_REQUESTS.labels(failure.code.name).inc()
-                response = None
-                error = failure
-        if response is not None:
-            try:
-                per_item = unpack_response(pack, response)
-            except ValueError as bad:
-                error = InferenceFailure(grpc.StatusCode.INTERNAL, str(bad))
-            else:
-                outcomes.succeeded.extend(
-                    (i, r.SerializeToString()) for i, r in zip(pack.indices, per_item, strict=True)
-                )
+        with trace.use_span(self._pack_span(work, pack), end_on_exit=True) as span:
+            if work.request_id:
+                pack.request.id = work.request_id  # Triton logs and traces the call under the submit's id
+            async with self._infer_slots:
+                try:
+                    response = await self._inference.infer(work.model_id, work.version, pack.request, work.metadata())
+                    INFER_REQUESTS.labels("OK").inc()
+                    PACK_SIZE.observe(len(pack.indices))
+                except InferenceFailure as failure:
+                    INFER_REQUESTS.labels(failure.code.name).inc()
+                    response = None
+                    error = failure
+            if response is not None:
+                try:
+                    per_item = unpack_response(pack, response)
+                except ValueError as bad:
+                    error = InferenceFailure(grpc.StatusCode.INTERNAL, str(bad))
+                else:
+                    outcomes.succeeded.extend(
+                        (i, r.SerializeToString()) for i, r in zip(pack.indices, per_item, strict=True)
+                    )
+                    return
+            span.set_status(trace.Status(trace.StatusCode.ERROR, str(error)))
+            if error.permanent and pack.packed and len(pack.indices) > 1:
+                # One bad item must not fail its neighbours: try each alone to find which one the model
+                # rejects (each its own span, under this one).
+                singles = [Pack([i], originals[i], [False], packed=False) for i in pack.indices]
+                await asyncio.gather(*(self._infer_pack(work, p, originals, shape, outcomes) for p in singles))
                 return
-        if error.permanent and pack.packed and len(pack.indices) > 1:
-            # One bad item must not fail its neighbours: try each alone to find which one the model rejects.
-            singles = [Pack([i], originals[i], [False], packed=False) for i in pack.indices]
-            await asyncio.gather(*(self._infer_pack(work, p, originals, shape, outcomes) for p in singles))
-            return
-        for index in pack.indices:
-            if error.permanent:
-                outcomes.failed.append((index, _rpc_code(error.code), _reason(error.code), error.message))
-            else:
-                outcomes.transient.append((index, _rpc_code(error.code), str(error)))
+            for index in pack.indices:
+                if error.permanent:
+                    outcomes.failed.append((index, _rpc_code(error.code), _reason(error.code), error.message))
+                else:
+                    outcomes.transient.append((index, _rpc_code(error.code), str(error)))
 
 
 def _version(item: PendingItem) -> str:

@@ -14,6 +14,7 @@ from services.runtime import Unauthenticated, Unimplemented
 from services.runtime.channels import open_channel
 from services.runtime.errors import relay
 from services.runtime.tls import CertFiles
+from services.runtime.tracing import carried_metadata
 
 # ListBatchJobResults page size used to stream a job's results.
 _STREAM_PAGE = 1000
@@ -86,7 +87,9 @@ async def unary(forwarder: BatchForwarder, context: grpc.aio.ServicerContext, me
     """Call one unary BatchService method, relaying its error status as is."""
     call = getattr(forwarder.stub(), method)
     try:
-        return await call(request, timeout=forwarder.timeout(context))
+        # The request id and trace context go along: a job keeps them for its items (services/batch).
+        metadata = carried_metadata(context.invocation_metadata())
+        return await call(request, timeout=forwarder.timeout(context), metadata=metadata)
     except grpc.aio.AioRpcError as error:
         await relay(error, context)
         raise AssertionError("unreachable: abort raises") from error
@@ -95,7 +98,10 @@ async def unary(forwarder: BatchForwarder, context: grpc.aio.ServicerContext, me
 async def watch(
     forwarder: BatchForwarder, context: grpc.aio.ServicerContext, tenant: str, job_id: str
 ) -> AsyncIterator[batch_pb2.BatchJobProgress]:
-    stream = forwarder.stub().WatchBatchJob(batch_pb2.WatchBatchJobRequest(tenant=tenant, job_id=job_id))
+    stream = forwarder.stub().WatchBatchJob(
+        batch_pb2.WatchBatchJobRequest(tenant=tenant, job_id=job_id),
+        metadata=carried_metadata(context.invocation_metadata()),
+    )
     try:
         async for reply in stream:
             yield reply.progress

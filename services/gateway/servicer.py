@@ -19,12 +19,11 @@ from services.gateway.upstream import KServeClient
 from services.mesh.names import MAX_NAME_BYTES, TENANT_HEADER, name_too_long
 from services.runtime import InvalidArgument
 from services.runtime.errors import abort_with, status_for
+from services.runtime.logs import current_request_id
 from services.runtime.tensors import TensorError, from_infer_response, to_infer_inputs
+from services.runtime.tracing import carried_metadata
 
 log = logging.getLogger(__name__)
-# Headers worth carrying to the data plane: the request id Envoy made, and the W3C/B3 trace context
-# (so a trace spans Envoy → gateway → Envoy → Triton even when this process does not trace).
-_FORWARDED = ("x-request-id", "traceparent", "tracestate", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled")
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
@@ -80,7 +79,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 reason="INVALID_TENSOR" if any(f.startswith("inputs") for f, _ in problems) else "INVALID_ARGUMENT",
                 field_violations=problems,
             )
-        request_id = request.request_id or uuid.uuid4().hex
+        # The caller's own id, else the one Envoy made for this request (x-request-id), so both name one thing.
+        request_id = request.request_id or current_request_id() or uuid.uuid4().hex
         infer = service_pb2.ModelInferRequest(
             model_name=request.model_id,
             model_version=str(request.version) if request.version else "",
@@ -91,7 +91,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         )
         incoming = context.invocation_metadata() or ()
         identity = self.identity.identity(context, incoming)
-        metadata = [(k, v) for k, v in incoming if k in _FORWARDED and isinstance(v, str)]
+        # The request id and trace context go on to the data plane (a trace spans Envoy → gateway → Envoy
+        # → Triton even when this process does not trace).
+        metadata = carried_metadata(incoming)
         if identity.tenant:
             metadata.append((TENANT_HEADER, identity.tenant))
         remaining = context.time_remaining()

@@ -44,9 +44,18 @@ from google.rpc import error_details_pb2
 from services.mesh import lua, names, quota
 from services.mesh.auth import ext_authz_filter, header_scrub, jwt_filter, rbac_rules
 from services.mesh.local_replies import local_reply_config
-from services.mesh.names import BUFFER_FILTER, CORS_FILTER, MODEL_HEADER, RBAC_FILTER, TRANSCODER_FILTER
+from services.mesh.names import (
+    BUFFER_FILTER,
+    CORS_FILTER,
+    MODEL_HEADER,
+    RBAC_FILTER,
+    REQUEST_ID_HEADER,
+    TRACEPARENT_HEADER,
+    TRANSCODER_FILTER,
+)
 from services.mesh.params import (
     CHART_DESCRIPTORS,
+    TRACE_SERVICE_NAME,
     EnvoyParams,
     Profile,
     default_descriptors,
@@ -310,9 +319,9 @@ def _access_log(params: EnvoyParams) -> list[dict[str, Any]]:
                         "upstream": "%UPSTREAM_CLUSTER%",
                         "upstream_host": "%UPSTREAM_HOST%",
                         "model": f"%REQ({MODEL_HEADER.upper()})%",
-                        "request_id": "%REQ(X-REQUEST-ID)%",
+                        "request_id": f"%REQ({REQUEST_ID_HEADER.upper()})%",
                         "trace_id": "%TRACE_ID%",
-                        "traceparent": "%REQ(TRACEPARENT)%",
+                        "traceparent": f"%REQ({TRACEPARENT_HEADER.upper()})%",
                         "tenant": "%REQ(X-SERVEGRID-TENANT)%",
                         "bytes_in": "%BYTES_RECEIVED%",
                         "bytes_out": "%BYTES_SENT%",
@@ -348,17 +357,38 @@ def _hcm(params: EnvoyParams, stat_prefix: str, filters: list[dict[str, Any]]) -
         "http_filters": filters,
     }
     if params.otlp_endpoint:
-        hcm["tracing"] = {
-            "provider": {
-                "name": "envoy.tracers.opentelemetry",
-                "typed_config": typed(
-                    "envoy.config.trace.v3.OpenTelemetryConfig",
-                    grpc_service={"envoy_grpc": {"cluster_name": names.OTEL_CLUSTER}, "timeout": "1s"},
-                    service_name="servegrid-envoy",
-                ),
-            }
-        }
+        hcm["tracing"] = _tracing(params)
     return hcm
+
+
+def _tracing(params: EnvoyParams) -> dict[str, Any]:
+    """Envoy's OpenTelemetry tracer: a server span per request (continuing a caller's traceparent), a
+    client span per upstream attempt (spawn_upstream_span), and W3C traceparent/tracestate injected into
+    the upstream request, so the gateway's and Triton's spans hang under Envoy's."""
+    return {
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": typed(
+                "envoy.config.trace.v3.OpenTelemetryConfig",
+                grpc_service={"envoy_grpc": {"cluster_name": names.OTEL_CLUSTER}, "timeout": "1s"},
+                service_name=TRACE_SERVICE_NAME,
+            ),
+        },
+        "random_sampling": {"value": params.trace_sampling_percent},
+        "spawn_upstream_span": True,
+    }
+
+
+def _otlp_cluster(params: EnvoyParams) -> dict[str, Any]:
+    """The collector Envoy exports spans to: host:port, or an http(s):// URL as OTEL_EXPORTER_OTLP_ENDPOINT
+    gives it (https: TLS with SNI)."""
+    endpoint = params.otlp_endpoint
+    if "://" not in endpoint:
+        return _cluster(names.OTEL_CLUSTER, [endpoint])
+    parts = urlsplit(endpoint)
+    https = parts.scheme == "https"
+    port = parts.port or (443 if https else 4317)
+    return _cluster(names.OTEL_CLUSTER, [f"{parts.hostname}:{port}"], tls_sni=(parts.hostname or "") if https else "")
 
 
 def _listener(name: str, host: str, port: int, hcm: dict[str, Any]) -> dict[str, Any]:
@@ -420,7 +450,7 @@ def _static_clusters(params: EnvoyParams) -> list[dict[str, Any]]:
         sni = (parts.hostname or "") if https else ""
         clusters.append(_cluster(names.JWKS_CLUSTER, [f"{parts.hostname}:{port}"], http2=False, tls_sni=sni))
     if params.otlp_endpoint:
-        clusters.append(_cluster(names.OTEL_CLUSTER, [params.otlp_endpoint]))
+        clusters.append(_otlp_cluster(params))
     if params.stats_port:
         admin = _cluster("admin", [f"{params.admin_host}:{params.admin_port}"], http2=False)
         admin["type"] = "STATIC"
@@ -560,7 +590,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--public-tls-cert", help="certificate chain (PEM) of the public listener; with key: TLS")
     parser.add_argument("--public-tls-key", help="key of --public-tls-cert (PEM)")
     parser.add_argument("--access-log-path")
-    parser.add_argument("--otlp-endpoint", help="host:port of an OTLP/gRPC collector")
+    parser.add_argument("--otlp-endpoint", help="host:port (or http[s]:// URL) of an OTLP/gRPC collector: tracing on")
+    parser.add_argument("--trace-sampling-percent", type=float, help="share of new requests traced (default 100)")
     parser.add_argument(
         "--descriptors", type=Path, help="descriptor set for the transcoder (default: the generated one)"
     )
@@ -613,6 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         public_tls_key_file=args.public_tls_key,
         access_log_path=args.access_log_path,
         otlp_endpoint=args.otlp_endpoint,
+        trace_sampling_percent=args.trace_sampling_percent,
         descriptors=args.descriptors,
         descriptor_file=args.descriptor_file,
     )

@@ -45,6 +45,12 @@ SCRUBBED_HEADERS = (
     SHADOW_COMPARE_HEADER,
 )
 
+# Correlation: the request id Envoy makes for every request (and returns in every response), and the
+# W3C trace context. Services log the request id and pass all three on to the next hop.
+REQUEST_ID_HEADER = "x-request-id"
+TRACEPARENT_HEADER = "traceparent"
+TRACESTATE_HEADER = "tracestate"
+
 # --- clusters --------------------------------------------------------------------------------
 Protocol = Literal["grpc", "http"]
 PROTOCOLS: tuple[Protocol, ...] = ("grpc", "http")

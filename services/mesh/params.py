@@ -12,6 +12,7 @@ from services.mesh import names
 # Where a Kubernetes-profile config reads the transcoder's descriptor set: the Helm chart's Envoy pod
 # writes it there at start (`--descriptor-set-out`), from the image the services run.
 CHART_DESCRIPTORS = "/etc/envoy/descriptors.binpb"
+TRACE_SERVICE_NAME = "servegrid-envoy"  # `service.name` of Envoy's spans, in every deployment
 Profile = Literal["local", "kubernetes"]
 
 
@@ -91,7 +92,12 @@ class EnvoyParams:
     public_tls_cert_file: str = ""
     public_tls_key_file: str = ""
     access_log_path: str = "/dev/stdout"
-    otlp_endpoint: str = ""  # host:port of an OTLP/gRPC collector; empty disables Envoy's own spans
+    # OpenTelemetry: the OTLP/gRPC collector Envoy exports its spans to (host:port, or an http:// or
+    # https:// URL). Set, both listeners trace (service name TRACE_SERVICE_NAME) and pass W3C
+    # traceparent on to every upstream (gateway, Triton); empty: no tracer, headers pass untouched.
+    otlp_endpoint: str = ""
+    # Share of requests Envoy traces (the connection managers' random_sampling), in percent.
+    trace_sampling_percent: float = 100.0
     descriptors: Path | None = None  # None: default_descriptors()
     # Where Envoy reads the descriptor set at run time; empty: inline in the config (proto_descriptor_bin).
     # The Kubernetes profile reads a file beside the config (CHART_DESCRIPTORS) instead of embedding ~100 KB.

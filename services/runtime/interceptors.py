@@ -1,4 +1,4 @@
-"""The server interceptor every service runs: maps domain errors to statuses and records RPC metrics."""
+"""The server interceptors every service runs: errors mapped to statuses, RPC metrics, the request id for logs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from typing import Any, NoReturn
 
 import grpc
 
+from services.mesh.names import REQUEST_ID_HEADER
 from services.runtime.errors import InvalidArgument, abort_with, internal_status, status_for
+from services.runtime.logs import set_request_id
 from services.runtime.metrics import RPC_IN_FLIGHT, RPC_LATENCY, RPC_REQUESTS
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,24 @@ async def responses(result: Any) -> AsyncIterator[Any]:
             yield item
     else:
         await result
+
+
+class RequestIdInterceptor(grpc.aio.ServerInterceptor):
+    """Keeps the caller's x-request-id for the call's log lines (services/runtime/logs.py).
+
+    grpc.aio runs the interceptors and then the handler in one task per call, so a context variable
+    set here is what the handler sees, and no other call; no wrapper is needed on the hot path."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        for key, value in details.invocation_metadata or ():
+            if key == REQUEST_ID_HEADER and isinstance(value, str):
+                set_request_id(value)
+                break
+        return await continuation(details)
 
 
 class WrappingInterceptor(grpc.aio.ServerInterceptor):

@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.runtime.health import HealthReporter
-from services.runtime.interceptors import ServiceInterceptor
+from services.runtime.interceptors import RequestIdInterceptor, ServiceInterceptor
 from services.runtime.logs import setup_logging
 from services.runtime.metrics import serve_metrics
 from services.runtime.peers import PeerAllowlist
@@ -132,6 +132,7 @@ class ServiceApp:
         allowlist = [PeerAllowlist(self.name, s.tls_allowed_peers)] if s.tls is not None and s.tls_allowed_peers else []
         server = grpc.aio.server(
             interceptors=[
+                RequestIdInterceptor(),
                 *server_interceptors(),
                 ServiceInterceptor(self._passthrough_methods),
                 *allowlist,

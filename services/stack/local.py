@@ -9,6 +9,7 @@ import sys
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -26,7 +27,14 @@ from services.stack import certs, datastores
 from services.stack.kafka import broker_command, tansu_binary
 from services.stack.ports import port_open
 from services.stack.supervisor import Part
-from services.stack.triton import SHM_DIR, SHM_PREFIX, TritonDistribution, triton_command
+from services.stack.triton import (
+    SHM_DIR,
+    SHM_PREFIX,
+    TritonDistribution,
+    opentelemetry_trace_config,
+    otlp_traces_url,
+    triton_command,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -82,6 +90,33 @@ class StackSettings(BaseSettings):
     metrics_port_base: int = Field(
         9150, description="Services' Prometheus ports are base+1 (gateway) … base+5 (edge), as in DESIGN.md."
     )
+    otlp_endpoint: str | None = Field(
+        None,
+        validation_alias=AliasChoices("SERVEGRID_STACK_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        description="OTLP/gRPC collector (http://host:4317) Envoy and every service export traces to; unset: "
+        "no tracing.",
+    )
+    otlp_http_endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP collector Triton exports its traces to (Triton speaks no OTLP/gRPC); unset: "
+        "otlp_endpoint's host on port 4318, the collector's default.",
+    )
+
+    @property
+    def otlp_grpc_url(self) -> str:
+        """otlp_endpoint as the Python exporter wants it (a scheme: http:// means plaintext); "" without one."""
+        endpoint = self.otlp_endpoint or ""
+        return endpoint if not endpoint or "://" in endpoint else f"http://{endpoint}"
+
+    @property
+    def otlp_http_url(self) -> str:
+        """Where Triton posts spans: otlp_http_endpoint, else otlp_endpoint's host on port 4318; "" for none."""
+        if self.otlp_http_endpoint:
+            return self.otlp_http_endpoint
+        if not self.otlp_endpoint:
+            return ""
+        parts = urlsplit(self.otlp_grpc_url)
+        return f"{parts.scheme}://{parts.hostname}:4318"
 
 
 # With mTLS, who may call each service (the edges of the data-flow picture; `cli` is the operator's
@@ -192,6 +227,9 @@ def triton_part(settings: StackSettings) -> Part:
         metrics_port=settings.triton_metrics_port,
         load_models=None,
         shm_prefix=shm_prefix,
+        trace_config=opentelemetry_trace_config(otlp_traces_url(settings.otlp_http_url))
+        if settings.otlp_http_url
+        else (),
     )
     env = dist.environment()
     return Part(
@@ -211,6 +249,11 @@ def triton_part(settings: StackSettings) -> Part:
     )
 
 
+def tracing_env(settings: StackSettings) -> dict[str, str]:
+    """What makes a Python service export its spans (services/runtime/tracing.py) to the stack's collector."""
+    return {"OTEL_EXPORTER_OTLP_ENDPOINT": settings.otlp_grpc_url} if settings.otlp_grpc_url else {}
+
+
 def python_service_part(name: str, port: int, metrics_port: int, env: dict[str, str], settings: StackSettings) -> Part:
     """One of servegrid's own services (`python -m services.<name>`), run from this interpreter's environment."""
     prefix = f"SERVEGRID_{name.upper()}_"
@@ -228,6 +271,7 @@ def python_service_part(name: str, port: int, metrics_port: int, env: dict[str, 
             f"{prefix}PORT": str(port),
             f"{prefix}METRICS_PORT": str(metrics_port),
             **{prefix + key: value for key, value in {**tls_env, **env}.items()},
+            **tracing_env(settings),
         },
         cwd=REPO,
         ports={"grpc": port, "metrics": metrics_port},
@@ -315,6 +359,8 @@ def envoy_part(settings: StackSettings) -> Part:
             # TLS on the public port (SERVEGRID_STACK_PUBLIC_TLS=false: plain HTTP).
             public_tls_cert_file=str(public.cert.resolve()) if public else "",
             public_tls_key_file=str(public.key.resolve()) if public else "",
+            # Envoy's own spans, and W3C traceparent to the gateway and Triton (empty: no tracer).
+            otlp_endpoint=settings.otlp_endpoint or "",
         )
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(render_yaml(params))

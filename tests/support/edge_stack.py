@@ -169,12 +169,14 @@ def edge_stack(
     edge_settings: dict[str, str] | None = None,
     envoy_overrides: dict[str, Any] | None = None,
     certs: dict[str, CertFiles] | None = None,
+    gateway_env: dict[str, str] | None = None,
 ) -> Iterator[EdgeStack]:
     """Start edge, stand-in registry, a router (xDS), gateway and Envoy in front of one Triton; stop them all.
 
     `edge_settings` (SERVEGRID_EDGE_* variables) go to every edge of the stack; `envoy_overrides`
-    (EnvoyParams fields) to every Envoy. `certs` (services/stack/certs.py's, by component): every
-    connection inside speaks mutual TLS, the edge answering only Envoy, as `servegrid up` runs it."""
+    (EnvoyParams fields) to every Envoy; `gateway_env` (more environment) to the gateway. `certs`
+    (services/stack/certs.py's, by component): every connection inside speaks mutual TLS, the edge
+    answering only Envoy, as `servegrid up` runs it."""
     from services.stack.ports import free_port
 
     token = secrets.token_hex(4)
@@ -228,6 +230,7 @@ def edge_stack(
                 "SERVEGRID_GATEWAY_INFERENCE_ADDRESS": f"127.0.0.1:{mesh_port}",
                 "SERVEGRID_GATEWAY_REGISTRY_ADDRESS": stack.registry.address,
                 **tls_env("SERVEGRID_GATEWAY_", certs.get("gateway")),
+                **(gateway_env or {}),
             },
         )
         started.append(stack.gateway)

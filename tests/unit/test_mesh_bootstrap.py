@@ -304,3 +304,73 @@ def test_reply_messages_follow_the_parameters() -> None:
     assert "larger than 1234 bytes" in text
     assert "aud includes 'other-api'" in text and '\\"other-api\\" in' in text  # the message and the CEL check
     assert "needs the 'operator' role" in text
+
+
+# --- tracing and request ids -------------------------------------------------------------------
+
+
+def _clusters(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in config["static_resources"]["clusters"]}
+
+
+def _address(cluster: dict[str, Any]) -> dict[str, Any]:
+    address: dict[str, Any] = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    return address["socket_address"]
+
+
+def test_no_tracer_unless_a_collector_is_given() -> None:
+    for profile in ("local", "kubernetes"):
+        config = render_config(EnvoyParams.for_profile(profile))
+        assert all("tracing" not in _hcm(config, listener) for listener in ("public", "mesh"))
+        assert names.OTEL_CLUSTER not in _clusters(config)
+
+
+def test_with_a_collector_both_listeners_trace_and_export_to_it() -> None:
+    config = render_config(EnvoyParams(otlp_endpoint="otel-collector:4317", trace_sampling_percent=25.0))
+    for listener in ("public", "mesh"):
+        tracing = _hcm(config, listener)["tracing"]
+        provider = tracing["provider"]
+        assert provider["name"] == "envoy.tracers.opentelemetry"
+        assert provider["typed_config"]["service_name"] == "servegrid-envoy"
+        assert provider["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] == names.OTEL_CLUSTER
+        # A span per upstream call, whose id is the traceparent the gateway and Triton continue.
+        assert tracing["spawn_upstream_span"] is True
+        assert tracing["random_sampling"] == {"value": 25.0}
+    otel = _clusters(config)[names.OTEL_CLUSTER]
+    assert _address(otel) == {"address": "otel-collector", "port_value": 4317}
+    assert "http2_protocol_options" in str(otel["typed_extension_protocol_options"])  # OTLP/gRPC
+    assert "transport_socket" not in otel
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "address", "sni"),
+    [
+        ("http://collector.monitoring:4317", {"address": "collector.monitoring", "port_value": 4317}, None),
+        ("https://otlp.example.com", {"address": "otlp.example.com", "port_value": 443}, "otlp.example.com"),
+    ],
+)
+def test_the_collector_may_be_given_as_an_otlp_url(endpoint: str, address: dict[str, Any], sni: str | None) -> None:
+    otel = _clusters(render_config(EnvoyParams(otlp_endpoint=endpoint)))[names.OTEL_CLUSTER]
+    assert _address(otel) == address
+    assert (otel["transport_socket"]["typed_config"]["sni"] if sni else otel.get("transport_socket")) == sni
+
+
+def test_a_traced_config_passes_envoy_validate(jwks: Path, tmp_path: Path) -> None:
+    params = EnvoyParams.for_profile(
+        "local", jwks_file=str(jwks), token_jwks_file=str(jwks), otlp_endpoint="http://127.0.0.1:4317"
+    )
+    path = tmp_path / "envoy.yaml"
+    path.write_text(render_yaml(params))
+    result = validate_config(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_response_carries_the_request_id_that_the_access_log_records() -> None:
+    config = render_config(EnvoyParams())
+    for listener in ("public", "mesh"):
+        hcm = _hcm(config, listener)
+        assert hcm["generate_request_id"] and hcm["always_set_request_id_in_response"]
+        # The mesh listener keeps the id the gateway or a batch worker forwards: one id across both hops.
+        assert hcm["preserve_external_request_id"]
+        logged = hcm["access_log"][0]["typed_config"]["log_format"]["json_format"]
+        assert logged["request_id"] == "%REQ(X-REQUEST-ID)%" and logged["trace_id"] == "%TRACE_ID%"

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsConfigDict
 
 from services.runtime.errors import DOMAIN, InvalidArgument, status_details
-from services.runtime.logs import JsonFormatter
+from services.runtime.logs import JsonFormatter, request_id_scope
 from services.runtime.settings import ServiceSettings
 
 
@@ -63,3 +63,16 @@ def test_json_logs_carry_trace_and_span_ids() -> None:
     assert entry["trace_id"] == format(ctx.trace_id, "032x")
     assert entry["span_id"] == format(ctx.span_id, "016x")
     assert entry["model_id"] == "digits" and entry["service"] == "unit"
+
+
+def test_json_logs_carry_the_request_id_of_the_work_in_hand() -> None:
+    formatter = JsonFormatter("unit")
+
+    def entry() -> dict[str, object]:
+        record = logging.LogRecord("x", logging.INFO, __file__, 1, "hello", (), None)
+        result: dict[str, object] = json.loads(formatter.format(record))
+        return result
+
+    with request_id_scope("rid-7"):
+        assert entry()["request_id"] == "rid-7"
+    assert "request_id" not in entry()
