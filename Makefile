@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv up down status test unit gen check-gen lint fmt models bench smoke sdk docs clean
+.PHONY: help venv up down status test unit gen check-gen lint fmt models bench smoke sdk docs clean prometheus-tools
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,6 +33,16 @@ $(TS_STAMP): sdk/typescript/package-lock.json
 		cd sdk/typescript && npm ci --no-audit --no-fund --loglevel=error && touch node_modules/.installed; \
 	else echo "note: npm not found; the TypeScript SDK is skipped"; fi
 
+# promtool and the Prometheus server, for the alert-rule tests and the Prometheus integration test: Debian's
+# `prometheus` package, installed where promtool is missing (a fresh CI machine).
+PROMETHEUS_STAMP := .build/prometheus.installed
+$(PROMETHEUS_STAMP):
+	@command -v promtool >/dev/null || { SUDO=$$(command -v sudo || true); \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; }
+	@mkdir -p $(@D) && touch $@
+
+prometheus-tools: $(PROMETHEUS_STAMP) ## install promtool and Prometheus (Debian package) when missing
+
 up: $(STAMP) models ## start the local mesh and return when it is healthy
 	$(PY) -m services.stack up
 
@@ -48,11 +58,13 @@ models: $(STAMP) ## build the model artifacts (skipped when already built)
 gen: $(STAMP) $(TS_STAMP) ## regenerate gen/ from proto/ and the rendered Envoy configs
 	$(PY) scripts/gen_protos.py
 	$(PY) -m services.mesh.bootstrap --write-defaults
+	$(PY) scripts/gen_observability.py
 
 check-gen: $(STAMP) $(TS_STAMP) ## fail when gen/ (or anything else generated) differs from its source
 	$(PY) scripts/gen_protos.py --check
 	$(PY) -m services.mesh.bootstrap --write-defaults --check
 	$(PY) scripts/gen_chart_readme.py --check
+	$(PY) scripts/gen_observability.py --check
 
 lint: $(STAMP) check-gen ## buf lint, ruff, mypy and bandit on hand-written code; generated code and docs are fresh
 	$(PY) scripts/gen_docs.py --check
@@ -73,7 +85,7 @@ fmt: $(STAMP) ## format hand-written code
 unit: $(STAMP) ## unit tests only (seconds)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
-test: $(STAMP) $(TS_STAMP) lint models ## install what is needed, then run every check and test
+test: $(STAMP) $(TS_STAMP) prometheus-tools lint models ## install what is needed, then run every check and test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 BENCH ?=

@@ -29,3 +29,10 @@ JOB_DURATION = Histogram(
     ["state"],
     buckets=(1, 5, 15, 30, 60, 120, 300, 900, 1800, 3600, 14400),
 )
+
+# Exported at 0 from the start, so the first job's rate() sees 0 -> 1 (a series born at 1 has no rate)
+# and a dashboard shows 0 before any job. The end states a worker records: services/batch/worker.py.
+for _state in ("succeeded", "failed"):
+    ITEMS_DONE.labels(_state)
+    JOB_DURATION.labels(_state)
+INFER_REQUESTS.labels("OK")

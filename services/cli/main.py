@@ -13,6 +13,7 @@ from rich.table import Table
 
 from services.cli import access, batch, models
 from services.cli.infer import infer
+from services.cli.top import top
 from services.stack.local import (
     StackSettings,
     dev_issuer,
@@ -30,6 +31,7 @@ app.add_typer(access.keys_app, name="keys")
 app.add_typer(batch.app, name="batch")
 app.command()(access.token)
 app.command()(infer)
+app.command()(top)
 console = Console(stderr=True)
 
 

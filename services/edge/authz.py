@@ -178,8 +178,8 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):
             # The store is unreachable: answer with an error so Envoy applies its configured
             # failure mode (fail closed for authentication: services/mesh/auth.py ext_authz_filter).
             log.exception("api-key check failed")
-            count_decision("authz", "", "error")
+            count_decision("authz", "error")
             await context.abort(grpc.StatusCode.UNAVAILABLE, "api-key store unavailable")
             raise  # unreachable: abort raises
-        count_decision("authz", decision.tenant, decision.outcome)
+        count_decision("authz", decision.outcome)
         return check_response(decision, caller_of(http))

@@ -178,12 +178,12 @@ class TokenExchange:
         # Straight to PostgreSQL: no cache, so a revocation a moment ago is already seen.
         record = await self.store.lookup(hash_key(api_key))
         if record is None:
-            count_decision("token", "", "invalid")
+            count_decision("token", "invalid")
             raise Unauthenticated("invalid API key", reason="API_KEY_INVALID")
         if not record.active:
-            count_decision("token", record.tenant, "revoked")
+            count_decision("token", "revoked")
             raise Unauthenticated(f"API key {record.key_id} has been revoked", reason="API_KEY_REVOKED")
-        count_decision("token", record.tenant, "ok")
+        count_decision("token", "ok")
         return self.minter.mint(record.tenant, f"apikey:{record.key_id}", record.roles)
 
 

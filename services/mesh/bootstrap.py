@@ -265,6 +265,20 @@ def _router_filter() -> dict[str, Any]:
     return {"name": names.ROUTER_FILTER, "typed_config": typed("envoy.extensions.filters.http.router.v3.Router")}
 
 
+def _grpc_stats_filter() -> dict[str, Any]:
+    """Per-cluster counts by grpc-status, all methods in one set (no per-method stats: bounded names)."""
+    return {
+        "name": names.GRPC_STATS_FILTER,
+        "typed_config": typed("envoy.extensions.filters.http.grpc_stats.v3.FilterConfig", stats_for_all_methods=False),
+    }
+
+
+def _stats_config() -> dict[str, Any]:
+    """`cluster.<c>.grpc.<code>` becomes `envoy_cluster_grpc{grpc_status="<code>"}`: one metric name, whatever
+    codes have been seen (the cluster name is Envoy's own tag)."""
+    return {"stats_tags": [{"tag_name": names.GRPC_STATUS_TAG, "regex": r"^cluster\.[^.]+\.grpc(\.(\d+))$"}]}
+
+
 def _kserve_filters() -> list[dict[str, Any]]:
     """Model name into the headers (from the header, the body, or a stream's first message)."""
     return [lua.stream_extraction_filter(), lua.downstream_filter()]
@@ -294,6 +308,7 @@ def _public_filters(params: EnvoyParams, descriptor_bin: bytes) -> list[dict[str
         *quota.ratelimit_filters(params),
         body_limit,
         _transcoder_filter(params, descriptor_bin),
+        _grpc_stats_filter(),
         _router_filter(),
     ]
 
@@ -419,7 +434,7 @@ def _stats_listener(params: EnvoyParams) -> dict[str, Any]:
 def _listeners(params: EnvoyParams) -> list[dict[str, Any]]:
     public = _hcm(params, names.PUBLIC, _public_filters(params, descriptor_set_bytes(params)))
     public["use_remote_address"] = True  # the edge: x-forwarded-for from clients is not trusted
-    mesh = _hcm(params, names.MESH, [*_kserve_filters(), _router_filter()])
+    mesh = _hcm(params, names.MESH, [*_kserve_filters(), _grpc_stats_filter(), _router_filter()])
     mesh_listener = _listener(names.MESH, params.mesh_host, params.mesh_port, mesh)
     if params.mtls:
         mesh_listener["filter_chains"][0]["transport_socket"] = _mesh_tls(params)
@@ -483,6 +498,7 @@ def render_config(params: EnvoyParams) -> dict[str, Any]:
         "admin": {"address": {"socket_address": {"address": params.admin_host, "port_value": params.admin_port}}},
         "static_resources": {"listeners": _listeners(params), "clusters": _static_clusters(params)},
         "dynamic_resources": _dynamic_resources(),
+        "stats_config": _stats_config(),
         # RE2's default program-size cap (100) refuses the subject length check (auth.SUBJECT_MAX_LENGTH
         # repetitions of one byte class); these regexes are ours, never a client's.
         "layered_runtime": {

@@ -133,6 +133,11 @@ RATELIMIT_TAG_FILTER = "servegrid.ratelimit_route"
 RATELIMIT_ROUTE_HEADER = "x-servegrid-ratelimit-route"
 BUFFER_FILTER = "envoy.filters.http.buffer"
 TRANSCODER_FILTER = "envoy.filters.http.grpc_json_transcoder"
+# Counts every gRPC call per cluster by its grpc-status (the router's own stats see only HTTP 200 for a
+# gRPC error in the trailers); the stats tag turns `cluster.<c>.grpc.<code>` into `envoy_cluster_grpc`
+# with this label, what the SLO rules and `servegrid top` read.
+GRPC_STATS_FILTER = "envoy.filters.http.grpc_stats"
+GRPC_STATUS_TAG = "grpc_status"
 ROUTER_FILTER = "envoy.filters.http.router"
 
 

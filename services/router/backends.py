@@ -183,16 +183,24 @@ class ProbedBackend:
         self.probed_at = time.time()
 
     def _set_health(self, health: int) -> None:
-        if health != self.health:
-            log.log(
-                logging.INFO if health == HEALTHY else logging.WARNING,
-                "backend %s is %s",
-                self.backend_id,
-                "ready" if health == HEALTHY else "not ready",
-                extra={"backend_id": self.backend_id, "address": self.spec.address},
-            )
-            metrics.BACKEND_HEALTHY.labels(self.backend_id).set(1 if health == HEALTHY else 0)
+        if health == self.health:
+            return
+        log.log(
+            logging.INFO if health == HEALTHY else logging.WARNING,
+            "backend %s is %s",
+            self.backend_id,
+            "ready" if health == HEALTHY else "not ready",
+            extra={"backend_id": self.backend_id, "address": self.spec.address},
+        )
         self.health = health
+        self.export_state()
+
+    def export_state(self) -> None:
+        """servegrid_router_backend_state: draining over the probes' verdict (what Envoy is told)."""
+        if self.drained:
+            metrics.set_backend_state(self.backend_id, "draining")
+        elif self.health != UNSPECIFIED:
+            metrics.set_backend_state(self.backend_id, "healthy" if self.health == HEALTHY else "unhealthy")
 
 
 class BackendProbes:
@@ -241,11 +249,11 @@ class BackendProbes:
                         extra={"backend_id": backend_id},
                     )
                 backend.spec = spec
+                backend.export_state()  # the registry's drain flag may have changed
                 backend.model_ready = {m: r for m, r in backend.model_ready.items() if m in spec.models}
         for backend_id in [b for b in self.backends if b not in wanted]:
             self._close_later(self.backends.pop(backend_id).client)
-            with contextlib.suppress(KeyError):  # never probed: no gauge child to remove
-                metrics.BACKEND_HEALTHY.remove(backend_id)
+            metrics.forget_backend(backend_id)
             log.info("backend %s removed", backend_id, extra={"backend_id": backend_id})
         self._recompute()
 
@@ -264,6 +272,7 @@ class BackendProbes:
             return None
         if backend.replica_drained != drained:
             backend.replica_drained = drained
+            backend.export_state()
             log.warning(
                 "backend %s %s by an operator",
                 backend_id,

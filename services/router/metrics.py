@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import Counter, Gauge, Histogram
 
-BACKEND_HEALTHY = Gauge(
-    "servegrid_router_backend_healthy",
-    "1 when a backend's active probes pass.",
-    ["backend"],
+from services.runtime.metrics import set_state
+
+# A backend as a whole: ServerReady passes (healthy) or not (unhealthy), or an operator drained it.
+# Per-model readiness is in servegrid_router_endpoints; breakers and ejections are Envoy's
+# (envoy_cluster_circuit_breakers_*_open, envoy_cluster_outlier_detection_ejections_active).
+BACKEND_STATES = ("healthy", "unhealthy", "draining")
+BACKEND_STATE = Gauge(
+    "servegrid_router_backend_state",
+    "1 on the state a backend is in (healthy: its probes pass; unhealthy: they fail; draining: an operator "
+    "drained it), 0 on the others.",
+    ["backend", "state"],
 )
 SHADOW_REQUESTS = Counter(
     "servegrid_router_shadow_requests_total",
@@ -59,3 +68,14 @@ XDS_ACKED_REVISION = Gauge(
     "Registry revision every connected Envoy has ACKed, by type (the laggard's; -1 for an unknown version).",
     ["type"],
 )
+
+
+def set_backend_state(backend: str, state: str) -> None:
+    set_state(BACKEND_STATE, BACKEND_STATES, state, backend)
+
+
+def forget_backend(backend: str) -> None:
+    """The table no longer names the backend: its series go (a removed backend is not a down one)."""
+    for state in BACKEND_STATES:
+        with contextlib.suppress(KeyError):  # never probed: no series to remove
+            BACKEND_STATE.remove(backend, state)

@@ -192,8 +192,8 @@ class ShadowComparator:
         stats.shape_mismatches += diff.shape_mismatches
         metrics.SHADOW_REQUESTS.labels(*labels, "compared").inc()
         metrics.SHADOW_MAX_ABS_DIFF.labels(*labels).observe(diff.max_abs_diff)
-        if diff.argmax_mismatches:
-            metrics.SHADOW_ARGMAX_MISMATCHES.labels(*labels).inc(diff.argmax_mismatches)
+        # Counted even at 0: a shadow that agrees shows 0 disagreements, not no data.
+        metrics.SHADOW_ARGMAX_MISMATCHES.labels(*labels).inc(diff.argmax_mismatches)
 
     async def _ask(
         self,

@@ -34,6 +34,9 @@ SEND_ORDER = (TYPE_CLUSTER, TYPE_ENDPOINT, TYPE_LISTENER, TYPE_ROUTE)
 WILDCARD_TYPES = frozenset({TYPE_CLUSTER, TYPE_LISTENER})
 SHORT_NAMES = {TYPE_CLUSTER: "clusters", TYPE_ENDPOINT: "endpoints", TYPE_LISTENER: "listeners", TYPE_ROUTE: "routes"}
 _BY_SHORT_NAME = {short: type_url for type_url, short in SHORT_NAMES.items()}
+# Exported at 0 from the start: an alert's increase() sees the first NACK, and a dashboard shows 0, not nothing.
+for _short in SHORT_NAMES.values():
+    metrics.XDS_REJECTIONS.labels(_short)
 
 
 def short_name(type_url: str) -> str:

@@ -1,8 +1,21 @@
 """Prometheus metrics every service exports, and the /metrics HTTP endpoint."""
 
+# Names follow Prometheus' conventions (OpenTelemetry's map onto them): the unit in the name
+# (`_seconds`, `_bytes`), `_total` on counters, durations as histograms in seconds, states as a
+# labelled 0/1 gauge with one series per named state. Labels take values from a small fixed set
+# (methods, codes, states, backends an operator configured), never from tenants or request data.
+# Every service's own metrics live in its metrics.py; deploy/observability/ reads them.
+
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from collections.abc import Iterable
+
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+
+# prometheus_client adds a `_created` gauge (the series' creation time) per counter and histogram
+# child: as many series again, which no dashboard or rule reads. Off for the whole process (the flag
+# is read at each scrape), once, here: every service serves /metrics through this module.
+disable_created_metrics()
 
 RPC_REQUESTS = Counter(
     "servegrid_rpc_requests_total",
@@ -25,6 +38,13 @@ COMPONENT_UP = Gauge(
     "1 when a dependency (database, cache, broker ...) passes its health check.",
     ["component"],
 )
+
+
+def set_state(gauge: Gauge, states: Iterable[str], current: str, *labels: str) -> None:
+    """A labelled state gauge: 1 on `current`'s series, 0 on every other state's (one series per state, so
+    a dashboard or an alert selects `state="..."` and sees 0 rather than nothing for the states not held)."""
+    for state in states:
+        gauge.labels(*labels, state).set(1 if state == current else 0)
 
 
 def serve_metrics(host: str, port: int) -> int:

@@ -29,10 +29,9 @@ from services.mesh import bootstrap, names
 from services.registry.settings import RegistrySettings
 from services.router.settings import RouterSettings
 from services.stack import certs
+from tests.support.chart import CHART, KUBE_VERSION, by_kind, render, render_files
 from tests.support.envoy import envoy_binary, validate_config
 
-CHART = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "servegrid"
-KUBE_VERSION = "1.30.0"
 SERVICES = ("gateway", "router", "registry", "batch", "edge")
 SETTINGS: dict[str, type[BaseSettings]] = {
     "gateway": GatewaySettings,
@@ -82,21 +81,6 @@ VALUE_SETS: dict[str, tuple[dict[str, Any] | None, str]] = {
     "inline-jwks": (INLINE_JWKS, "ml"),
 }
 ENVOY_SETS = ["default", "other-release", "secured", "inline-jwks"]
-
-
-def render_files(values: dict[str, Any] | None = None, name: str = "servegrid") -> dict[str, str]:
-    return helm.Chart.load(CHART).render(values, name=name, namespace="ml")
-
-
-def render(values: dict[str, Any] | None = None, name: str = "servegrid") -> list[dict[str, Any]]:
-    files = render_files(values, name)
-    return [
-        doc for path, text in files.items() if not path.endswith("NOTES.txt") for doc in yaml.safe_load_all(text) if doc
-    ]
-
-
-def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
-    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
 
 
 def env_of(container: dict[str, Any]) -> dict[str, Any]:

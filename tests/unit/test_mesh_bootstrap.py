@@ -70,11 +70,13 @@ def test_filters_run_in_the_order_that_keeps_identity_trustworthy() -> None:
         "envoy.filters.http.rate_limit_quota",  # no call per request: enforces the edge's leases
         "envoy.filters.http.buffer",
         "envoy.filters.http.grpc_json_transcoder",
+        "envoy.filters.http.grpc_stats",  # counts by grpc-status, what the SLO rules read
         "envoy.filters.http.router",
     ]
     assert [f["name"] for f in _hcm(config, "mesh")["http_filters"]] == [
         "envoy.filters.http.grpc_field_extraction",
         "envoy.filters.http.lua",
+        "envoy.filters.http.grpc_stats",
         "envoy.filters.http.router",
     ]
 
