@@ -29,6 +29,7 @@ from services.mesh import bootstrap, names
 from services.registry.settings import RegistrySettings
 from services.router.settings import RouterSettings
 from services.stack import certs
+from services.stack.triton import opentelemetry_trace_config
 from tests.support.chart import CHART, KUBE_VERSION, by_kind, render, render_files
 from tests.support.envoy import envoy_binary, validate_config
 
@@ -460,6 +461,21 @@ def test_tracing_goes_to_the_same_collector_from_envoy_and_the_services() -> Non
     gateway = env_of(by_kind(docs, "Deployment")["prod-servegrid-gateway"]["spec"]["template"]["spec"]["containers"][0])
     assert gateway["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.monitoring:4317"
     assert "--otlp-endpoint" not in render_args(render())
+
+
+def test_triton_traces_to_the_collector_as_the_local_stack_has_it() -> None:
+    """The chart's Triton flags are the stack's (services.stack.triton), so a trace that works locally
+    works in the cluster; no URL, no tracing."""
+    url = "http://otel-collector.monitoring:4318/v1/traces"
+
+    def triton_args(values: dict[str, Any] | None) -> list[str]:
+        triton = by_kind(render(values), "StatefulSet")["servegrid-triton"]["spec"]["template"]["spec"]
+        return [a for a in triton["containers"][0]["args"] if a.startswith("--trace-config")]
+
+    assert triton_args({"triton": {"tracesUrl": url}}) == [
+        f"--trace-config={v}" for v in opentelemetry_trace_config(url)
+    ]
+    assert triton_args(None) == []
 
 
 def test_the_token_secret_gives_the_edge_its_key_and_envoy_only_the_jwks(tmp_path: Path) -> None:
