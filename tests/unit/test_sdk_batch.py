@@ -1,5 +1,6 @@
-"""The Python SDKs' batch calls (sync and asyncio) against a real gRPC server on port 0 that plays the
-gateway: what each call sends, how pages are followed, and how errors come back."""
+"""The Python SDKs' batch calls (sync and asyncio), and the headers an inference carries, against a real
+gRPC server on port 0 that plays the gateway: what each call sends, how pages are followed, and how
+errors come back."""
 
 from __future__ import annotations
 
@@ -7,20 +8,27 @@ from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
+import numpy as np
 import pytest
 from servegrid.batch.v1 import batch_pb2
 from servegrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from servegrid_sdk import AsyncServegridClient, ServegridClient, ServegridError
+from services.mesh import names
 
 JOBS = [f"job-{i}" for i in range(5)]
 
 
 class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
-    """Five jobs, two per page; job-0 is the one that can be retried; others are NOT_FOUND."""
+    """Five jobs, two per page; job-0 is the one that can be retried; others are NOT_FOUND. Infer records
+    the call's metadata."""
 
     def __init__(self) -> None:
         self.seen: list[object] = []
+
+    def Infer(self, request: gateway_pb2.InferRequest, context: grpc.ServicerContext) -> gateway_pb2.InferResponse:
+        self.seen.append(dict(context.invocation_metadata()))
+        return gateway_pb2.InferResponse(model_id=request.model_id)
 
     def ListBatchJobs(
         self, request: gateway_pb2.ListBatchJobsRequest, context: grpc.ServicerContext
@@ -94,3 +102,17 @@ async def test_async_batch_calls(gateway: tuple[Gateway, str]) -> None:
         with pytest.raises(ServegridError) as refused:
             await sg.retry_batch_job("job-1")
         assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_an_inference_names_its_model_to_the_data_plane(gateway: tuple[Gateway, str]) -> None:
+    """Both clients send the headers Envoy routes and counts KServe calls by (services.mesh.names'),
+    the version header only for a pinned version."""
+    servicer, target = gateway
+    inputs = {"x": np.zeros((1, 4), np.float32)}
+    with ServegridClient(target, token="t") as sg:
+        sg.infer("affine", inputs, version=2)
+    async with AsyncServegridClient(target, token="t") as asg:
+        await asg.infer("digits", inputs)
+    pinned, latest = servicer.seen
+    assert (pinned[names.MODEL_HEADER], pinned[names.VERSION_HEADER]) == ("affine", "2")  # type: ignore[index]
+    assert latest[names.MODEL_HEADER] == "digits" and names.VERSION_HEADER not in latest  # type: ignore[index, operator]

@@ -27,6 +27,7 @@ from servegrid_sdk.client import (
     declared_datatypes,
     infer_request,
     infer_result,
+    model_metadata,
     needs_signature,
     refresh_time,
     tls_credentials,
@@ -95,10 +96,12 @@ class AsyncServegridClient:
     async def _metadata(self) -> list[tuple[str, str]]:
         return self._static if self.api_key is None else await self.api_key.metadata(self.timeout_s)
 
-    async def _call(self, method: str, request: Any, timeout_s: float | None = None) -> Any:
+    async def _call(
+        self, method: str, request: Any, timeout_s: float | None = None, headers: list[tuple[str, str]] | None = None
+    ) -> Any:
         try:
             return await getattr(self._stub, method)(
-                request, timeout=timeout_s or self.timeout_s, metadata=await self._metadata()
+                request, timeout=timeout_s or self.timeout_s, metadata=[*await self._metadata(), *(headers or ())]
             )
         except grpc.aio.AioRpcError as err:
             raise ServegridError.from_rpc_error(err) from None
@@ -122,7 +125,7 @@ class AsyncServegridClient:
         request = infer_request(
             model_id, inputs, declared, version=version, output_names=output_names, request_id=request_id
         )
-        return infer_result(await self._call("Infer", request, timeout_s))
+        return infer_result(await self._call("Infer", request, timeout_s, model_metadata(model_id, version)))
 
     async def list_models(self, page_size: int = 0) -> AsyncIterator[gateway_pb2.Model]:
         async for model in self._paged("ListModels", gateway_pb2.ListModelsRequest(page_size=page_size), "models"):

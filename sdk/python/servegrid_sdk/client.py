@@ -153,6 +153,21 @@ def declared_datatypes(model: gateway_pb2.Model) -> dict[str, str]:
     return {spec.name: spec.datatype for spec in model.inputs}
 
 
+# The headers the data plane routes KServe calls on (services/mesh/names.py has the same names; a unit
+# test holds them equal). The gateway sets them itself upstream; sent here as well, a call through the
+# public port names its model to Envoy (access log, per-model stats) as every servegrid client does.
+MODEL_HEADER = "x-servegrid-model"
+VERSION_HEADER = "x-servegrid-model-version"
+
+
+def model_metadata(model_id: str, version: int = 0) -> list[tuple[str, str]]:
+    """The model (and, when pinned, version) headers of a call for `model_id`."""
+    headers = [(MODEL_HEADER, model_id)]
+    if version:
+        headers.append((VERSION_HEADER, str(version)))
+    return headers
+
+
 def infer_request(
     model_id: str,
     inputs: Inputs,
@@ -248,11 +263,13 @@ class ServegridClient:
             return self._static
         return self.api_key.metadata(self.timeout_s)
 
-    def _call(self, method: str, request: object, timeout_s: float | None = None) -> object:
+    def _call(
+        self, method: str, request: object, timeout_s: float | None = None, headers: list[tuple[str, str]] | None = None
+    ) -> object:
         for attempt in (1, 2):
             try:
                 return getattr(self._stub, method)(
-                    request, timeout=timeout_s or self.timeout_s, metadata=self._metadata
+                    request, timeout=timeout_s or self.timeout_s, metadata=[*self._metadata, *(headers or ())]
                 )
             except grpc.RpcError as err:
                 # An exchanged token the server no longer accepts (its signing key changed, a clock
@@ -279,7 +296,9 @@ class ServegridClient:
         request = infer_request(
             model_id, inputs, declared, version=version, output_names=output_names, request_id=request_id
         )
-        reply: gateway_pb2.InferResponse = self._call("Infer", request, timeout_s)  # type: ignore[assignment]
+        reply: gateway_pb2.InferResponse = self._call(  # type: ignore[assignment]
+            "Infer", request, timeout_s, model_metadata(model_id, version)
+        )
         return infer_result(reply)
 
     def _declared(self, model_id: str) -> dict[str, str]:
