@@ -85,8 +85,8 @@ fmt: $(STAMP) ## format hand-written code
 unit: $(STAMP) ## unit tests only (seconds)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
-test: $(STAMP) $(TS_STAMP) prometheus-tools lint models ## install what is needed, then run every check and test
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: $(STAMP) $(TS_STAMP) prometheus-tools lint models ## install what is needed, then run every check and test (with line coverage)
+	$(PY) -m pytest --cov --cov-report=term:skip-covered $(PYTEST_ARGS)
 
 BENCH ?=
 smoke: $(STAMP) models ## on the default ports: make up, the README's examples as written, status, make down

@@ -1,6 +1,6 @@
 """What the local stack costs doing nothing: CPU % of one core per process, measured from /proc.
 
-# Run: python -m bench.idle_bench [--settle S] [--window S]   (make bench BENCH=idle)
+# Run: python -m bench.idle_bench [--settle S] [--window S]   (make bench BENCH=idle; about 100 s)
 
 A whole mesh (`servegrid up`) starts on free ports in a scratch home; after it settles (readiness
 probes, first xDS pushes, the broker's group joins), every process tree's CPU is read over a quiet
@@ -50,7 +50,9 @@ def format_table(percent: dict[str, float]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.idle_bench", description=__doc__)
     parser.add_argument("--settle", type=float, default=10.0, help="seconds after `up` before measuring")
-    parser.add_argument("--window", type=float, default=20.0, help="measured seconds")
+    # CPU time comes in 10 ms ticks: over 20 s one tick is 0.05 % per process, and ten processes' rounding
+    # plus a shared machine's jitter moved 20 s totals of one build by up to 0.6 %; a minute smooths both.
+    parser.add_argument("--window", type=float, default=60.0, help="measured seconds")
     args = parser.parse_args(argv)
     percent = measure_idle(args.settle, args.window)
     print(format_table(percent))

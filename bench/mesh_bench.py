@@ -62,6 +62,9 @@ STACK_PORTS = (
     "TRITON_HTTP_PORT",
     "TRITON_METRICS_PORT",
     "KAFKA_PORT",
+    # Used only when no SERVEGRID_DATABASE_URL / SERVEGRID_REDIS_URL is given (embedded ones start).
+    "POSTGRES_PORT",
+    "REDIS_PORT",
 )
 TARGETS = (
     "mesh >= 0.95x direct at c=32; public >= 0.85x, <= 0.5 ms added p50 at c=1, <= 250 us mesh CPU per request; "
@@ -108,27 +111,19 @@ class Row:
         return self.errors == 0 and self.served >= 0.95 * self.claimed and self.claimed > 0
 
 
-def _free_ports(count: int) -> list[int]:
-    from services.stack.ports import free_port
-
-    ports: set[int] = set()
-    while len(ports) < count:
-        ports.add(free_port())
-    return sorted(ports)
-
-
 @contextmanager
 def running_stack(home: Path) -> Iterator[Stack]:
     """`servegrid up` on free ports in `home`; `servegrid down` afterwards whatever happens."""
     from services.edge.devkeys import DevIssuer
     from services.stack.local import StackSettings, component_tls, public_ca_file
+    from services.stack.ports import free_block, free_ports
     from services.stack.supervisor import Supervisor
 
-    ports = dict(zip(STACK_PORTS, _free_ports(len(STACK_PORTS)), strict=True))
+    ports = dict(zip(STACK_PORTS, free_ports(len(STACK_PORTS)), strict=True))
     env = {
         **os.environ,
         "SERVEGRID_STACK_HOME": str(home),
-        "SERVEGRID_STACK_METRICS_PORT_BASE": str(_free_ports(1)[0] + 7),
+        "SERVEGRID_STACK_METRICS_PORT_BASE": str(free_block(5)),  # the services' metrics: base+1 ... base+5
         **{f"SERVEGRID_STACK_{name}": str(port) for name, port in ports.items()},
         "SERVEGRID_EDGE_DEFAULT_LIMIT": str(10**9),  # counted, never refused
         "SERVEGRID_LOG_LEVEL": "WARNING",

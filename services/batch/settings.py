@@ -65,13 +65,15 @@ class BatchSettings(ServiceSettings):
     retry_backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles per attempt.")
     retry_backoff_max_s: float = Field(30.0, ge=0, description="Longest retry delay.")
     relay_idle_max_s: float = Field(
-        5.0,
+        10.0,
         gt=0,
         description="Longest the idle outbox relay waits before looking again; it wakes at once on new jobs,"
         " retries and dead letters (in-process, or LISTEN/NOTIFY from workers) and at each retry's due time.",
     )
     relay_batch: int = Field(4096, ge=1, description="Most items the relay publishes per transaction.")
-    reconcile_interval_s: float = Field(2.0, gt=0, description="How often expired leases are looked for.")
+    reconcile_interval_s: float = Field(
+        5.0, gt=0, description="How often expired leases are looked for (an expiry is seen this much late at most)."
+    )
     request_timeout_s: float = Field(60.0, gt=0, description="Deadline of one inference call.")
     model_config_ttl_s: float = Field(30.0, ge=0, description="How long a model's max_batch_size is cached.")
     watch_interval_s: float = Field(0.5, gt=0, description="How often WatchBatchJob samples progress.")

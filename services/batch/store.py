@@ -23,6 +23,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from services.runtime.errors import AlreadyExists, FailedPrecondition, NotFound
 from services.runtime.migrations import apply_migrations
+from services.runtime.notifications import Listener
 
 log = logging.getLogger(__name__)
 
@@ -209,10 +210,12 @@ class BatchStore:
 
     async def due_notifications(self) -> AsyncIterator[None]:
         """Yield once per NOTIFY on due_channel, on a connection of its own (not the pool's)."""
-        async with await psycopg.AsyncConnection.connect(self._database_url, autocommit=True) as conn:
-            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.due_channel)))
-            async for _ in conn.notifies():
+        listener = await Listener.open(self._database_url, self.due_channel)
+        try:
+            async for _ in listener.notifications():
                 yield None
+        finally:
+            await listener.close()
 
     async def next_due_in_s(self) -> float | None:
         """Seconds until the earliest scheduled item is due (0: one is due now); None when none is."""
@@ -518,122 +521,153 @@ class BatchStore:
         """Write one round's outcomes for a job in one transaction. Only items still PENDING change, and a
         result row is inserted with ON CONFLICT DO NOTHING, so a redelivered or republished item can
         never produce a second result, and nothing is written once the job is cancelled."""
-        succeeded = failed = retried = 0
         async with self._pool.connection() as conn, conn.transaction():
             cur = await conn.execute("SELECT state FROM jobs WHERE job_id = %s FOR UPDATE", (job_id,))
             row = await cur.fetchone()
             if row is None or row[0] not in ACTIVE_JOB_STATES:
                 return Recorded(0, 0, 0, row[0] if row else 0, False, None)
-            if outcomes.succeeded:
-                cur = await conn.execute(
-                    """WITH done AS (
-                           UPDATE items SET state = %s, attempts = attempts + 1, due_at = NULL, lease_until = NULL
-                           FROM unnest(%s::bigint[]) AS o(item_index)
-                           WHERE items.job_id = %s AND items.item_index = o.item_index AND items.state = %s
-                           RETURNING items.item_index, items.attempts)
-                       INSERT INTO results (job_id, item_index, state, response, attempts)
-                       SELECT %s, done.item_index, %s, o.response, done.attempts
-                       FROM done JOIN unnest(%s::bigint[], %s::bytea[]) AS o(item_index, response) USING (item_index)
-                       ON CONFLICT (job_id, item_index) DO NOTHING""",
-                    (
-                        ITEM_SUCCEEDED,
-                        [i for i, _ in outcomes.succeeded],
-                        job_id,
-                        ITEM_PENDING,
-                        job_id,
-                        ITEM_SUCCEEDED,
-                        [i for i, _ in outcomes.succeeded],
-                        [r for _, r in outcomes.succeeded],
-                    ),
-                )
-                succeeded = cur.rowcount
-            final = list(outcomes.failed)
-            if outcomes.transient:
-                # Items out of tries fail for good; the others go back to the outbox after a backoff.
-                cur = await conn.execute(
-                    """SELECT item_index, attempts FROM items
-                       WHERE job_id = %s AND item_index = ANY(%s) AND state = %s""",
-                    (job_id, [i for i, _, _ in outcomes.transient], ITEM_PENDING),
-                )
-                tries = {int(i): int(a) + 1 for i, a in await cur.fetchall()}
-                again: list[tuple[int, float]] = []
-                for index, code, message in outcomes.transient:
-                    if index not in tries:
-                        continue
-                    if tries[index] >= max_attempts:
-                        final.append(
-                            (index, code, "RETRIES_EXHAUSTED", f"failed {tries[index]} times; last error: {message}")
-                        )
-                    else:
-                        again.append((index, min(backoff_max_s, backoff_s * 2 ** (tries[index] - 1))))
-                if again:
-                    cur = await conn.execute(
-                        """UPDATE items SET attempts = attempts + 1, lease_until = NULL,
-                                  due_at = now() + make_interval(secs => o.delay)
-                           FROM unnest(%s::bigint[], %s::float8[]) AS o(item_index, delay)
-                           WHERE items.job_id = %s AND items.item_index = o.item_index AND items.state = %s""",
-                        ([i for i, _ in again], [d for _, d in again], job_id, ITEM_PENDING),
-                    )
-                    retried = cur.rowcount
-            if final:
-                cur = await conn.execute(
-                    """WITH done AS (
-                           UPDATE items SET state = %s, attempts = attempts + 1, due_at = NULL, lease_until = NULL,
-                                  dlq_due = true
-                           FROM unnest(%s::bigint[]) AS o(item_index)
-                           WHERE items.job_id = %s AND items.item_index = o.item_index AND items.state = %s
-                           RETURNING items.item_index, items.attempts)
-                       INSERT INTO results
-                           (job_id, item_index, state, error_code, error_reason, error_message, attempts)
-                       SELECT %s, done.item_index, %s, o.code, o.reason, o.message, done.attempts
-                       FROM done JOIN unnest(%s::bigint[], %s::int[], %s::text[], %s::text[])
-                           AS o(item_index, code, reason, message) USING (item_index)
-                       ON CONFLICT (job_id, item_index) DO NOTHING""",
-                    (
-                        ITEM_FAILED,
-                        [f[0] for f in final],
-                        job_id,
-                        ITEM_PENDING,
-                        job_id,
-                        ITEM_FAILED,
-                        [f[0] for f in final],
-                        [f[1] for f in final],
-                        [f[2] for f in final],
-                        [f[3] for f in final],
-                    ),
-                )
-                failed = cur.rowcount
+            succeeded = await _write_successes(conn, job_id, outcomes.succeeded)
+            tries = await _next_attempts(conn, job_id, [i for i, _, _ in outcomes.transient])
+            given_up, again = retry_plan(outcomes.transient, tries, max_attempts, backoff_s, backoff_max_s)
+            retried = await _schedule_retries(conn, job_id, again)
+            failed = await _write_failures(conn, job_id, [*outcomes.failed, *given_up])
             if retried or failed:
                 await self._notify_due(conn)  # retries due after their backoff; dead letters to publish
             if not (succeeded or failed):
                 return Recorded(0, 0, retried, row[0], False, None)
-            cur = await conn.execute(
-                """UPDATE jobs SET succeeded_items = succeeded_items + %s, failed_items = failed_items + %s,
-                       state = CASE WHEN succeeded_items + %s + failed_items + %s + cancelled_items < total_items
-                                    THEN %s WHEN failed_items + %s > 0 THEN %s ELSE %s END,
-                       start_time = COALESCE(start_time, now()),
-                       end_time = CASE WHEN succeeded_items + %s + failed_items + %s + cancelled_items < total_items
-                                       THEN NULL ELSE now() END
-                   WHERE job_id = %s
-                   RETURNING state, EXTRACT(EPOCH FROM (end_time - create_time))""",
-                (
-                    succeeded,
-                    failed,
-                    succeeded,
-                    failed,
-                    JOB_RUNNING,
-                    failed,
-                    JOB_FAILED,
-                    JOB_SUCCEEDED,
-                    succeeded,
-                    failed,
-                    job_id,
-                ),
-            )
-            end = await cur.fetchone()
-            assert end is not None
-            ended = end[0] in TERMINAL_JOB_STATES
-            return Recorded(succeeded, failed, retried, int(end[0]), ended, float(end[1]) if ended else None)
+            state, duration_s = await _count_results(conn, job_id, succeeded, failed)
+            ended = state in TERMINAL_JOB_STATES
+            return Recorded(succeeded, failed, retried, state, ended, duration_s if ended else None)
+
+
+# --- record(): one statement per kind of outcome, inside the caller's transaction --------------------
+
+
+def retry_plan(
+    transient: Sequence[tuple[int, int, str]],
+    tries: dict[int, int],
+    max_attempts: int,
+    backoff_s: float,
+    backoff_max_s: float,
+) -> tuple[list[tuple[int, int, str, str]], list[tuple[int, float]]]:
+    """Split a round's transient failures by the attempt each would be (`tries`; items missing from it are
+    no longer pending and drop out): (failures for good, RETRIES_EXHAUSTED; (index, backoff delay) to retry),
+    the delay doubling from `backoff_s` per attempt up to `backoff_max_s`."""
+    given_up: list[tuple[int, int, str, str]] = []
+    again: list[tuple[int, float]] = []
+    for index, code, message in transient:
+        if index not in tries:
+            continue
+        if tries[index] >= max_attempts:
+            given_up.append((index, code, "RETRIES_EXHAUSTED", f"failed {tries[index]} times; last error: {message}"))
+        else:
+            again.append((index, min(backoff_max_s, backoff_s * 2 ** (tries[index] - 1))))
+    return given_up, again
+
+
+async def _write_successes(conn: Any, job_id: uuid.UUID, succeeded: Sequence[tuple[int, bytes]]) -> int:
+    """Mark pending items succeeded and store their responses; the number of results written."""
+    if not succeeded:
+        return 0
+    indexes = [i for i, _ in succeeded]
+    cur = await conn.execute(
+        """WITH done AS (
+               UPDATE items SET state = %s, attempts = attempts + 1, due_at = NULL, lease_until = NULL
+               FROM unnest(%s::bigint[]) AS o(item_index)
+               WHERE items.job_id = %s AND items.item_index = o.item_index AND items.state = %s
+               RETURNING items.item_index, items.attempts)
+           INSERT INTO results (job_id, item_index, state, response, attempts)
+           SELECT %s, done.item_index, %s, o.response, done.attempts
+           FROM done JOIN unnest(%s::bigint[], %s::bytea[]) AS o(item_index, response) USING (item_index)
+           ON CONFLICT (job_id, item_index) DO NOTHING""",
+        (ITEM_SUCCEEDED, indexes, job_id, ITEM_PENDING, job_id, ITEM_SUCCEEDED, indexes, [r for _, r in succeeded]),
+    )
+    return int(cur.rowcount)
+
+
+async def _next_attempts(conn: Any, job_id: uuid.UUID, indexes: Sequence[int]) -> dict[int, int]:
+    """The attempt number this round was, for each of `indexes` still pending."""
+    if not indexes:
+        return {}
+    cur = await conn.execute(
+        "SELECT item_index, attempts FROM items WHERE job_id = %s AND item_index = ANY(%s) AND state = %s",
+        (job_id, list(indexes), ITEM_PENDING),
+    )
+    return {int(i): int(a) + 1 for i, a in await cur.fetchall()}
+
+
+async def _schedule_retries(conn: Any, job_id: uuid.UUID, again: Sequence[tuple[int, float]]) -> int:
+    """Put items back in the outbox, each due after its backoff delay; the number requeued."""
+    if not again:
+        return 0
+    cur = await conn.execute(
+        """UPDATE items SET attempts = attempts + 1, lease_until = NULL,
+                  due_at = now() + make_interval(secs => o.delay)
+           FROM unnest(%s::bigint[], %s::float8[]) AS o(item_index, delay)
+           WHERE items.job_id = %s AND items.item_index = o.item_index AND items.state = %s""",
+        ([i for i, _ in again], [d for _, d in again], job_id, ITEM_PENDING),
+    )
+    return int(cur.rowcount)
+
+
+async def _write_failures(conn: Any, job_id: uuid.UUID, failures: Sequence[tuple[int, int, str, str]]) -> int:
+    """Fail pending items for good (due for the dead-letter topic) with their errors; the number written."""
+    if not failures:
+        return 0
+    indexes = [f[0] for f in failures]
+    cur = await conn.execute(
+        """WITH done AS (
+               UPDATE items SET state = %s, attempts = attempts + 1, due_at = NULL, lease_until = NULL,
+                      dlq_due = true
+               FROM unnest(%s::bigint[]) AS o(item_index)
+               WHERE items.job_id = %s AND items.item_index = o.item_index AND items.state = %s
+               RETURNING items.item_index, items.attempts)
+           INSERT INTO results
+               (job_id, item_index, state, error_code, error_reason, error_message, attempts)
+           SELECT %s, done.item_index, %s, o.code, o.reason, o.message, done.attempts
+           FROM done JOIN unnest(%s::bigint[], %s::int[], %s::text[], %s::text[])
+               AS o(item_index, code, reason, message) USING (item_index)
+           ON CONFLICT (job_id, item_index) DO NOTHING""",
+        (
+            ITEM_FAILED,
+            indexes,
+            job_id,
+            ITEM_PENDING,
+            job_id,
+            ITEM_FAILED,
+            indexes,
+            [f[1] for f in failures],
+            [f[2] for f in failures],
+            [f[3] for f in failures],
+        ),
+    )
+    return int(cur.rowcount)
+
+
+async def _count_results(conn: Any, job_id: uuid.UUID, succeeded: int, failed: int) -> tuple[int, float]:
+    """Add the round's results to the job's counts and end it when none is left: (its state, seconds since
+    it was created, meaningful once it ended)."""
+    cur = await conn.execute(
+        """UPDATE jobs SET succeeded_items = succeeded_items + %(ok)s, failed_items = failed_items + %(bad)s,
+               state = CASE WHEN succeeded_items + %(ok)s + failed_items + %(bad)s + cancelled_items < total_items
+                            THEN %(running)s WHEN failed_items + %(bad)s > 0 THEN %(failed)s ELSE %(succeeded)s END,
+               start_time = COALESCE(start_time, now()),
+               end_time = CASE WHEN succeeded_items + %(ok)s + failed_items + %(bad)s + cancelled_items < total_items
+                               THEN NULL ELSE now() END
+           WHERE job_id = %(job)s
+           RETURNING state, EXTRACT(EPOCH FROM (end_time - create_time))""",
+        {
+            "ok": succeeded,
+            "bad": failed,
+            "running": JOB_RUNNING,
+            "failed": JOB_FAILED,
+            "succeeded": JOB_SUCCEEDED,
+            "job": job_id,
+        },
+    )
+    end = await cur.fetchone()
+    assert end is not None
+    return int(end[0]), float(end[1] or 0.0)
 
 
 def _job_not_found(job_id: uuid.UUID) -> NotFound:

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequ
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -32,6 +32,7 @@ from services.registry.domain import (
 )
 from services.runtime.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from services.runtime.migrations import apply_migrations
+from services.runtime.notifications import Listener
 
 log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -151,11 +152,9 @@ class RegistryStore:
         async with self._conn() as conn:
             await conn.execute("SELECT 1 FROM registry_state")
 
-    async def listen_connection(self) -> psycopg.AsyncConnection[Any]:
-        """A dedicated autocommit connection LISTENing on this schema's channel."""
-        conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
-        await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
-        return conn
+    async def listen(self) -> Listener:
+        """A dedicated connection LISTENing on this schema's channel."""
+        return await Listener.open(self.conninfo, self.channel)
 
     @asynccontextmanager
     async def _conn(self) -> AsyncIterator[Conn]:

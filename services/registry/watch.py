@@ -8,15 +8,13 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import psycopg
 
 from services.registry.cache import RegistryCache
 from services.registry.domain import Route, RouteUpdate
 from services.registry.metrics import LISTEN_RECONNECTS, NOTIFY_LAG, ROUTE_UPDATES, WATCHERS
 from services.registry.routes import build_route
 from services.registry.store import Change, RegistryStore, RoutingSnapshot
+from services.runtime.notifications import Listener
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +72,11 @@ class RouteHub:
         self._watchers: set[_Watcher] = set()
         self._changes: asyncio.Queue[Change | _Signal] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
-        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._listener: Listener | None = None
 
     async def start(self) -> None:
         """LISTEN before serving, so no change committed after start can be missed."""
-        self._conn = await self.store.listen_connection()
+        self._listener = await self.store.listen()
         self._tasks = [
             asyncio.create_task(self._listen_loop(), name="registry-listen"),
             asyncio.create_task(self._build_loop(), name="registry-route-builder"),
@@ -93,9 +91,9 @@ class RouteHub:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
-        if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
 
     async def full_update(self) -> RouteUpdate:
         snapshot = await self.store.routing_snapshot(None)
@@ -146,11 +144,11 @@ class RouteHub:
     async def _listen_loop(self) -> None:
         while True:
             try:
-                if self._conn is None:
-                    self._conn = await self.store.listen_connection()
+                if self._listener is None:
+                    self._listener = await self.store.listen()
                     # Changes may have committed while we were not listening.
                     self._changes.put_nowait(RESYNC)
-                async for notify in self._conn.notifies():
+                async for notify in self._listener.notifications():
                     try:
                         self._changes.put_nowait(Change.from_payload(notify.payload))
                     except (ValueError, KeyError):
@@ -160,10 +158,10 @@ class RouteHub:
             except Exception as exc:
                 LISTEN_RECONNECTS.inc()
                 log.warning("LISTEN connection lost; reconnecting", extra={"error": f"{type(exc).__name__}: {exc}"})
-                if self._conn is not None:
+                if self._listener is not None:
                     with contextlib.suppress(Exception):
-                        await self._conn.close()
-                    self._conn = None
+                        await self._listener.close()
+                    self._listener = None
                 await asyncio.sleep(self.reconnect_s)
 
     async def _build_loop(self) -> None:

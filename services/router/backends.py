@@ -5,7 +5,9 @@
 # (Triton model, version) the table sends it. The verdicts and the drain flags become one
 # EndpointStates mapping, (backend, Triton model, Triton version) -> HEALTHY / UNHEALTHY / DRAINING,
 # which services.mesh turns into EDS health. Listeners hear only of real changes, so idle probing
-# never rebuilds a snapshot.
+# never rebuilds a snapshot. A backend whose connection drops (Triton exited, restarted) is probed at
+# once rather than at the next tick, so the interval only bounds what no connection shows: a model
+# unloaded on a live Triton.
 
 from __future__ import annotations
 
@@ -56,6 +58,10 @@ class ProbeClient(Protocol):
 
     async def model_ready(self, name: str, version: str, timeout_s: float) -> bool: ...
 
+    async def connection_lost(self) -> None:
+        """Return when the connection to the backend, once up, goes down."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -94,6 +100,15 @@ class TritonProbeClient:
         except grpc.aio.AioRpcError:
             return False
         return bool(reply.ready)
+
+    async def connection_lost(self) -> None:
+        ready = grpc.ChannelConnectivity.READY
+        state = self.channel.get_state()
+        while True:
+            await self.channel.wait_for_state_change(state)
+            was, state = state, self.channel.get_state()
+            if was is ready and state is not ready:
+                return
 
     async def close(self) -> None:
         await self.channel.close(grace=None)
@@ -138,6 +153,7 @@ class ProbedBackend:
         self.replica_drained = False  # drained on this replica only (a router without a registry)
         self.probed_at = 0.0
         self.resolved: dict[str, str | None] = {}  # host of the gRPC / HTTP address -> IP, at the last probe
+        self.watch: asyncio.Task[None] | None = None  # BackendProbes' wait for its connection to drop
 
     @property
     def models(self) -> frozenset[ModelKey]:
@@ -219,6 +235,7 @@ class BackendProbes:
         self._resolved: dict[str, str | None] = {}
         self._task: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
+        self._connection_lost = asyncio.Event()  # cuts the probe loop's wait short
 
     def on_change(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
@@ -237,7 +254,7 @@ class BackendProbes:
                 replacement = ProbedBackend(backend_id, spec, self._client_factory(spec.address))
                 if backend is not None:
                     replacement.replica_drained = backend.replica_drained
-                    self._close_later(backend.client)
+                    self._close_later(backend)
                 self.backends[backend_id] = replacement
                 log.info("backend %s probed at %s", backend_id, spec.address, extra={"backend_id": backend_id})
             else:
@@ -252,7 +269,7 @@ class BackendProbes:
                 backend.export_state()  # the registry's drain flag may have changed
                 backend.model_ready = {m: r for m, r in backend.model_ready.items() if m in spec.models}
         for backend_id in [b for b in self.backends if b not in wanted]:
-            self._close_later(self.backends.pop(backend_id).client)
+            self._close_later(self.backends.pop(backend_id))
             metrics.forget_backend(backend_id)
             log.info("backend %s removed", backend_id, extra={"backend_id": backend_id})
         self._recompute()
@@ -296,8 +313,23 @@ class BackendProbes:
 
     async def probe_all(self) -> None:
         timeout = self.settings.probe_timeout_s
+        for backend in self.backends.values():
+            self._watch(backend)
         await asyncio.gather(*(b.probe(timeout) for b in list(self.backends.values())))
         self._recompute()
+
+    def _watch(self, backend: ProbedBackend) -> None:
+        """Make the probe loop look at once when `backend`'s connection drops (started once per backend)."""
+        if backend.watch is not None:
+            return
+
+        async def watch() -> None:
+            while True:
+                await backend.client.connection_lost()
+                log.info("backend %s lost its connection; probing now", backend.backend_id)
+                self._connection_lost.set()
+
+        backend.watch = asyncio.get_running_loop().create_task(watch(), name=f"probe-watch-{backend.backend_id}")
 
     def _recompute(self) -> None:
         states = {
@@ -318,11 +350,14 @@ class BackendProbes:
     async def _probe_loop(self) -> None:
         while True:
             started = time.monotonic()
+            self._connection_lost.clear()
             try:
                 await self.probe_all()
             except Exception:  # a probe bug must not stop probing
                 log.exception("backend probes failed")
-            await asyncio.sleep(max(0.0, self.settings.probe_interval_s - (time.monotonic() - started)))
+            wait_s = max(0.0, self.settings.probe_interval_s - (time.monotonic() - started))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._connection_lost.wait(), wait_s)
 
     async def start(self) -> None:
         await self.probe_all()
@@ -333,8 +368,12 @@ class BackendProbes:
         if self.backends and not any(b.health == HEALTHY for b in self.backends.values()):
             raise RuntimeError("no backend passes its probes")
 
-    def _close_later(self, client: ProbeClient) -> None:
+    def _close_later(self, backend: ProbedBackend) -> None:
         # A probe of the old address may be in flight; let it finish instead of cancelling it.
+        if backend.watch is not None:
+            backend.watch.cancel()
+        client = backend.client
+
         async def close() -> None:
             await asyncio.sleep(self.settings.probe_timeout_s)
             await client.close()
@@ -348,7 +387,7 @@ class BackendProbes:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for task in list(self._closing):
+        for task in [*self._closing, *(b.watch for b in self.backends.values() if b.watch is not None)]:
             task.cancel()
         await asyncio.gather(*(b.client.close() for b in self.backends.values()), return_exceptions=True)
         self.backends.clear()

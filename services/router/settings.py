@@ -40,10 +40,11 @@ class RouterSettings(ServiceSettings):
     )
 
     probe_interval_s: float = Field(
-        2.0,
+        5.0,
         gt=0,
-        description="How often each backend gets ServerReady/ModelReady probes (EDS health). Live traffic"
-        " does not wait for them: Envoy's outlier detection and retries move off a failing host at once.",
+        description="How often each backend gets ServerReady/ModelReady probes (EDS health); a backend whose"
+        " connection drops is probed at once. Live traffic does not wait for them: Envoy's outlier detection"
+        " and retries move off a failing host at once.",
     )
     probe_timeout_s: float = Field(0.5, gt=0, description="Deadline of one probe call.")
     eject_consecutive_failures: int = Field(

@@ -30,7 +30,9 @@ class ServiceSettings(BaseSettings):
         ge=0,
         description="On SIGTERM, how long to report NOT_SERVING while still serving, so balancers notice first.",
     )
-    health_interval_s: float = Field(2.0, gt=0, description="How often component health checks run.")
+    health_interval_s: float = Field(
+        5.0, gt=0, description="How often component health checks run (a readiness probe's usual period)."
+    )
     log_level: str = Field("INFO", description="Log level: DEBUG, INFO, WARNING, ERROR.")
     log_format: Literal["json", "text"] = Field("json", description="json for machines, text for people.")
     ready_file: Path | None = Field(

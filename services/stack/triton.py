@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import secrets
 import shutil
@@ -16,7 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -310,49 +311,22 @@ def start_triton(
     state.mkdir(parents=True, exist_ok=True)
     backend_directory = distribution.prepare_backends(state)
     picked_ports = 0 in (grpc_port, http_port, metrics_port)
-
+    command = functools.partial(  # the ports and shared-memory prefix are each attempt's own
+        triton_command,
+        distribution.server,
+        model_repository=repository,
+        backend_directory=backend_directory,
+        host=host,
+        load_models=load_models,
+        trace_config=trace_config,
+        extra_args=extra_args,
+    )
     for attempt in range(1, _START_ATTEMPTS + 1):
-        ports = [
+        ports = tuple(
             port or free_port(host if host not in ("0.0.0.0", "") else "127.0.0.1")
             for port in (grpc_port, http_port, metrics_port)
-        ]
-        shm_prefix = f"{SHM_PREFIX}sg{secrets.token_hex(4)}_"
-        log_path = state / "triton.log"
-        command = triton_command(
-            distribution.server,
-            model_repository=repository,
-            backend_directory=backend_directory,
-            host=host,
-            grpc_port=ports[0],
-            http_port=ports[1],
-            metrics_port=ports[2],
-            load_models=load_models,
-            shm_prefix=shm_prefix,
-            trace_config=trace_config,
-            extra_args=extra_args,
         )
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=distribution.environment(),
-                cwd=state,
-                # Own process group: stop() can reap the backend stubs without touching anyone else's.
-                start_new_session=True,
-            )
-        instance = TritonInstance(
-            process=process,
-            host=host,
-            grpc_port=ports[0],
-            http_port=ports[1],
-            metrics_port=ports[2],
-            log_path=log_path,
-            state_dir=state,
-            model_repository=repository,
-            shm_prefix=shm_prefix,
-        )
+        instance = _launch(command, distribution, host, ports, state, repository)
         try:
             _wait_ready(instance, ready_timeout_s)
         except TritonStartError as error:
@@ -363,7 +337,7 @@ def start_triton(
                 continue  # another process took a port between free_port() and Triton's bind
             if owns_state_dir:
                 shutil.rmtree(state, ignore_errors=True)
-            raise TritonStartError(f"{error}\n--- last lines of {log_path} ---\n{tail}") from None
+            raise TritonStartError(f"{error}\n--- last lines of {instance.log_path} ---\n{tail}") from None
         except BaseException:
             # Ctrl-C or a test timeout while waiting: never leave an orphaned Triton behind.
             instance.owns_state_dir = owns_state_dir
@@ -372,6 +346,44 @@ def start_triton(
         instance.owns_state_dir = owns_state_dir
         return instance
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _launch(
+    command: Callable[..., list[str]],
+    distribution: TritonDistribution,
+    host: str,
+    ports: tuple[int, ...],
+    state: Path,
+    repository: Path,
+) -> TritonInstance:
+    """One tritonserver process on `ports` (gRPC, HTTP, metrics) in its own process group, logging to
+    `state/triton.log`, with shared-memory regions of its own; not yet ready."""
+    grpc_port, http_port, metrics_port = ports
+    shm_prefix = f"{SHM_PREFIX}sg{secrets.token_hex(4)}_"
+    log_path = state / "triton.log"
+    argv = command(grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port, shm_prefix=shm_prefix)
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=distribution.environment(),
+            cwd=state,
+            # Own process group: stop() can reap the backend stubs without touching anyone else's.
+            start_new_session=True,
+        )
+    return TritonInstance(
+        process=process,
+        host=host,
+        grpc_port=grpc_port,
+        http_port=http_port,
+        metrics_port=metrics_port,
+        log_path=log_path,
+        state_dir=state,
+        model_repository=repository,
+        shm_prefix=shm_prefix,
+    )
 
 
 def _wait_ready(instance: TritonInstance, timeout_s: float) -> None:

@@ -7,7 +7,6 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import pytest
 
 from scripts.smoke import examples, run
 from services.stack.datastores import postgres_data_dir
-from services.stack.ports import port_open
+from services.stack.ports import free_block, free_ports
 
 pytestmark = pytest.mark.e2e
 
@@ -43,25 +42,6 @@ PORTS = (
 )
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def _free_block(size: int) -> int:
-    """A base port whose next `size` ports are free (the services' metrics ports)."""
-    for base in range(20000, 60000, 97):
-        if all(not port_open(base + i) for i in range(1, size + 1)):
-            return base
-    raise RuntimeError("no free port block")
-
-
 def _running(pid: int) -> bool:
     """Alive and not a zombie waiting to be reaped by whoever inherited it."""
     try:
@@ -73,11 +53,11 @@ def _running(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     home = tmp_path_factory.mktemp("stack-home")
-    ports = dict(zip(PORTS, _free_ports(len(PORTS)), strict=True))
+    ports = dict(zip(PORTS, free_ports(len(PORTS)), strict=True))
     env = {
         **{k: v for k, v in os.environ.items() if k not in ("SERVEGRID_DATABASE_URL", "SERVEGRID_REDIS_URL")},
         "SERVEGRID_STACK_HOME": str(home),
-        "SERVEGRID_STACK_METRICS_PORT_BASE": str(_free_block(5)),
+        "SERVEGRID_STACK_METRICS_PORT_BASE": str(free_block(5)),
         **{f"SERVEGRID_STACK_{name}": str(port) for name, port in ports.items()},
         "SERVEGRID_REGISTRY_ADDRESS": f"127.0.0.1:{ports['REGISTRY_PORT']}",
         "COLUMNS": "200",

@@ -21,6 +21,7 @@ import onnxruntime as ort
 import psycopg
 import pytest
 from aiokafka import AIOKafkaConsumer
+from prometheus_client import REGISTRY
 from servegrid.batch.v1 import batch_pb2, batch_pb2_grpc
 from servegrid.common.v1 import tensor_pb2
 
@@ -33,11 +34,12 @@ from services.runtime.errors import status_details
 from services.runtime.server import ServiceApp
 from services.stack.kafka import KafkaBroker, start_broker
 from services.stack.triton import TritonInstance, start_triton
+from tests.support.datastores import Schema, SessionDatastores
+from tests.support.polling import wait_started, wait_until
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-DATABASE_URL = os.environ.get("SERVEGRID_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 TENANT = "tenant-a"
 SUCCEEDED = batch_pb2.BATCH_JOB_STATE_SUCCEEDED
 FAILED = batch_pb2.BATCH_JOB_STATE_FAILED
@@ -53,12 +55,10 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
 
 
 @pytest.fixture
-def schema() -> Iterator[str]:
+def schema(datastores: SessionDatastores) -> Iterator[Schema]:
     """A fresh schema per test, so no test's outbox relay ever sees another test's items."""
-    name = f"batch_t_{uuid.uuid4().hex[:12]}"
-    yield name
-    with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+    with datastores.fresh_schema("batch_t_") as fresh:
+        yield fresh
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +66,14 @@ def digits_onnx(model_repository: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(model_repository / "digits" / "1" / "model.onnx"))
 
 
-def make_settings(schema: str, broker: KafkaBroker, router: str, **overrides: Any) -> BatchSettings:
-    tag = schema.removeprefix("batch_t_")
+def make_settings(schema: Schema, broker: KafkaBroker, router: str, **overrides: Any) -> BatchSettings:
+    tag = schema.name.removeprefix("batch_t_")
     values: dict[str, Any] = {
         "port": 0,
         "metrics_port": None,
         "use_uvloop": False,
-        "database_url": DATABASE_URL,
-        "db_schema": schema,
+        "database_url": schema.database_url,
+        "db_schema": schema.name,
         "kafka_bootstrap": broker.bootstrap,
         "items_topic": f"batch-items-{tag}",
         "dlq_topic": f"batch-dlq-{tag}",
@@ -85,6 +85,7 @@ def make_settings(schema: str, broker: KafkaBroker, router: str, **overrides: An
         "kafka_session_timeout_ms": 6000,
         "retry_backoff_s": 0.2,
         "retry_backoff_max_s": 1.0,
+        "watch_interval_s": 0.1,  # progress updates as often as tests look
         "health_interval_s": 1.0,
         "grace_period_s": 1.0,
     }
@@ -146,31 +147,38 @@ async def job(stub: batch_pb2_grpc.BatchServiceStub, job_id: str) -> batch_pb2.B
 async def wait_for(
     stub: batch_pb2_grpc.BatchServiceStub, job_id: str, *, done_at_least: int = 0, timeout_s: float = 90.0
 ) -> batch_pb2.BatchJob:
-    """Poll until the job has `done_at_least` finished items (0: until it ends)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        current = await job(stub, job_id)
-        done = current.succeeded_items + current.failed_items + current.cancelled_items
-        if (done_at_least and done >= done_at_least) or current.state in TERMINAL:
-            return current
-        assert time.monotonic() < deadline, f"job stuck: {current}"
-        await asyncio.sleep(0.1)
+    """Follow the job's WatchBatchJob stream until `done_at_least` items finished (0: until it ends)."""
+    current: batch_pb2.BatchJob | None = None
+    call = stub.WatchBatchJob(batch_pb2.WatchBatchJobRequest(tenant=TENANT, job_id=job_id))
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for update in call:
+                current = update.progress.job
+                done = current.succeeded_items + current.failed_items + current.cancelled_items
+                if (done_at_least and done >= done_at_least) or current.state in TERMINAL:
+                    return current
+    except TimeoutError:
+        pass
+    finally:
+        call.cancel()
+    raise AssertionError(f"job stuck after {timeout_s}s: {current}")
 
 
-def db_counts(schema: str, job_id: str) -> tuple[int, int, int]:
+def db_counts(schema: Schema, job_id: str) -> tuple[int, int, int]:
     """(result rows, distinct items with a result, items still pending) straight from PostgreSQL."""
-    with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+    name = schema.name
+    with psycopg.connect(schema.database_url, autocommit=True) as conn:
         row = conn.execute(
-            f"""SELECT (SELECT count(*) FROM {schema}.results WHERE job_id = %s),
-                       (SELECT count(DISTINCT item_index) FROM {schema}.results WHERE job_id = %s),
-                       (SELECT count(*) FROM {schema}.items WHERE job_id = %s AND state = 1)""",
+            f"""SELECT (SELECT count(*) FROM {name}.results WHERE job_id = %s),
+                       (SELECT count(DISTINCT item_index) FROM {name}.results WHERE job_id = %s),
+                       (SELECT count(*) FROM {name}.items WHERE job_id = %s AND state = 1)""",
             (job_id, job_id, job_id),
         ).fetchone()
     assert row is not None
     return int(row[0]), int(row[1]), int(row[2])
 
 
-def assert_exactly_once(schema: str, final: batch_pb2.BatchJob, total: int) -> None:
+def assert_exactly_once(schema: Schema, final: batch_pb2.BatchJob, total: int) -> None:
     assert final.state == SUCCEEDED, final
     assert final.succeeded_items == total
     assert db_counts(schema, final.job_id) == (total, total, 0)
@@ -196,6 +204,11 @@ def spawn(module: str, settings: BatchSettings, log_path: Path) -> subprocess.Po
     )
 
 
+def retries() -> float:
+    """Item attempts this process's workers failed and queued again (servegrid_batch_item_retries_total)."""
+    return REGISTRY.get_sample_value("servegrid_batch_item_retries_total") or 0.0
+
+
 def kill(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGKILL)
@@ -206,7 +219,7 @@ def kill(process: subprocess.Popen[bytes]) -> None:
 
 
 async def test_ten_thousand_digits_each_correct_exactly_once(
-    schema: str, broker: KafkaBroker, triton: TritonInstance, digits_held_out: HeldOutSplit, digits_onnx: Any
+    schema: Schema, broker: KafkaBroker, triton: TritonInstance, digits_held_out: HeldOutSplit, digits_onnx: Any
 ) -> None:
     total = 10_000
     settings = make_settings(schema, broker, triton.grpc_address, lease_s=30.0, workers=2)
@@ -247,7 +260,7 @@ async def test_ten_thousand_digits_each_correct_exactly_once(
 
 
 async def test_idempotency_key_returns_the_same_job(
-    schema: str, broker: KafkaBroker, triton: TritonInstance, digits_held_out: HeldOutSplit
+    schema: Schema, broker: KafkaBroker, triton: TritonInstance, digits_held_out: HeldOutSplit
 ) -> None:
     async with running(make_settings(schema, broker, triton.grpc_address)) as stub:
         request = create_request(digits_items(digits_held_out.pixels, 20), key="same-key")
@@ -269,7 +282,7 @@ async def test_idempotency_key_returns_the_same_job(
 
 
 async def test_jobs_are_per_tenant_and_paginate(
-    schema: str, broker: KafkaBroker, triton: TritonInstance, digits_held_out: HeldOutSplit
+    schema: Schema, broker: KafkaBroker, triton: TritonInstance, digits_held_out: HeldOutSplit
 ) -> None:
     async with running(make_settings(schema, broker, triton.grpc_address)) as stub:
         ids = [(await stub.CreateBatchJob(create_request(digits_items(digits_held_out.pixels, 3)))).job.job_id]
@@ -298,7 +311,9 @@ async def test_jobs_are_per_tenant_and_paginate(
             assert_exactly_once(schema, await wait_for(stub, job_id), 3)
 
 
-async def test_malformed_tensor_is_rejected_up_front(schema: str, broker: KafkaBroker, triton: TritonInstance) -> None:
+async def test_malformed_tensor_is_rejected_up_front(
+    schema: Schema, broker: KafkaBroker, triton: TritonInstance
+) -> None:
     async with running(make_settings(schema, broker, triton.grpc_address)) as stub:
         bad = batch_pb2.BatchItem(
             inputs=[
@@ -313,7 +328,7 @@ async def test_malformed_tensor_is_rejected_up_front(schema: str, broker: KafkaB
 
 
 async def test_poison_item_fails_into_the_dead_letter_topic_and_the_rest_succeed(
-    schema: str, broker: KafkaBroker, triton: TritonInstance, digits_held_out: HeldOutSplit
+    schema: Schema, broker: KafkaBroker, triton: TritonInstance, digits_held_out: HeldOutSplit
 ) -> None:
     settings = make_settings(schema, broker, triton.grpc_address)
     items = digits_items(digits_held_out.pixels, 300)
@@ -337,21 +352,7 @@ async def test_poison_item_fails_into_the_dead_letter_topic_and_the_rest_succeed
         assert failed.results[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
         assert "INVALID_ITEM" in failed.results[0].error.message
 
-        consumer = AIOKafkaConsumer(
-            settings.dlq_topic,
-            bootstrap_servers=broker.bootstrap,
-            group_id=f"dlq-reader-{schema}",
-            auto_offset_reset="earliest",
-        )
-        await consumer.start()
-        try:
-            letters: list[dict[str, Any]] = []
-            deadline = time.monotonic() + 20
-            while not letters and time.monotonic() < deadline:
-                batch = await consumer.getmany(timeout_ms=500)
-                letters += [json.loads(m.value) for ms in batch.values() for m in ms]
-        finally:
-            await consumer.stop()
+        letters = await _dead_letters(settings, broker, schema, 1)
         assert len(letters) == 1, letters
         letter = letters[0]
         assert (letter["job_id"], letter["item_index"], letter["item_id"]) == (final.job_id, poison, f"img-{poison}")
@@ -366,7 +367,7 @@ async def test_poison_item_fails_into_the_dead_letter_topic_and_the_rest_succeed
 
 
 async def test_an_item_that_keeps_killing_its_worker_is_dead_lettered_after_max_attempts(
-    schema: str, broker: KafkaBroker
+    schema: Schema, broker: KafkaBroker
 ) -> None:
     # A "worker" that takes every item it is handed (what a real worker's first step does, through the
     # store) and then dies on it, before any result: each lease that then expires counts an attempt,
@@ -376,7 +377,7 @@ async def test_an_item_that_keeps_killing_its_worker_is_dead_lettered_after_max_
     )
     tensor = tensor_pb2.Tensor(name="x", datatype="FP32", shape=[1, 1], data=tensor_pb2.TensorData(fp32=[1.0]))
     items = [batch_pb2.BatchItem(item_id=f"doomed-{i}", inputs=[tensor]) for i in range(3)]
-    store = BatchStore(DATABASE_URL, schema)
+    store = BatchStore(schema.database_url, schema.name)
     consumer = AIOKafkaConsumer(
         settings.items_topic,
         bootstrap_servers=broker.bootstrap,
@@ -411,24 +412,33 @@ async def test_an_item_that_keeps_killing_its_worker_is_dead_lettered_after_max_
         assert {letter["error"]["reason"] for letter in letters} == {"RETRIES_EXHAUSTED"}
 
 
-async def _dead_letters(settings: BatchSettings, broker: KafkaBroker, schema: str, want: int) -> list[dict[str, Any]]:
+async def _dead_letters(
+    settings: BatchSettings, broker: KafkaBroker, schema: Schema, want: int
+) -> list[dict[str, Any]]:
+    """The dead-letter topic's first `want` letters (fewer if 20 s pass without them), read from the start."""
     consumer = AIOKafkaConsumer(
-        settings.dlq_topic, bootstrap_servers=broker.bootstrap, group_id=f"dlq-{schema}", auto_offset_reset="earliest"
+        settings.dlq_topic,
+        bootstrap_servers=broker.bootstrap,
+        group_id=f"dlq-{schema.name}",
+        auto_offset_reset="earliest",
     )
     await consumer.start()
+    letters: list[dict[str, Any]] = []
     try:
-        letters: list[dict[str, Any]] = []
-        deadline = time.monotonic() + 20
-        while len(letters) < want and time.monotonic() < deadline:
-            batch = await consumer.getmany(timeout_ms=500)
-            letters += [json.loads(m.value) for ms in batch.values() for m in ms]
-        return letters
+        # getmany answers as soon as letters arrive: the timeout only bounds a topic that stays empty.
+        async with asyncio.timeout(20):
+            while len(letters) < want:
+                batch = await consumer.getmany(timeout_ms=1000)
+                letters += [json.loads(m.value) for ms in batch.values() for m in ms]
+    except TimeoutError:
+        pass
     finally:
         await consumer.stop()
+    return letters
 
 
 async def test_cancel_mid_job_stops_writing_results(
-    schema: str, broker: KafkaBroker, triton: TritonInstance, digits_held_out: HeldOutSplit
+    schema: Schema, broker: KafkaBroker, triton: TritonInstance, digits_held_out: HeldOutSplit
 ) -> None:
     # Small packs and one call at a time, so the job is still running when the cancel lands.
     settings = make_settings(schema, broker, triton.grpc_address, pack_size=2, chunk_size=4, worker_concurrency=1)
@@ -457,7 +467,7 @@ CHAOS_ITEMS = 2000
 
 
 async def test_chaos_kill_9_a_worker_mid_job(
-    schema: str, broker: KafkaBroker, triton: TritonInstance, digits_held_out: HeldOutSplit, tmp_path: Path
+    schema: Schema, broker: KafkaBroker, triton: TritonInstance, digits_held_out: HeldOutSplit, tmp_path: Path
 ) -> None:
     # The service runs no workers itself: two worker processes share the group, one is killed hard.
     settings = make_settings(
@@ -478,7 +488,7 @@ async def test_chaos_kill_9_a_worker_mid_job(
 
 
 async def test_chaos_broker_restart_loses_messages(
-    schema: str, broker: KafkaBroker, triton: TritonInstance, digits_held_out: HeldOutSplit
+    schema: Schema, broker: KafkaBroker, triton: TritonInstance, digits_held_out: HeldOutSplit
 ) -> None:
     settings = make_settings(schema, broker, triton.grpc_address, pack_size=4, chunk_size=8, worker_concurrency=2)
     async with running(settings) as stub:
@@ -491,7 +501,7 @@ async def test_chaos_broker_restart_loses_messages(
 
 
 async def test_chaos_kill_9_the_batch_service(
-    schema: str, broker: KafkaBroker, triton: TritonInstance, digits_held_out: HeldOutSplit, tmp_path: Path
+    schema: Schema, broker: KafkaBroker, triton: TritonInstance, digits_held_out: HeldOutSplit, tmp_path: Path
 ) -> None:
     settings = make_settings(
         schema, broker, triton.grpc_address, workers=1, pack_size=4, chunk_size=8, worker_concurrency=2
@@ -500,12 +510,13 @@ async def test_chaos_kill_9_the_batch_service(
 
     async def start_service() -> tuple[subprocess.Popen[bytes], int]:
         ready.unlink(missing_ok=True)
-        process = spawn("services.batch", settings.model_copy(update={"ready_file": ready}), tmp_path / "service.log")
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            assert process.poll() is None, (tmp_path / "service.log").read_text()[-3000:]
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.1)
+        log = tmp_path / "service.log"
+        process = spawn("services.batch", settings.model_copy(update={"ready_file": ready}), log)
+
+        def tail() -> str:
+            return log.read_text()[-3000:]
+
+        await asyncio.to_thread(wait_started, process, ready.exists, name="batch", log_tail=tail)
         return process, int(json.loads(ready.read_text())["port"])
 
     process, port = await start_service()
@@ -527,7 +538,7 @@ async def test_chaos_kill_9_the_batch_service(
 
 
 async def test_chaos_kill_the_triton_backend_and_restart_it(
-    schema: str,
+    schema: Schema,
     broker: KafkaBroker,
     model_repository: Path,
     digits_held_out: HeldOutSplit,
@@ -549,9 +560,10 @@ async def test_chaos_kill_the_triton_backend_and_restart_it(
             created = await stub.CreateBatchJob(create_request(digits_items(digits_held_out.pixels, CHAOS_ITEMS)))
             mid = await wait_for(stub, created.job.job_id, done_at_least=200)
             assert mid.state == batch_pb2.BATCH_JOB_STATE_RUNNING, "the fault must land mid-job"
+            retried = retries()
             os.killpg(backend.pid, signal.SIGKILL)  # the whole process group: Triton and its Python stubs
             await asyncio.to_thread(backend.stop)
-            await asyncio.sleep(1.0)
+            await wait_until(lambda: retries() > retried, timeout_s=30)  # the workers met the outage
             backend = await asyncio.to_thread(
                 start_triton, model_repository, grpc_port=backend.grpc_port, load_models=["digits"], state_dir=tmp_path
             )
@@ -562,7 +574,7 @@ async def test_chaos_kill_the_triton_backend_and_restart_it(
 
 
 async def test_through_the_real_mesh(
-    schema: str, broker: KafkaBroker, triton: TritonInstance, digits_held_out: HeldOutSplit, tmp_path: Path
+    schema: Schema, broker: KafkaBroker, triton: TritonInstance, digits_held_out: HeldOutSplit, tmp_path: Path
 ) -> None:
     """In production the workers infer through Envoy's mesh listener (routes from the router over xDS)."""
     from services.router.settings import RouterSettings
@@ -591,7 +603,7 @@ def test_app_is_a_service_app() -> None:
     assert isinstance(build_app(BatchSettings(port=0, metrics_port=None)), ServiceApp)
 
 
-async def test_a_standalone_worker_serves_health_and_drains(schema: str, broker: KafkaBroker) -> None:
+async def test_a_standalone_worker_serves_health_and_drains(schema: Schema, broker: KafkaBroker) -> None:
     # The worker process is a ServiceApp: gRPC health (SERVING once its database answers), then on stop
     # NOT_SERVING before its consumers go.
     from grpc_health.v1 import health_pb2, health_pb2_grpc

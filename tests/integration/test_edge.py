@@ -25,6 +25,7 @@ from servegrid.registry.v1 import registry_pb2, registry_pb2_grpc
 from models.digits import HeldOutSplit
 from services.runtime.errors import status_details
 from services.stack.triton import TritonInstance
+from tests.support.datastores import SessionDatastores
 from tests.support.edge_stack import EdgeStack, HttpReply, edge_stack, http
 
 pytestmark = pytest.mark.integration
@@ -36,8 +37,11 @@ LIMITS: dict[str, int] = {}  # no tenant is limited here (tests/integration/test
 
 
 @pytest.fixture(scope="module")
-def stack(triton: TritonInstance, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeStack]:
-    with edge_stack(tmp_path_factory.mktemp("edge"), triton.grpc_address, LIMITS, triton.http_address) as running:
+def stack(
+    triton: TritonInstance, tmp_path_factory: pytest.TempPathFactory, datastores: SessionDatastores
+) -> Iterator[EdgeStack]:
+    edge_dir = tmp_path_factory.mktemp("edge")
+    with edge_stack(edge_dir, datastores, triton.grpc_address, LIMITS, triton.http_address) as running:
         yield running
 
 

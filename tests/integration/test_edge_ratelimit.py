@@ -30,9 +30,11 @@ from google.rpc import error_details_pb2, status_pb2
 from servegrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from services.edge.limits import UNIT_SECONDS
+from services.stack.datastores import embedded_redis
 from services.stack.ports import free_port
-from tests.support.edge_stack import REDIS_URL, EdgeStack, edge_stack, http
-from tests.support.router_harness import wait_for
+from tests.support.datastores import SessionDatastores
+from tests.support.edge_stack import EdgeStack, edge_stack, http
+from tests.support.polling import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -51,13 +53,14 @@ EDGE_SETTINGS = {
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeStack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, datastores: SessionDatastores) -> Iterator[EdgeStack]:
     left = DAY - time.time() % DAY
     if left < 300:  # keep the whole module inside one window
         time.sleep(left + 1)
     # No Triton: these tests use the gateway's routes (GET /v1/models), which need none.
     with edge_stack(
         tmp_path_factory.mktemp("ratelimit"),
+        datastores,
         "127.0.0.1:1",
         LIMITS,
         "127.0.0.1:1",
@@ -116,7 +119,7 @@ def one_window(stack: EdgeStack, tenant: str) -> int:
     keys = stack.counter_keys(tenant)
     windows = {key.rsplit(":", 1)[1] for key in keys}
     assert len(windows) == 1, keys
-    client = redis.Redis.from_url(REDIS_URL)
+    client = redis.Redis.from_url(stack.datastores.redis_url)
     try:
         tenant_key = next(k for k in keys if "|r=" not in k)
         return int(client.get(tenant_key) or 0)
@@ -219,20 +222,21 @@ def test_limits_fail_open_while_the_edge_is_down_and_count_again_after(stack: Ed
 
 def test_limits_fail_open_while_redis_is_down_and_count_again_after(stack: EdgeStack, tmp_path: Path) -> None:
     redis_port, metrics_port = free_port(), free_port()
+    # The edge's own Redis, to kill: the embedded one `make up` starts (services/stack/datastores.py).
+    redis_url, own = embedded_redis(tmp_path, "127.0.0.1", redis_port)
 
     def start_redis() -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(
-            ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-            stdout=subprocess.DEVNULL,
-        )
-        wait_for(lambda: _pings(redis_port), 10)
+        assert own.prepare is not None
+        own.prepare()
+        process = subprocess.Popen(own.argv, cwd=own.cwd, stdout=subprocess.DEVNULL)
+        wait_for(own.ready, 10)
         return process
 
     own_redis = start_redis()
     try:
         edge = stack.start_edge(
             "edge-lazarus",
-            SERVEGRID_EDGE_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
+            SERVEGRID_EDGE_REDIS_URL=redis_url,
             SERVEGRID_EDGE_REDIS_TIMEOUT_S="0.3",
             SERVEGRID_EDGE_METRICS_PORT=str(metrics_port),
         )
@@ -251,7 +255,7 @@ def test_limits_fail_open_while_redis_is_down_and_count_again_after(stack: EdgeS
         with Load([url], headers) as load:  # open until the next report finds Redis back
             wait_for(lambda: load.statuses[429] > 0, 30)
         # Counted again: what passed while Redis was away is not charged, the new leases are.
-        client = redis.Redis(port=redis_port)
+        client = redis.Redis.from_url(redis_url)
         try:
             (key,) = client.keys(f"{stack.redis_prefix}rl:*:t={LAZARUS}:*")
             assert int(client.get(key) or 0) == LIMITS[LAZARUS]
@@ -262,26 +266,18 @@ def test_limits_fail_open_while_redis_is_down_and_count_again_after(stack: EdgeS
         own_redis.wait(10)
 
 
-def _pings(port: int) -> bool:
-    client = redis.Redis(port=port, socket_timeout=0.5)
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-    finally:
-        client.close()
-
-
 # --- the ledger's script, against the real Redis ----------------------------------------------
 
 
-async def test_the_ledger_refunds_grants_under_every_limit_and_expires_its_keys() -> None:
+async def test_the_ledger_refunds_grants_under_every_limit_and_expires_its_keys(
+    datastores: SessionDatastores,
+) -> None:
     import redis.asyncio as aioredis
 
     from services.edge.limits import Limit, RedisQuotaLedger, Window
 
     prefix = f"servegrid:edgetest:{secrets.token_hex(4)}:"
-    client = aioredis.from_url(REDIS_URL)
+    client = aioredis.from_url(datastores.redis_url)
     ledger = RedisQuotaLedger(client, prefix, "servegrid")
     window = Window(1000, 60)
     tenant, route = Limit("t=acme", 10, "tenant:acme"), Limit("t=acme|r=infer", 4, "route:acme/infer")

@@ -19,9 +19,10 @@ from servegrid_sdk import ServegridClient
 from services.edge.tokens import SIGNING_KEY_FILE, SigningKey
 from services.mesh import names
 from services.runtime.errors import status_details
+from tests.support.datastores import SessionDatastores
 from tests.support.edge_stack import EdgeStack, HttpReply, edge_stack, http
 from tests.support.envoy import EnvoyProcess
-from tests.support.router_harness import wait_for
+from tests.support.polling import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -32,8 +33,8 @@ NO_TRITON = "127.0.0.1:1"
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeStack]:
-    with edge_stack(tmp_path_factory.mktemp("edge-tokens"), NO_TRITON, {}) as running:
+def stack(tmp_path_factory: pytest.TempPathFactory, datastores: SessionDatastores) -> Iterator[EdgeStack]:
+    with edge_stack(tmp_path_factory.mktemp("edge-tokens"), datastores, NO_TRITON, {}) as running:
         yield running
 
 

@@ -20,10 +20,11 @@ from servegrid.registry.v1 import registry_pb2, registry_pb2_grpc
 
 from services.edge.devkeys import DevIssuer
 from services.stack.ports import free_port
+from tests.support.datastores import SessionDatastores
 from tests.support.edge_stack import EdgeStack, HttpReply, edge_stack, http
 from tests.support.envoy import EnvoyProcess, start_envoy
 from tests.support.errors import assert_grpc_error, assert_rest_error
-from tests.support.router_harness import wait_for
+from tests.support.polling import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -42,8 +43,8 @@ class Keys:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeStack]:
-    with edge_stack(tmp_path_factory.mktemp("errors"), NO_TRITON, LIMITS, NO_TRITON) as running:
+def stack(tmp_path_factory: pytest.TempPathFactory, datastores: SessionDatastores) -> Iterator[EdgeStack]:
+    with edge_stack(tmp_path_factory.mktemp("errors"), datastores, NO_TRITON, LIMITS, NO_TRITON) as running:
         yield running
 
 

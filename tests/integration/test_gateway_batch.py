@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import psycopg
 import pytest
 from google.protobuf import json_format
 from servegrid.batch.v1 import batch_pb2, batch_pb2_grpc
@@ -22,22 +20,17 @@ from services.gateway.settings import GatewaySettings
 from services.runtime.errors import status_details
 from services.runtime.paging import encode_page_token
 from services.stack.kafka import start_broker
-from tests.support.edge_stack import DATABASE_URL
+from services.stack.ports import free_port
+from tests.support.datastores import SessionDatastores
 from tests.support.fake_registry import FakeRegistrySettings
 from tests.support.fake_registry import build_app as registry_build_app
 
 pytestmark = pytest.mark.integration
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 async def stub() -> AsyncIterator[gateway_pb2_grpc.GatewayServiceStub]:
-    dead = f"127.0.0.1:{_closed_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     settings = GatewaySettings(
         port=0, metrics_port=None, use_uvloop=False, inference_address=dead, registry_address=dead, batch_address=dead
     )
@@ -76,7 +69,7 @@ class Relay:
 
 
 @pytest.fixture(scope="module")
-async def relay(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Relay]:
+async def relay(tmp_path_factory: pytest.TempPathFactory, datastores: SessionDatastores) -> AsyncIterator[Relay]:
     """A real batch service (PostgreSQL, a broker) behind a real gateway; the stand-in registry knows
     affine and digits at version 1. No worker runs: these calls never need an inference."""
     schema = f"batch_r_{uuid.uuid4().hex[:12]}"
@@ -86,13 +79,13 @@ async def relay(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Relay
                 port=0,
                 metrics_port=None,
                 use_uvloop=False,
-                database_url=DATABASE_URL,
+                database_url=datastores.database_url,
                 db_schema=schema,
                 kafka_bootstrap=broker.bootstrap,
                 items_topic=f"items-{schema}",
                 dlq_topic=f"dlq-{schema}",
                 consumer_group=f"workers-{schema}",
-                inference_address=f"127.0.0.1:{_closed_port()}",
+                inference_address=f"127.0.0.1:{free_port()}",
             )
         )
         registry_app = registry_build_app(FakeRegistrySettings(port=0, metrics_port=None, use_uvloop=False))
@@ -103,7 +96,7 @@ async def relay(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Relay
                 port=0,
                 metrics_port=None,
                 use_uvloop=False,
-                inference_address=f"127.0.0.1:{_closed_port()}",
+                inference_address=f"127.0.0.1:{free_port()}",
                 registry_address=f"127.0.0.1:{registry_app.port}",
                 batch_address=f"127.0.0.1:{batch_app.port}",
             )
@@ -123,8 +116,7 @@ async def relay(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Relay
             await gateway_app.stop()
             await registry_app.stop()
             await batch_app.stop()
-            with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
-                conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+            datastores.drop_schema(schema)
 
 
 TENANT = [("x-servegrid-tenant", "acme")]

@@ -9,9 +9,6 @@ import json
 import os
 import struct
 import subprocess
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +27,8 @@ from tritonclient.utils import InferenceServerException
 from services.mesh import lua
 from services.stack.ports import free_port
 from services.stack.triton import TritonInstance
-from tests.support.envoy import envoy_binary
+from tests.support.envoy import admin_ready, envoy_binary
+from tests.support.polling import wait_started
 
 pytestmark = pytest.mark.integration
 
@@ -201,19 +199,14 @@ def start_envoy(config: dict[str, Any], state_dir: Path, port: int, admin_port: 
             stderr=subprocess.STDOUT,
         )
     envoy = Envoy(process, port, admin_port, log_path)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"envoy exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as reply:
-                if reply.status == 200:
-                    return envoy
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.05)  # Envoy offers no readiness event; its admin endpoint is the signal
-    stop_envoy(envoy)
-    raise RuntimeError(f"envoy not ready:\n{log_path.read_text()[-4000:]}")
+    try:
+        wait_started(
+            process, lambda: admin_ready(admin_port), name="envoy", log_tail=lambda: log_path.read_text()[-4000:]
+        )
+    except RuntimeError:
+        stop_envoy(envoy)
+        raise
+    return envoy
 
 
 def stop_envoy(envoy: Envoy) -> None:

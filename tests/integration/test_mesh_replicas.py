@@ -20,7 +20,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from services.router.settings import RouterSettings
 from services.router.xds import TYPE_CLUSTER, TYPE_ENDPOINT, TYPE_ROUTE, NodeState, XdsSnapshot, short_name
 from services.stack.triton import TritonInstance
-from tests.support.router_harness import FakeRegistry, MeshEnvoy, RouterThread, route, start_mesh_envoy, wait_for
+from tests.support.polling import wait_for
+from tests.support.router_harness import FakeRegistry, MeshEnvoy, RouterThread, route, start_mesh_envoy
 
 pytestmark = pytest.mark.integration
 

@@ -4,27 +4,23 @@ refusing a history it does not agree with."""
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 from psycopg import sql
 from psycopg.rows import dict_row
 
 from services.runtime.migrations import MigrationError, apply_migrations
-from tests.support.edge_stack import DATABASE_URL
+from tests.support.datastores import Schema, SessionDatastores
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def schema() -> AsyncIterator[str]:
-    name = f"mig_{uuid.uuid4().hex[:12]}"
-    yield name
-    async with await psycopg.AsyncConnection.connect(DATABASE_URL, autocommit=True) as conn:
-        await conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+def schema(datastores: SessionDatastores) -> Iterator[Schema]:
+    with datastores.fresh_schema("mig_") as fresh:
+        yield fresh
 
 
 def _write(directory: Path, files: dict[str, str]) -> Path:
@@ -34,16 +30,16 @@ def _write(directory: Path, files: dict[str, str]) -> Path:
     return directory
 
 
-async def _apply(schema: str, directory: Path) -> list[int]:
+async def _apply(schema: Schema, directory: Path) -> list[int]:
     # dict rows, as the edge's pool hands out: the runner must not care.
-    async with await psycopg.AsyncConnection.connect(DATABASE_URL, autocommit=True, row_factory=dict_row) as conn:
-        return await apply_migrations(conn, schema, directory, component="test")
+    async with await schema.connect(row_factory=dict_row) as conn:
+        return await apply_migrations(conn, schema.name, directory, component="test")
 
 
-async def _history(schema: str) -> list[tuple[int, str]]:
-    async with await psycopg.AsyncConnection.connect(DATABASE_URL, autocommit=True) as conn:
+async def _history(schema: Schema) -> list[tuple[int, str]]:
+    async with await schema.connect() as conn:
         query = sql.SQL("SELECT version, name FROM {}.schema_migrations ORDER BY version")
-        cur = await conn.execute(query.format(sql.Identifier(schema)))
+        cur = await conn.execute(query.format(sql.Identifier(schema.name)))
         return [(int(v), str(n)) for v, n in await cur.fetchall()]
 
 
@@ -53,30 +49,32 @@ FILES = {
 }
 
 
-async def test_migrations_apply_once_in_order_and_into_the_schema(schema: str, tmp_path: Path) -> None:
+async def test_migrations_apply_once_in_order_and_into_the_schema(schema: Schema, tmp_path: Path) -> None:
     directory = _write(tmp_path / "m", FILES)
     assert await _apply(schema, directory) == [1, 2]
     assert await _apply(schema, directory) == []
     assert await _history(schema) == [(1, "things"), (2, "more")]
-    async with await psycopg.AsyncConnection.connect(DATABASE_URL, autocommit=True) as conn:
-        await conn.execute(sql.SQL("INSERT INTO {}.things (id, label) VALUES (1, 'x')").format(sql.Identifier(schema)))
+    async with await schema.connect() as conn:
+        await conn.execute(
+            sql.SQL("INSERT INTO {}.things (id, label) VALUES (1, 'x')").format(sql.Identifier(schema.name))
+        )
 
 
-async def test_replicas_starting_together_apply_each_migration_once(schema: str, tmp_path: Path) -> None:
+async def test_replicas_starting_together_apply_each_migration_once(schema: Schema, tmp_path: Path) -> None:
     directory = _write(tmp_path / "m", FILES)
     results = await asyncio.gather(*(_apply(schema, directory) for _ in range(4)))
     assert sorted(v for applied in results for v in applied) == [1, 2]
     assert await _history(schema) == [(1, "things"), (2, "more")]
 
 
-async def test_a_history_from_a_newer_version_is_refused(schema: str, tmp_path: Path) -> None:
+async def test_a_history_from_a_newer_version_is_refused(schema: Schema, tmp_path: Path) -> None:
     await _apply(schema, _write(tmp_path / "new", {**FILES, "0003_newer.sql": "SELECT 1;"}))
     with pytest.raises(MigrationError, match=r"\[3\]"):
         await _apply(schema, _write(tmp_path / "old", FILES))
 
 
 async def test_a_migration_changed_after_it_ran_is_refused_and_nothing_half_applies(
-    schema: str, tmp_path: Path
+    schema: Schema, tmp_path: Path
 ) -> None:
     await _apply(schema, _write(tmp_path / "a", {"0001_things.sql": FILES["0001_things.sql"]}))
     changed = {
@@ -88,10 +86,10 @@ async def test_a_migration_changed_after_it_ran_is_refused_and_nothing_half_appl
     assert await _history(schema) == [(1, "things")]  # 0002 did not run either
 
 
-async def test_a_history_without_checksums_adopts_them(schema: str, tmp_path: Path) -> None:
+async def test_a_history_without_checksums_adopts_them(schema: Schema, tmp_path: Path) -> None:
     # The batch service recorded migrations before the runner recorded checksums.
-    async with await psycopg.AsyncConnection.connect(DATABASE_URL, autocommit=True) as conn:
-        ident = sql.Identifier(schema)
+    async with await schema.connect() as conn:
+        ident = sql.Identifier(schema.name)
         await conn.execute(sql.SQL("CREATE SCHEMA {}").format(ident))
         await conn.execute(sql.SQL("CREATE TABLE {}.things (id int PRIMARY KEY)").format(ident))
         await conn.execute(

@@ -29,6 +29,7 @@ from services.runtime.tls import CertFiles, server_credentials
 from services.stack import certs
 from services.stack.local import grpc_ready
 from services.stack.ports import free_port
+from tests.support.datastores import SessionDatastores
 from tests.support.edge_stack import EdgeStack, edge_stack, http, tls_env
 from tests.support.envoy import EnvoyProcess, start_envoy
 from tests.support.processes import ServiceProcess, start_service
@@ -297,15 +298,15 @@ def test_a_service_without_tls_says_it_trusts_identity_headers_from_anyone(tmp_p
 
 
 @pytest.fixture(scope="module")
-def edge_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeStack]:
+def edge_mesh(tmp_path_factory: pytest.TempPathFactory, datastores: SessionDatastores) -> Iterator[EdgeStack]:
     """The front door with a real edge (PostgreSQL, Redis), everything inside on mutual TLS."""
     state = tmp_path_factory.mktemp("mtls-edge")
-    with edge_stack(state, "127.0.0.1:1", {}, certs=certs.generate(state / "certs")) as running:
+    with edge_stack(state, datastores, "127.0.0.1:1", {}, certs=certs.generate(state / "certs")) as running:
         yield running
 
 
 async def test_api_keys_are_checked_and_exchanged_by_the_edge_over_tls(edge_mesh: EdgeStack) -> None:
-    from tests.support.router_harness import wait_until
+    from tests.support.polling import wait_until
 
     _, api_key = edge_mesh.create_key("acme")
     with grpc.insecure_channel(edge_mesh.envoy.address) as channel:

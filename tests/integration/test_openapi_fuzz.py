@@ -18,9 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-import psycopg.sql
 import pytest
-import redis
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.checks import not_a_server_error
@@ -32,7 +30,8 @@ from schemathesis.specs.openapi.checks import (
 
 from services.mesh import api_docs
 from services.stack.ports import free_port
-from tests.support.edge_stack import DATABASE_URL, REDIS_URL, EdgeStack, edge_stack, http
+from tests.support.datastores import SessionDatastores
+from tests.support.edge_stack import EdgeStack, edge_stack, http
 from tests.support.envoy import EnvoyProcess
 from tests.support.errors import assert_rest_error
 from tests.support.processes import start_service
@@ -90,8 +89,8 @@ def real_registry(stack: EdgeStack) -> Iterator[EnvoyProcess]:
         "SERVEGRID_REGISTRY_",
         stack.state_dir,
         {
-            "SERVEGRID_REGISTRY_DATABASE_URL": DATABASE_URL,
-            "SERVEGRID_REGISTRY_REDIS_URL": REDIS_URL,
+            "SERVEGRID_REGISTRY_DATABASE_URL": stack.datastores.database_url,
+            "SERVEGRID_REGISTRY_REDIS_URL": stack.datastores.redis_url,
             "SERVEGRID_REGISTRY_DB_SCHEMA": schema,
             "SERVEGRID_REGISTRY_REDIS_PREFIX": prefix,
             "SERVEGRID_REGISTRY_USE_UVLOOP": "false",
@@ -115,19 +114,15 @@ def real_registry(stack: EdgeStack) -> Iterator[EnvoyProcess]:
     finally:
         gateway.stop()
         registry.stop()
-        with contextlib.suppress(Exception), psycopg.connect(DATABASE_URL, autocommit=True) as conn:
-            conn.execute(psycopg.sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(psycopg.sql.Identifier(schema)))
-        client = redis.Redis.from_url(REDIS_URL)
-        try:
-            for key in client.scan_iter(f"{prefix}*"):
-                client.delete(key)
-        finally:
-            client.close()
+        with contextlib.suppress(psycopg.Error):
+            stack.datastores.drop_schema(schema)
+        stack.datastores.delete_keys(prefix)
 
 
 @pytest.fixture(scope="module")
-def fuzz_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzStack]:
-    with edge_stack(tmp_path_factory.mktemp("openapi-fuzz"), NO_TRITON, {}) as stack, real_registry(stack) as envoy:
+def fuzz_stack(tmp_path_factory: pytest.TempPathFactory, datastores: SessionDatastores) -> Iterator[FuzzStack]:
+    state = tmp_path_factory.mktemp("openapi-fuzz")
+    with edge_stack(state, datastores, NO_TRITON, {}) as stack, real_registry(stack) as envoy:
         _, api_key = stack.create_key(TENANT, "user")
         yield FuzzStack(stack, envoy, api_key)
 

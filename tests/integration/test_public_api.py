@@ -19,12 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import psycopg
 import pytest
-import redis
 from google.protobuf import descriptor_pool, message_factory
 from grpc_reflection.v1alpha import reflection_pb2
-from psycopg import sql
 from servegrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from servegrid.registry.v1 import registry_pb2 as rpb
 from servegrid.registry.v1 import registry_pb2_grpc as rpb_grpc
@@ -37,10 +34,12 @@ from services.mesh.bootstrap import EnvoyParams
 from services.router.settings import RouterSettings
 from services.runtime import reflection
 from services.stack.ports import free_port
-from tests.support.edge_stack import DATABASE_URL, REDIS_URL, HttpReply, http
+from tests.support.datastores import SessionDatastores
+from tests.support.edge_stack import HttpReply, http
 from tests.support.envoy import EnvoyProcess, start_envoy
+from tests.support.polling import wait_for
 from tests.support.processes import ServiceProcess, start_service
-from tests.support.router_harness import RouterThread, wait_for
+from tests.support.router_harness import RouterThread
 
 pytestmark = pytest.mark.integration
 
@@ -75,21 +74,15 @@ class PublicStack:
         return reply.json()
 
 
-def _drop_everything() -> None:
-    with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
-        for schema in (REGISTRY_SCHEMA, EDGE_SCHEMA):
-            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        for prefix in (REGISTRY_PREFIX, EDGE_PREFIX):
-            for key in client.scan_iter(f"{prefix}*"):
-                client.delete(key)
-    finally:
-        client.close()
+def _drop_everything(datastores: SessionDatastores) -> None:
+    for schema in (REGISTRY_SCHEMA, EDGE_SCHEMA):
+        datastores.drop_schema(schema)
+    for prefix in (REGISTRY_PREFIX, EDGE_PREFIX):
+        datastores.delete_keys(prefix)
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PublicStack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, datastores: SessionDatastores) -> Iterator[PublicStack]:
     left = DAY - time.time() % DAY
     if left < 120:  # the quota test counts in one day's window
         time.sleep(left + 1)
@@ -105,8 +98,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PublicStack]:
             "SERVEGRID_REGISTRY_",
             state,
             {
-                "SERVEGRID_REGISTRY_DATABASE_URL": DATABASE_URL,
-                "SERVEGRID_REGISTRY_REDIS_URL": REDIS_URL,
+                "SERVEGRID_REGISTRY_DATABASE_URL": datastores.database_url,
+                "SERVEGRID_REGISTRY_REDIS_URL": datastores.redis_url,
                 "SERVEGRID_REGISTRY_DB_SCHEMA": REGISTRY_SCHEMA,
                 "SERVEGRID_REGISTRY_REDIS_PREFIX": REGISTRY_PREFIX,
             },
@@ -130,8 +123,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PublicStack]:
             "SERVEGRID_EDGE_",
             state,
             {
-                "SERVEGRID_EDGE_DATABASE_URL": DATABASE_URL,
-                "SERVEGRID_EDGE_REDIS_URL": REDIS_URL,
+                "SERVEGRID_EDGE_DATABASE_URL": datastores.database_url,
+                "SERVEGRID_EDGE_REDIS_URL": datastores.redis_url,
                 "SERVEGRID_EDGE_DB_SCHEMA": EDGE_SCHEMA,
                 "SERVEGRID_EDGE_REDIS_PREFIX": EDGE_PREFIX,
                 "SERVEGRID_EDGE_TENANT_LIMITS": json.dumps({LIMITED: LIMIT}),
@@ -173,7 +166,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PublicStack]:
     finally:
         for part in reversed(started):
             part.stop()
-        _drop_everything()
+        _drop_everything(datastores)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from servegrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from servegrid_sdk import ServegridClient
 from services.stack import certs
+from tests.support.datastores import SessionDatastores
 from tests.support.edge_stack import EdgeStack, edge_stack
 
 pytestmark = pytest.mark.integration
@@ -27,11 +28,11 @@ NO_TRITON = "127.0.0.1:1"  # no KServe call here
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EdgeStack, Path]]:
+def stack(tmp_path_factory: pytest.TempPathFactory, datastores: SessionDatastores) -> Iterator[tuple[EdgeStack, Path]]:
     state = tmp_path_factory.mktemp("public-tls")
     public = certs.generate_public(state / "certs")
     overrides = {"public_tls_cert_file": str(public.cert), "public_tls_key_file": str(public.key)}
-    with edge_stack(state, NO_TRITON, {}, envoy_overrides=overrides) as running:
+    with edge_stack(state, datastores, NO_TRITON, {}, envoy_overrides=overrides) as running:
         yield running, public.ca
 
 

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
 import psycopg
 import pytest
-import redis.asyncio as aioredis
 from google.protobuf import field_mask_pb2, json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
@@ -26,7 +24,10 @@ from services.registry.store import MIGRATIONS_DIR, RegistryStore, notify_channe
 from services.runtime.errors import DOMAIN, status_details
 from services.runtime.migrations import load_migrations
 from services.runtime.server import ServiceApp
+from services.stack.ports import free_port
 from services.stack.triton import TritonInstance
+from tests.support.datastores import SessionDatastores
+from tests.support.polling import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -38,41 +39,28 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SUBJECT = [("x-servegrid-subject", "alice@example.com")]
 
 
-def registry_settings(**overrides: object) -> RegistrySettings:
-    base: dict[str, object] = {
-        "port": 0,
-        "metrics_port": None,
-        "use_uvloop": False,
-        "db_schema": SCHEMA,
-        "redis_prefix": PREFIX,
-        "grace_period_s": 0.5,
-        "health_interval_s": 0.5,
-        "db_pool_max": 4,
-        "listen_reconnect_s": 0.2,
-    }
-    return RegistrySettings(**{**base, **overrides})  # type: ignore[arg-type]
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def registry_settings(datastores: SessionDatastores) -> RegistrySettings:
+    return RegistrySettings(
+        port=0,
+        metrics_port=None,
+        use_uvloop=False,
+        database_url=datastores.database_url,
+        redis_url=datastores.redis_url,
+        db_schema=SCHEMA,
+        redis_prefix=PREFIX,
+        grace_period_s=0.5,
+        health_interval_s=0.5,
+        db_pool_max=4,
+        listen_reconnect_s=0.2,
+    )
 
 
 @pytest.fixture(scope="module")
-async def clean_up() -> AsyncIterator[RegistrySettings]:
-    """Drops this session's schema and Redis keys at the end; touches nothing else."""
-    settings = registry_settings()
-    yield settings
-    async with await psycopg.AsyncConnection.connect(settings.database_url, autocommit=True) as conn:
-        await conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(SCHEMA)))
-    client = aioredis.Redis.from_url(settings.redis_url)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{PREFIX}*", count=500)]
-        if keys:
-            await client.unlink(*keys)
-    finally:
-        await client.aclose()
+def clean_up(datastores: SessionDatastores) -> Iterator[RegistrySettings]:
+    """Drops this module's schema and Redis keys at the end; touches nothing else."""
+    yield registry_settings(datastores)
+    datastores.drop_schema(SCHEMA)
+    datastores.delete_keys(PREFIX)
 
 
 async def started(settings: RegistrySettings) -> ServiceApp:
@@ -570,7 +558,7 @@ async def test_reads_survive_a_dead_redis_and_health_says_so(
 ) -> None:
     model_id = await new_model(stub, "nocache", "affine")
     assert not (await stub.ResolveRoute(pb.ResolveRouteRequest(model_id=model_id))).route.versions  # now cached
-    dead = await started(registry_settings(redis_url=f"redis://127.0.0.1:{closed_port()}/0"))
+    dead = await started(clean_up.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"}))
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{dead.port}") as channel:
             registry = pb_grpc.RegistryServiceStub(channel)
@@ -586,15 +574,14 @@ async def test_reads_survive_a_dead_redis_and_health_says_so(
             assert (await health.Check(health_pb2.HealthCheckRequest(service=""))).status == SERVING
     finally:
         await dead.stop()
+
     # The write made by a replica that could not reach Redis still invalidates the shared cache:
     # every replica's hub tombstones what each notified change touched.
-    deadline = time.monotonic() + 10
-    while True:
+    async def fresh() -> bool:
         route = (await stub.ResolveRoute(pb.ResolveRouteRequest(model_id=model_id))).route
-        if [v.stage for v in route.versions] == [pb.STAGE_STAGING]:
-            break
-        assert time.monotonic() < deadline, "the healthy replica kept serving a stale cached route"
-        await asyncio.sleep(0.05)
+        return [v.stage for v in route.versions] == [pb.STAGE_STAGING]
+
+    await wait_until(fresh, timeout_s=10, poll_s=0.05, detail="(the healthy replica kept serving a stale route)")
 
 
 def cache_count(kind: str, result: str) -> float:
@@ -659,7 +646,7 @@ async def test_promotion_loads_on_triton_and_a_refused_load_leaves_the_stage(
         dead_id = unique("dead")
         await stub.CreateBackend(
             pb.CreateBackendRequest(
-                backend=pb.Backend(backend_id=dead_id, address=f"127.0.0.1:{closed_port()}", triton_models=["lonely"])
+                backend=pb.Backend(backend_id=dead_id, address=f"127.0.0.1:{free_port()}", triton_models=["lonely"])
             )
         )
         await stub.UpdateBackend(
@@ -687,7 +674,9 @@ async def test_promotion_loads_on_triton_and_a_refused_load_leaves_the_stage(
         await stub.DeleteBackend(pb.DeleteBackendRequest(backend_id=backend_id))
 
 
-async def test_replicas_migrating_at_once_apply_each_migration_once(clean_up: RegistrySettings) -> None:
+async def test_replicas_migrating_at_once_apply_each_migration_once(
+    clean_up: RegistrySettings, datastores: SessionDatastores
+) -> None:
     schema = f"{SCHEMA}_race"
     stores = [RegistryStore(clean_up.database_url, schema, max_size=1) for _ in range(3)]
     try:
@@ -700,8 +689,7 @@ async def test_replicas_migrating_at_once_apply_each_migration_once(clean_up: Re
     finally:
         for store in stores:
             await store.close()
-        async with await psycopg.AsyncConnection.connect(clean_up.database_url, autocommit=True) as conn:
-            await conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+        datastores.drop_schema(schema)
 
 
 async def test_watchers_get_the_whole_table_again_after_the_listen_connection_drops(

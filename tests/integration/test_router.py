@@ -18,7 +18,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from services.mesh.names import VERSION_HEADER, version_cluster
 from services.router.settings import RouterSettings
 from services.stack.triton import TritonInstance
-from tests.support.router_harness import DataPlane, route, wait_until, write_routes
+from tests.support.polling import wait_until
+from tests.support.router_harness import DataPlane, route, write_routes
 
 pytestmark = pytest.mark.integration
 

@@ -10,10 +10,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import psycopg
 import pytest
-import redis.asyncio as aioredis
-from psycopg import sql
 from servegrid.registry.v1 import registry_pb2 as pb
 from servegrid.registry.v1 import registry_pb2_grpc as pb_grpc
 from tritonclient.grpc import service_pb2
@@ -24,7 +21,9 @@ from services.registry.settings import RegistrySettings
 from services.router.settings import RouterSettings
 from services.runtime.server import ServiceApp
 from services.stack.triton import TritonInstance
-from tests.support.router_harness import DataPlane, wait_until
+from tests.support.datastores import SessionDatastores
+from tests.support.polling import wait_until
+from tests.support.router_harness import DataPlane
 
 pytestmark = pytest.mark.integration
 
@@ -34,9 +33,11 @@ PREFIX = f"test:router-registry:{RUN}:"
 
 
 @pytest.fixture(scope="module")
-async def registry() -> AsyncIterator[ServiceApp]:
+async def registry(datastores: SessionDatastores) -> AsyncIterator[ServiceApp]:
     """A registry on a schema and key prefix of its own, dropped at the end."""
     settings = RegistrySettings(
+        database_url=datastores.database_url,
+        redis_url=datastores.redis_url,
         port=0,
         metrics_port=None,
         use_uvloop=False,
@@ -50,15 +51,8 @@ async def registry() -> AsyncIterator[ServiceApp]:
     await app.start()
     yield app
     await app.stop()
-    async with await psycopg.AsyncConnection.connect(settings.database_url, autocommit=True) as conn:
-        await conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(SCHEMA)))
-    client = aioredis.Redis.from_url(settings.redis_url)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{PREFIX}*", count=500)]
-        if keys:
-            await client.unlink(*keys)
-    finally:
-        await client.aclose()
+    datastores.drop_schema(SCHEMA)
+    datastores.delete_keys(PREFIX)
 
 
 async def test_policy_change_reaches_envoy_within_a_second_under_load_and_a_registry_outage_keeps_the_table(

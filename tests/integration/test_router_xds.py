@@ -8,7 +8,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -39,6 +38,7 @@ from services.router.xds import (
     short_name,
 )
 from services.stack.ports import free_port
+from tests.support.polling import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -210,14 +210,14 @@ class Envoy:
 
     async def serves(self, body: str, timeout_s: float = 10.0) -> None:
         """Poll the listener (another process) until it answers `body`: listeners warm asynchronously."""
-        deadline = time.monotonic() + timeout_s
         got: tuple[int, str] = (0, "")
-        while time.monotonic() < deadline:
+
+        async def answers() -> bool:
+            nonlocal got
             got = await self.get("/anything")
-            if got == (200, body):
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"Envoy did not answer {body!r} within {timeout_s}s: last {got}\n{self.log_tail()}")
+            return got == (200, body)
+
+        await wait_until(answers, timeout_s, poll_s=0.05, detail=lambda: f"for {body!r}: last {got}\n{self.log_tail()}")
 
     def stop(self) -> None:
         if self.process.poll() is not None:

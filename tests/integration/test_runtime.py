@@ -22,7 +22,8 @@ from servegrid.router.v1 import router_admin_pb2_grpc as pb_grpc
 
 from services.runtime.errors import DOMAIN, INTERNAL_MESSAGE, status_details
 from services.runtime.server import ServiceApp
-from tests.support.demo_service import SERVICE, SLOW_SECONDS, DemoSettings, build_app
+from tests.support.demo_service import SERVICE, SLOW_SECONDS, SLOW_STARTED, DemoSettings, build_app
+from tests.support.polling import wait_started, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -148,6 +149,7 @@ async def test_metrics_count_calls_by_method_and_code(demo: ServiceApp, channel:
 
 async def test_sigterm_drains_in_flight_call_then_exits(tmp_path: Path) -> None:
     ready = tmp_path / "ready.json"
+    log_path = tmp_path / "demo.log"
     env = {
         **os.environ,
         "SERVEGRID_DEMO_PORT": "0",
@@ -156,35 +158,35 @@ async def test_sigterm_drains_in_flight_call_then_exits(tmp_path: Path) -> None:
         "SERVEGRID_DEMO_SHUTDOWN_DELAY_S": "0.3",
     }
     # Popen only spawns; the waits below are async or happen after the server has gone.
-    proc = subprocess.Popen(  # noqa: ASYNC220
-        [sys.executable, "-m", "tests.support.demo_service"],
-        cwd=REPO,
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(  # noqa: ASYNC220
+            [sys.executable, "-m", "tests.support.demo_service"], cwd=REPO, env=env, stderr=log
+        )
+
+    def logged() -> str:
+        return log_path.read_text(errors="replace")
+
     try:
-        deadline = time.monotonic() + 20
-        while not ready.exists():
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "service did not become ready"
-            await asyncio.sleep(0.05)
+        await asyncio.to_thread(wait_started, proc, ready.exists, name="demo", timeout_s=20, log_tail=logged)
         port = json.loads(ready.read_text())["port"]
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = pb_grpc.RouterAdminServiceStub(ch)
             health = health_pb2_grpc.HealthStub(ch)
+            watch = health.Watch(health_pb2.HealthCheckRequest())
+            assert (await watch.read()).status == SERVING
             in_flight = asyncio.ensure_future(stub.DrainBackend(pb.DrainBackendRequest(backend_id="slow")))
-            await asyncio.sleep(0.3)  # the call is now inside the handler
+            await wait_until(lambda: SLOW_STARTED in logged(), timeout_s=10)  # the call is inside the handler
             started = time.monotonic()
             proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.15)
             # During the shutdown delay the server still answers, and says it is going away.
+            assert (await watch.read()).status == NOT_SERVING
             assert (await health.Check(health_pb2.HealthCheckRequest())).status == NOT_SERVING
+            watch.cancel()
             reply = await in_flight
             assert reply.backend.drained, "the in-flight call finished with its real answer"
             assert time.monotonic() - started < SLOW_SECONDS + 1
-        assert proc.wait(timeout=15) == 0
-        logs = [json.loads(line) for line in (proc.stderr.read() if proc.stderr else "").splitlines() if line]
+        assert await asyncio.to_thread(proc.wait, 15) == 0
+        logs = [json.loads(line) for line in logged().splitlines() if line]
         assert any(entry["msg"] == "demo draining" for entry in logs)
         assert all({"ts", "level", "service", "msg"} <= entry.keys() for entry in logs)
     finally:

@@ -16,7 +16,6 @@ from typing import Any
 
 import grpc
 import numpy as np
-import psycopg
 import pytest
 from servegrid.common.v1 import tensor_pb2
 from servegrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -30,10 +29,11 @@ from services.stack.ports import free_port
 from services.stack.triton import TRACE_SERVICE_NAME as TRITON
 from services.stack.triton import TritonInstance, opentelemetry_trace_config, start_triton
 from tests.security.support import logged as access_logged
-from tests.support.edge_stack import DATABASE_URL, EdgeStack, edge_stack, http
+from tests.support.datastores import SessionDatastores
+from tests.support.edge_stack import EdgeStack, edge_stack, http
 from tests.support.otlp import OtlpReceiver, ReceivedSpan, describe
+from tests.support.polling import wait_for
 from tests.support.processes import ServiceProcess, start_service
-from tests.support.router_harness import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -103,6 +103,7 @@ def traced(
     traced_triton: TritonInstance,
     receiver: OtlpReceiver,
     broker: KafkaBroker,
+    datastores: SessionDatastores,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Traced]:
     """Envoy, the gateway and the batch service (one in-process worker) tracing to `receiver`; JSON logs."""
@@ -113,6 +114,7 @@ def traced(
     schema = f"batch_trace_{uuid.uuid4().hex[:10]}"
     with edge_stack(
         state,
+        datastores,
         traced_triton.grpc_address,
         {},
         traced_triton.http_address,
@@ -132,7 +134,7 @@ def traced(
                 **tracing,
                 "SERVEGRID_BATCH_PORT": str(batch_port),
                 "SERVEGRID_BATCH_LOG_FORMAT": "json",
-                "SERVEGRID_BATCH_DATABASE_URL": DATABASE_URL,
+                "SERVEGRID_BATCH_DATABASE_URL": datastores.database_url,
                 "SERVEGRID_BATCH_DB_SCHEMA": schema,
                 "SERVEGRID_BATCH_KAFKA_BOOTSTRAP": broker.bootstrap,
                 "SERVEGRID_BATCH_ITEMS_TOPIC": f"items-{schema}",
@@ -146,8 +148,7 @@ def traced(
             yield Traced(stack, batch, receiver)
         finally:
             batch.stop()
-            with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
-                conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+            datastores.drop_schema(schema)
 
 
 @pytest.fixture(scope="module")

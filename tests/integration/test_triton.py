@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ from tritonclient.utils import InferenceServerException
 
 from models.digits import HeldOutSplit
 from services.stack.triton import SHM_DIR, TritonInstance, TritonStartError, start_triton
+from tests.support.polling import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -31,16 +30,6 @@ def _input(name: str, array: np.ndarray) -> grpcclient.InferInput:
 
 def _session(model_repository: Path, model: str) -> ort.InferenceSession:
     return ort.InferenceSession(str(model_repository / model / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
-
-
-def _wait_until(condition: Callable[[], bool], timeout_s: float = 30.0) -> bool:
-    # Triton's unload returns once unloading has started; the state settles shortly after.
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
 
 
 @pytest.fixture
@@ -164,7 +153,8 @@ def test_unloaded_model_is_not_ready_until_loaded_again(client: grpcclient.Infer
     x = np.ones((1, 4), np.float32)
     try:
         client.unload_model(model)
-        assert _wait_until(lambda: not client.is_model_ready(model))
+        # Triton's unload returns once unloading has started and signals nothing when it is done.
+        wait_for(lambda: not client.is_model_ready(model), timeout_s=30, poll_s=0.1)
         with pytest.raises(InferenceServerException) as raised:
             client.infer(model, [_input("x", x)])
         assert raised.value.status() == "StatusCode.NOT_FOUND"

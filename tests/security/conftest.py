@@ -11,13 +11,15 @@ from collections.abc import Iterator
 import pytest
 
 from tests.security.support import NO_TRITON, ROUTE_LIMITS, TENANT_A, TENANT_B, Keys
+from tests.support.datastores import SessionDatastores
 from tests.support.edge_stack import EdgeStack, edge_stack
 
 
 @pytest.fixture(scope="package")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeStack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, datastores: SessionDatastores) -> Iterator[EdgeStack]:
     settings = {"SERVEGRID_EDGE_ROUTE_LIMITS": json.dumps(ROUTE_LIMITS)}
-    with edge_stack(tmp_path_factory.mktemp("security"), NO_TRITON, {}, NO_TRITON, edge_settings=settings) as running:
+    state = tmp_path_factory.mktemp("security")
+    with edge_stack(state, datastores, NO_TRITON, {}, NO_TRITON, edge_settings=settings) as running:
         yield running
 
 

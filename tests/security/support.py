@@ -26,7 +26,7 @@ from services.edge.devkeys import DevIssuer
 from services.mesh import names
 from tests.support.edge_stack import EdgeStack, HttpReply, http
 from tests.support.envoy import EnvoyProcess
-from tests.support.router_harness import wait_for
+from tests.support.polling import wait_for
 
 SUFFIX = secrets.token_hex(3)
 TENANT_A = f"alice-{SUFFIX}"

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import psycopg
-import psycopg.sql
 import pytest
 from google.rpc import code_pb2
 from servegrid.batch.v1 import batch_pb2
@@ -25,7 +23,7 @@ from services.stack.kafka import start_broker
 from services.stack.ports import free_port
 from tests.security import support
 from tests.security.support import NO_TRITON, TENANT_A, TENANT_B, Keys, Metadata
-from tests.support.edge_stack import DATABASE_URL, EdgeStack, HttpReply, http
+from tests.support.edge_stack import EdgeStack, HttpReply, http
 from tests.support.envoy import EnvoyProcess
 from tests.support.errors import assert_grpc_error, assert_rest_error
 from tests.support.processes import ServiceProcess, start_service
@@ -37,9 +35,9 @@ JOB_NOT_FOUND = "JOB_NOT_FOUND"
 ITEM = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": {"fp32": [1, 2, 3, 4]}}]}\n'
 
 
-def _start_batch(state_dir: Path, schema: str, bootstrap: str) -> ServiceProcess:
+def _start_batch(state_dir: Path, database_url: str, schema: str, bootstrap: str) -> ServiceProcess:
     env = {
-        "SERVEGRID_BATCH_DATABASE_URL": DATABASE_URL,
+        "SERVEGRID_BATCH_DATABASE_URL": database_url,
         "SERVEGRID_BATCH_DB_SCHEMA": schema,
         "SERVEGRID_BATCH_KAFKA_BOOTSTRAP": bootstrap,
         "SERVEGRID_BATCH_ITEMS_TOPIC": f"items-{schema}",
@@ -60,7 +58,7 @@ def envoy(stack: EdgeStack, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     started: list[ServiceProcess] = []
     with start_broker(log_path=state_dir / "tansu.log") as broker:
         try:
-            batch = _start_batch(state_dir, schema, broker.bootstrap)
+            batch = _start_batch(state_dir, stack.datastores.database_url, schema, broker.bootstrap)
             started.append(batch)
             gateway_env = {
                 "SERVEGRID_GATEWAY_INFERENCE_ADDRESS": NO_TRITON,
@@ -75,8 +73,7 @@ def envoy(stack: EdgeStack, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         finally:
             for process in reversed(started):
                 process.stop()
-            with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
-                conn.execute(psycopg.sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(psycopg.sql.Identifier(schema)))
+            stack.datastores.drop_schema(schema)
 
 
 def stub(envoy: EnvoyProcess) -> tuple[grpc.Channel, gateway_pb2_grpc.GatewayServiceStub]:

@@ -22,9 +22,9 @@ from servegrid.gateway.v1 import gateway_pb2
 from services.mesh import names
 from tests.security import support
 from tests.security.support import TENANT_A, TENANT_B, Keys, logged, raw_request, request_id
-from tests.support.edge_stack import REDIS_URL, EdgeStack, HttpReply, http
+from tests.support.edge_stack import EdgeStack, HttpReply, http
 from tests.support.errors import assert_grpc_error, assert_rest_error
-from tests.support.router_harness import wait_for
+from tests.support.polling import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -183,7 +183,7 @@ def test_spoofed_admin_metadata_does_not_open_the_admin_api(stack: EdgeStack, ke
 
 def route_counters(stack: EdgeStack, tenant: str) -> set[str]:
     """The routes the edge counts `tenant`'s requests under (route limits: support.ROUTE_LIMITS)."""
-    client = redis.Redis.from_url(REDIS_URL)
+    client = redis.Redis.from_url(stack.datastores.redis_url)
     try:
         keys = [k.decode() for k in client.scan_iter(f"{stack.redis_prefix}rl:*:t={tenant}|r=*")]
     finally:

@@ -94,8 +94,13 @@ ATTACKS: dict[str, Attack] = {
     "idp-key-under-the-edge-issuer": Attack(claims(issuer=names.TOKEN_ISSUER), 401, UNAUTHENTICATED, TOKEN_INVALID),
     # Time and lifetime (Envoy allows 30 s of clock skew).
     "expired": Attack(claims(ttl_s=-120), 401, UNAUTHENTICATED, TOKEN_EXPIRED),
+    # nbf is taken when the token is made, not when the module is imported: a long session would
+    # otherwise reach it (600 s less Envoy's 30 s of skew) before this case runs.
     "not-valid-before-the-future": Attack(
-        claims(extra={"nbf": int(time.time()) + 600}), 401, UNAUTHENTICATED, TOKEN_INVALID
+        token(lambda s: s.issuer.token(TENANT_A, extra={"nbf": int(time.time()) + 600})),
+        401,
+        UNAUTHENTICATED,
+        TOKEN_INVALID,
     ),
     "no-exp": Attack(claims(omit=["exp"]), 401, UNAUTHENTICATED, TOKEN_INVALID),
     "lifetime-above-the-maximum": Attack(

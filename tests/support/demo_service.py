@@ -8,6 +8,7 @@ catch a call in flight during shutdown.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import grpc
 from pydantic_settings import SettingsConfigDict
@@ -17,6 +18,8 @@ from servegrid.router.v1 import router_admin_pb2_grpc as pb_grpc
 from services.runtime import NotFound, ServiceApp, ServiceSettings
 
 SLOW_SECONDS = 1.5
+SLOW_STARTED = "demo slow drain started"  # logged when a slow call is in the handler
+log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["RouterAdminService"].full_name
 
 
@@ -36,6 +39,7 @@ class DemoRouterAdmin(pb_grpc.RouterAdminServiceServicer):
         if request.backend_id == "boom":
             raise RuntimeError("secret internal detail")
         if request.backend_id == "slow":
+            log.info(SLOW_STARTED)
             await asyncio.sleep(SLOW_SECONDS)
             return pb.DrainBackendResponse(backend=pb.BackendStatus(backend_id="slow", drained=True))
         raise NotFound(

@@ -15,18 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-import psycopg.sql
 import redis
 
 from services.edge.devkeys import DevIssuer
 from services.edge.tokens import SIGNING_KEY_FILE, load_or_create_signing_key
 from services.mesh.bootstrap import EnvoyParams
 from services.runtime.tls import CertFiles
+from tests.support.datastores import SessionDatastores
 from tests.support.envoy import EnvoyProcess, start_envoy
 from tests.support.processes import REPO, ServiceProcess, start_service
-
-DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
-REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 @dataclass
@@ -34,6 +31,7 @@ class EdgeStack:
     """Everything one test module talks to; names are random so parallel sessions never collide."""
 
     state_dir: Path
+    datastores: SessionDatastores
     issuer: DevIssuer
     schema: str
     redis_prefix: str
@@ -48,8 +46,8 @@ class EdgeStack:
 
     def edge_env(self, **overrides: str) -> dict[str, str]:
         return {
-            "SERVEGRID_EDGE_DATABASE_URL": DATABASE_URL,
-            "SERVEGRID_EDGE_REDIS_URL": REDIS_URL,
+            "SERVEGRID_EDGE_DATABASE_URL": self.datastores.database_url,
+            "SERVEGRID_EDGE_REDIS_URL": self.datastores.redis_url,
             "SERVEGRID_EDGE_DB_SCHEMA": self.schema,
             "SERVEGRID_EDGE_REDIS_PREFIX": self.redis_prefix,
             "SERVEGRID_EDGE_TENANT_LIMITS": json.dumps(self.tenant_limits),
@@ -101,7 +99,7 @@ class EdgeStack:
         return record["key_id"], record["api_key"]
 
     def counter_keys(self, tenant: str) -> list[str]:
-        client = redis.Redis.from_url(REDIS_URL)
+        client = redis.Redis.from_url(self.datastores.redis_url)
         try:
             return [k.decode() for k in client.scan_iter(f"{self.redis_prefix}rl:*:t={tenant}:*")]
         finally:
@@ -112,16 +110,9 @@ class EdgeStack:
             process.stop()
         for process in (self.envoy, self.gateway, self.registry, self.edge):
             process.stop()
-        with contextlib.suppress(Exception), psycopg.connect(DATABASE_URL, autocommit=True) as conn:
-            conn.execute(
-                psycopg.sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(psycopg.sql.Identifier(self.schema))
-            )
-        client = redis.Redis.from_url(REDIS_URL)
-        try:
-            for key in client.scan_iter(f"{self.redis_prefix}*"):
-                client.delete(key)
-        finally:
-            client.close()
+        with contextlib.suppress(psycopg.Error):
+            self.datastores.drop_schema(self.schema)
+        self.datastores.delete_keys(self.redis_prefix)
 
 
 # Every Triton model served under its own name: the edge tests call Triton's models through Envoy.
@@ -162,6 +153,7 @@ def _control_plane(state_dir: Path, triton_grpc: str, triton_http: str, tls: Cer
 @contextlib.contextmanager
 def edge_stack(
     state_dir: Path,
+    datastores: SessionDatastores,
     triton_grpc: str,
     tenant_limits: dict[str, int],
     triton_http: str = "",
@@ -200,6 +192,7 @@ def edge_stack(
     try:
         stack = EdgeStack(
             state_dir=state_dir,
+            datastores=datastores,
             issuer=issuer,
             schema=f"servegrid_edge_{token}",
             redis_prefix=f"servegrid:edgetest:{token}:",

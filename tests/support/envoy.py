@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, replace
@@ -16,6 +15,7 @@ from typing import Any
 
 from services.mesh.bootstrap import EnvoyParams, descriptor_set_bytes, render_yaml
 from services.stack.ports import free_port
+from tests.support.polling import wait_started
 
 
 def envoy_binary() -> str:
@@ -84,6 +84,15 @@ class EnvoyProcess:
         self.stop()
 
 
+def admin_ready(admin_port: int) -> bool:
+    """An Envoy's admin /ready answers 200 (Envoy signals readiness only there)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as reply:
+            return bool(reply.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 def start_envoy(
     state_dir: Path, params: EnvoyParams, *, concurrency: int = 1, timeout_s: float = 30.0, **overrides: Any
 ) -> EnvoyProcess:
@@ -121,19 +130,14 @@ def start_envoy(
             stderr=subprocess.STDOUT,
         )
     envoy = EnvoyProcess(process, port, admin_port, config, log_path, access_log)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"envoy exited with {process.returncode}:\n{envoy.log_tail()}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as reply:
-                if reply.status == 200:
-                    return envoy
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.05)
-    envoy.stop()
-    raise RuntimeError(f"envoy not ready in {timeout_s}s:\n{envoy.log_tail()}")
+    try:
+        wait_started(
+            process, lambda: admin_ready(admin_port), name="envoy", timeout_s=timeout_s, log_tail=envoy.log_tail
+        )
+    except RuntimeError:
+        envoy.stop()
+        raise
+    return envoy
 
 
 def chart_descriptors(directory: Path) -> str:

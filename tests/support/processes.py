@@ -7,10 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+
+from tests.support.polling import wait_started
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -79,16 +80,11 @@ def start_service(
         process = subprocess.Popen(
             [sys.executable, "-m", module], cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT
         )
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"{name} exited with {process.returncode}:\n{log_path.read_text(errors='replace')[-3000:]}"
-            )
-        if ready.exists():
-            port = int(json.loads(ready.read_text())["port"])
-            return ServiceProcess(name, process, port, log_path)
-        time.sleep(0.05)
-    process.kill()
-    process.wait(5)
-    raise RuntimeError(f"{name} not ready in {timeout_s}s:\n{log_path.read_text(errors='replace')[-3000:]}")
+    service = ServiceProcess(name, process, 0, log_path)
+    try:
+        wait_started(process, ready.exists, name=name, timeout_s=timeout_s, log_tail=service.log_tail)
+    except RuntimeError:
+        service.stop(grace_s=0)
+        raise
+    service.port = int(json.loads(ready.read_text())["port"])
+    return service

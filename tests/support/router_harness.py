@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,6 +36,7 @@ class FakeProbeClient:
     default_model_ready: bool = True
     calls: int = 0
     closed: bool = False
+    lost: asyncio.Event = field(default_factory=asyncio.Event)  # set it: the connection drops
 
     async def server_ready(self, timeout_s: float) -> bool:
         self.calls += 1
@@ -45,6 +45,10 @@ class FakeProbeClient:
     async def model_ready(self, name: str, version: str, timeout_s: float) -> bool:
         self.calls += 1
         return self.models.get((name, version), self.default_model_ready)
+
+    async def connection_lost(self) -> None:
+        await self.lost.wait()
+        self.lost.clear()
 
     async def close(self) -> None:
         self.closed = True
@@ -266,26 +270,6 @@ class FakeRegistry:
     async def stop(self) -> None:
         if self._server is not None:
             await self._server.stop(None)
-
-
-async def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0, poll_s: float = 0.02) -> float:
-    """Poll `condition` (state owned by another thread or process); returns the seconds it took."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout_s:
-            raise AssertionError(f"condition not met within {timeout_s}s")
-        await asyncio.sleep(poll_s)
-    return time.monotonic() - started
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0, poll_s: float = 0.05) -> float:
-    """Blocking `wait_until`, for sync tests and fixtures watching external processes."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout_s:
-            raise AssertionError(f"condition not met within {timeout_s}s")
-        time.sleep(poll_s)
-    return time.monotonic() - started
 
 
 # ---- router + real Envoy (integration tests) -----------------------------------------------------

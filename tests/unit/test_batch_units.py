@@ -1,4 +1,4 @@
-"""Batch service core pieces without any server: tensor packing, intake validation, progress, page tokens."""
+"""Batch service core pieces without any server: tensor packing, intake validation, progress, page tokens, retries."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tritonclient.grpc import service_pb2
 from services.batch.intake import new_job, storable_items
 from services.batch.outbox import chunk_context, chunk_headers, encode_chunk
 from services.batch.progress import RateWindow, eta_seconds
-from services.batch.store import DueChunk, Job
+from services.batch.store import DueChunk, Job, retry_plan
 from services.batch.tensors import ModelShape, item_request, make_packs, response_tensors, unpack_response
 from services.batch.worker import decode_chunk
 from services.runtime.errors import InvalidArgument
@@ -158,3 +158,12 @@ def test_rate_window_and_eta() -> None:
     )
     assert eta_seconds(running, 100.0) == pytest.approx(6.0)
     assert eta_seconds(running, 0.0) < 0
+
+
+def test_a_transient_failure_backs_off_doubling_to_the_cap_then_fails_for_good() -> None:
+    # (index, code, message) of a round; tries: the attempt each would be (absent: no longer pending).
+    transient = [(0, 14, "unavailable"), (1, 14, "unavailable"), (2, 14, "unavailable"), (3, 14, "gone")]
+    tries = {0: 1, 1: 3, 2: 5}
+    given_up, again = retry_plan(transient, tries, max_attempts=5, backoff_s=0.5, backoff_max_s=1.5)
+    assert again == [(0, 0.5), (1, 1.5)]  # 0.5 * 2**2 = 2.0, capped
+    assert given_up == [(2, 14, "RETRIES_EXHAUSTED", "failed 5 times; last error: unavailable")]

@@ -20,6 +20,7 @@ from services.router.publisher import snapshot_version
 from services.router.server import Router, build_router
 from services.router.xds import TYPE_ENDPOINT
 from services.runtime.errors import status_details
+from tests.support.polling import wait_until
 from tests.support.router_harness import (
     FakeProbeClients,
     FakeRegistry,
@@ -28,7 +29,6 @@ from tests.support.router_harness import (
     route,
     snapshot_states,
     unit_settings,
-    wait_until,
     write_routes,
 )
 

@@ -6,6 +6,7 @@ import pytest
 
 from services.router.backends import HEALTHY, UNHEALTHY, BackendProbes, EndpointState
 from services.router.table import RouteTable
+from tests.support.polling import wait_until
 from tests.support.router_harness import FakeProbeClients, route, unit_settings
 
 A, B = ("a", "10.0.0.1:8001", "10.0.0.1:8000"), ("b", "10.0.0.2:8001")
@@ -135,3 +136,19 @@ async def test_backends_registered_by_dns_name_resolve_for_eds_and_a_change_is_h
     await probes.probe_all()
     assert probes.resolve("localhost") in ("127.0.0.1", "::1")
     assert heard, "the resolved address must trigger a new snapshot"
+
+
+async def test_a_backend_whose_connection_drops_is_probed_at_once_not_at_the_next_tick(
+    clients: FakeProbeClients,
+) -> None:
+    probes = BackendProbes(unit_settings(probe_interval_s=3600), clients)
+    probes.sync(table_with(route("m", [(1, "affine", 100, [A, B])])).backends())
+    await probes.start()
+    try:
+        assert probes.states()[("a", "affine", "")] is EndpointState.HEALTHY
+        clients.clients[A[1]].server = False  # Triton exits: its connection drops
+        clients.clients[A[1]].lost.set()
+        await wait_until(lambda: probes.states()[("a", "affine", "")] is EndpointState.UNHEALTHY, timeout_s=2)
+        assert probes.states()[("b", "affine", "")] is EndpointState.HEALTHY
+    finally:
+        await probes.close()

@@ -15,7 +15,8 @@ from tritonclient.grpc import service_pb2
 from services.mesh.names import MIRROR_HEADER, MODEL_HEADER, SHADOW_COMPARE_HEADER, VERSION_HEADER
 from services.router.server import Router, build_router
 from services.router.shadow import MODEL_INFER, compare
-from tests.support.router_harness import FakeProbeClients, fake_snapshot, route, unit_settings, wait_until, write_routes
+from tests.support.polling import wait_until
+from tests.support.router_harness import FakeProbeClients, fake_snapshot, route, unit_settings, write_routes
 
 A = [("a", "10.0.0.1:8001")]
 

@@ -11,7 +11,8 @@ from servegrid.router.v1 import router_admin_pb2 as apb
 from servegrid.router.v1 import router_admin_pb2_grpc as apb_grpc
 
 from services.router.server import Router, build_router
-from tests.support.router_harness import FakeProbeClients, FakeRegistry, fake_snapshot, route, unit_settings, wait_until
+from tests.support.polling import wait_until
+from tests.support.router_harness import FakeProbeClients, FakeRegistry, fake_snapshot, route, unit_settings
 
 A = [("a", "10.0.0.1:8001")]
 
