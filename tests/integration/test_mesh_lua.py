@@ -172,10 +172,6 @@ class Envoy:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
 
 def start_envoy(config: dict[str, Any], state_dir: Path, port: int, admin_port: int) -> Envoy:
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -558,35 +554,3 @@ def test_large_request_renamed_across_chunks(
         want = direct.infer("resnet18", _image())
     assert got.get_response().model_name == RENAMED_RESNET
     np.testing.assert_array_equal(got.as_numpy("logits"), want.as_numpy("logits"))
-
-
-def _cpu_us_per_call(
-    envoy: Envoy, model: str, inputs: list[grpcclient.InferInput], headers: dict[str, str], n: int
-) -> float:
-    with grpcclient.InferenceServerClient(envoy.address) as client:
-        client.infer(model, inputs, headers=headers)
-        start = envoy.cpu_seconds()
-        for _ in range(n):
-            client.infer(model, inputs, headers=headers)
-        return (envoy.cpu_seconds() - start) / n * 1e6
-
-
-def test_print_envoy_cpu_per_request(envoy: Envoy, mesh_envoy: Envoy) -> None:
-    small, large = _affine_inputs([4]), _image()
-    figures = {
-        "affine, body peek (2000 calls)": _cpu_us_per_call(envoy, "affine", small, {}, 2000),
-        "affine, header trusted (2000 calls)": _cpu_us_per_call(
-            mesh_envoy, "affine", small, {"x-servegrid-model": "affine"}, 2000
-        ),
-        "resnet18 600 KB, body peek (100 calls)": _cpu_us_per_call(envoy, "resnet18", large, {}, 100),
-        "resnet18 600 KB, header trusted (100 calls)": _cpu_us_per_call(
-            mesh_envoy, "resnet18", large, {"x-servegrid-model": "resnet18"}, 100
-        ),
-        "resnet18 600 KB, peek + rename (100 calls)": _cpu_us_per_call(envoy, RENAMED_RESNET, large, {}, 100),
-        "resnet18 600 KB, header + rename (100 calls)": _cpu_us_per_call(
-            mesh_envoy, RENAMED_RESNET, large, {"x-servegrid-model": RENAMED_RESNET}, 100
-        ),
-    }
-    print("\nEnvoy CPU per request:")
-    for label, micros in figures.items():
-        print(f"  {label}: {micros:.0f} µs")
