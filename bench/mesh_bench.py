@@ -49,23 +49,6 @@ SCENARIOS = {"affine": (1, 8, 32), "resnet18": (1, 4)}
 QUICK = {"affine": (8,)}
 # Mesh name → the Triton model it runs (the seed maps `affine` to Triton's batched variant).
 TRITON_NAME = {"affine": "affine_batched", "resnet18": "resnet18", "digits": "digits"}
-STACK_PORTS = (
-    "ENVOY_PORT",
-    "ENVOY_ADMIN_PORT",
-    "ENVOY_MESH_PORT",
-    "GATEWAY_PORT",
-    "ROUTER_PORT",
-    "REGISTRY_PORT",
-    "BATCH_PORT",
-    "EDGE_PORT",
-    "TRITON_GRPC_PORT",
-    "TRITON_HTTP_PORT",
-    "TRITON_METRICS_PORT",
-    "KAFKA_PORT",
-    # Used only when no SERVEGRID_DATABASE_URL / SERVEGRID_REDIS_URL is given (embedded ones start).
-    "POSTGRES_PORT",
-    "REDIS_PORT",
-)
 TARGETS = (
     "mesh >= 0.95x direct at c=32; public >= 0.85x, <= 0.5 ms added p50 at c=1, <= 250 us mesh CPU per request; "
     "resnet18 >= 0.95x, <= 1 ms added p50; gateway >= 0.5x; router and edge CPU per KServe request ~ 0"
@@ -115,11 +98,11 @@ class Row:
 def running_stack(home: Path) -> Iterator[Stack]:
     """`servegrid up` on free ports in `home`; `servegrid down` afterwards whatever happens."""
     from services.edge.devkeys import DevIssuer
-    from services.stack.local import StackSettings, component_tls, public_ca_file
+    from services.stack.local import PORT_SETTINGS, StackSettings, component_tls, public_ca_file
     from services.stack.ports import free_block, free_ports
     from services.stack.supervisor import Supervisor
 
-    ports = dict(zip(STACK_PORTS, free_ports(len(STACK_PORTS)), strict=True))
+    ports = dict(zip(PORT_SETTINGS, free_ports(len(PORT_SETTINGS)), strict=True))
     env = {
         **os.environ,
         "SERVEGRID_STACK_HOME": str(home),

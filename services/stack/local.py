@@ -130,6 +130,11 @@ CALLERS: dict[str, tuple[str, ...]] = {
 }
 
 
+# The SERVEGRID_STACK_<NAME> settings that are ports (ENVOY_PORT, TRITON_GRPC_PORT, ...): what a test or a
+# bench sets, all to free ports, to run a stack beside another one.
+PORT_SETTINGS = tuple(name.upper() for name in StackSettings.model_fields if name.endswith("_port"))
+
+
 def http_ready(url: str) -> bool:
     with urllib.request.urlopen(url, timeout=1) as reply:
         return bool(reply.status == 200)

@@ -20,34 +20,12 @@ import pytest
 from scripts.smoke import examples, run
 from services.stack.datastores import postgres_data_dir
 from services.stack.ports import free_block, free_ports
+from tests.support.local_stack import PORTS, running
 
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 SERVEGRID = [sys.executable, "-m", "services.stack"]
-PORTS = (
-    "ENVOY_PORT",
-    "ENVOY_ADMIN_PORT",
-    "GATEWAY_PORT",
-    "ROUTER_PORT",
-    "REGISTRY_PORT",
-    "BATCH_PORT",
-    "EDGE_PORT",
-    "TRITON_GRPC_PORT",
-    "TRITON_HTTP_PORT",
-    "TRITON_METRICS_PORT",
-    "KAFKA_PORT",
-    "POSTGRES_PORT",
-    "REDIS_PORT",
-)
-
-
-def _running(pid: int) -> bool:
-    """Alive and not a zombie waiting to be reaped by whoever inherited it."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +54,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         shutil.rmtree(postgres_data_dir(home), ignore_errors=True)
         shutil.rmtree(home, ignore_errors=True)
         assert down.returncode == 0, down.stderr
-        alive = [name for name, entry in state.items() if _running(entry["pid"])]
+        alive = [name for name, entry in state.items() if running(entry["pid"])]
         assert alive == [], f"still running after down: {alive}"
 
 

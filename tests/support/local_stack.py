@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
@@ -15,47 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.stack.datastores import postgres_data_dir
-from services.stack.ports import port_open
+from services.stack.local import PORT_SETTINGS
+from services.stack.ports import free_block, free_ports
 from tests.support.processes import REPO
 
 SERVEGRID = [sys.executable, "-m", "services.stack"]
-PORTS = (
-    "ENVOY_PORT",
-    "ENVOY_ADMIN_PORT",
-    "ENVOY_MESH_PORT",
-    "GATEWAY_PORT",
-    "ROUTER_PORT",
-    "REGISTRY_PORT",
-    "BATCH_PORT",
-    "EDGE_PORT",
-    "TRITON_GRPC_PORT",
-    "TRITON_HTTP_PORT",
-    "TRITON_METRICS_PORT",
-    "KAFKA_PORT",
-    "POSTGRES_PORT",
-    "REDIS_PORT",
-)
+PORTS = PORT_SETTINGS
 # The services' metrics ports are base+1 … base+5, in this order (services/stack/local.py).
 METRICS_SERVICES = ("gateway", "router", "registry", "batch", "edge")
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def free_block(size: int) -> int:
-    """A base port whose next `size` ports are free (the services' metrics ports)."""
-    for base in range(20000, 60000, 97):
-        if all(not port_open(base + i) for i in range(1, size + 1)):
-            return base
-    raise RuntimeError("no free port block")
 
 
 def running(pid: int) -> bool:
