@@ -212,16 +212,23 @@ class OtlpReceiver:
             return list(self._spans)
 
     def wait_for_trace(
-        self, trace_id: str, services: Iterable[str], timeout_s: float = 30.0
+        self, trace_id: str, services: Iterable[str], timeout_s: float = 30.0, whole: bool = True
     ) -> dict[str, list[ReceivedSpan]]:
-        """The trace's spans by service once every one of `services` has sent at least one."""
+        """The trace's spans by service once every one of `services` has sent at least one and, when
+        `whole`, every span's parent has arrived too (each process exports on its own flush interval:
+        Triton's span can land before the Envoy span it is the child of)."""
         wanted = set(services)
 
         def complete(spans: list[ReceivedSpan]) -> bool:
-            return wanted <= {s.service for s in spans if s.trace_id == trace_id}
+            ours = [s for s in spans if s.trace_id == trace_id]
+            if not wanted <= {s.service for s in ours}:
+                return False
+            ids = {s.span_id for s in ours}
+            return not whole or all(not s.parent_span_id or s.parent_span_id in ids for s in ours)
 
         try:
-            self.wait_for(complete, timeout_s, what=f"spans of {sorted(wanted)} in trace {trace_id}")
+            what = f"spans of {sorted(wanted)} in trace {trace_id}" + (", every parent among them" if whole else "")
+            self.wait_for(complete, timeout_s, what=what)
         except AssertionError as missing:
             raise AssertionError(f"{missing}\nthe trace so far:\n{describe(self.spans(trace_id))}") from None
         by_service: dict[str, list[ReceivedSpan]] = {}
