@@ -7,6 +7,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# `make test` runs the suite in this many pytest-xdist workers, a module per worker at a time (--dist
+# loadscope keeps each module's stack in one process); 1 runs it in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: help venv up down status test unit gen check-gen lint fmt models bench smoke sdk docs clean prometheus-tools
 
@@ -86,7 +89,7 @@ unit: $(STAMP) ## unit tests only (seconds)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 test: $(STAMP) $(TS_STAMP) prometheus-tools lint models ## install what is needed, then run every check and test (with line coverage)
-	$(PY) -m pytest --cov --cov-report=term:skip-covered $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope --durations=20 --cov --cov-report=term:skip-covered $(PYTEST_ARGS)
 
 BENCH ?=
 smoke: $(STAMP) models ## on the default ports: make up, the README's examples as written, status, make down

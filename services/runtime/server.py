@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import inspect
 import json
 import logging
 import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -250,3 +253,16 @@ class ServiceApp:
             uvloop.run(self.serve())
         else:
             asyncio.run(self.serve())
+        exit_after_python_cleanup(0)
+
+
+def exit_after_python_cleanup(code: int) -> NoReturn:
+    """End a process whose work is done: run Python's exit handlers (logging, tracing, coverage data),
+    flush stdout/stderr, then leave without the C library's. grpcio's OpenSSL teardown, one of those,
+    waits up to 2 s for gRPC core objects that interpreter shutdown never frees (grpc/grpc#38539), so
+    every process that served or dialled TLS took 2 s longer to stop than its drain."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)

@@ -137,7 +137,9 @@ def test_a_token_without_a_tenant_is_401(stack: EdgeStack) -> None:
     assert reason(reply) == "UNAUTHENTICATED_TENANT_INVALID"
 
 
-@pytest.mark.parametrize("tenant", [TENANT, "a", "x" * names.TENANT_MAX_LENGTH, "org:team.a_b-c"])
+@pytest.mark.parametrize(
+    "tenant", [pytest.param(TENANT, id="this-session"), "a", "x" * names.TENANT_MAX_LENGTH, "org:team.a_b-c"]
+)
 def test_a_tenant_id_string_passes(stack: EdgeStack, tenant: str) -> None:
     assert http("GET", models_url(stack.envoy), headers=bearer(stack.issuer.token(tenant))).status == 200
 

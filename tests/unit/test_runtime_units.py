@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import grpc
 import pytest
@@ -76,3 +79,21 @@ def test_json_logs_carry_the_request_id_of_the_work_in_hand() -> None:
     with request_id_scope("rid-7"):
         assert entry()["request_id"] == "rid-7"
     assert "request_id" not in entry()
+
+
+def test_a_stopped_service_runs_python_exit_handlers_and_keeps_its_exit_code(tmp_path: Path) -> None:
+    # What ServiceApp.run ends with: the handlers that flush logs, spans and coverage data still run,
+    # buffered output is written, and the code is the one asked for.
+    marker = tmp_path / "handler-ran"
+    script = (
+        "import atexit, pathlib, sys\n"
+        "from services.runtime.server import exit_after_python_cleanup\n"
+        f"atexit.register(pathlib.Path({str(marker)!r}).write_text, 'flushed')\n"
+        "sys.stdout.write('buffered, no newline')\n"
+        "exit_after_python_cleanup(3)\n"
+        "print('never reached')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "buffered, no newline"
+    assert marker.read_text() == "flushed"
