@@ -11,7 +11,7 @@ from services.batch.store import NewJob, request_digest
 from services.batch.tensors import item_request
 from services.mesh.names import MAX_NAME_BYTES, name_too_long
 from services.runtime.errors import InvalidArgument
-from services.runtime.tensors import validate
+from services.runtime.tensors import bare_data_hint, validate
 
 MAX_PRIORITY = 9
 MAX_IDEMPOTENCY_KEY = 200
@@ -65,7 +65,9 @@ def _ndjson_items(payload: bytes) -> Iterator[tuple[int, batch_pb2.BatchItem]]:
         try:
             json_format.Parse(text, item)
         except json_format.ParseError as error:
-            raise _invalid(f"line {line_no}: {error}", field_name, "INVALID_ITEM") from error
+            hint = bare_data_hint(text)
+            message = f"line {line_no}: {hint}" if hint else f"line {line_no}: {error}"
+            raise _invalid(message, field_name, "INVALID_ITEM") from error
         yield line_no, item
 
 

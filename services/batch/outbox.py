@@ -8,7 +8,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -32,20 +32,21 @@ def encode_chunk(chunk: DueChunk) -> bytes:
     return json.dumps({"job_id": str(chunk.job_id), "items": chunk.item_indices}, separators=(",", ":")).encode()
 
 
-# Kafka record headers of a chunk: its job's W3C trace context (traceparent, tracestate) and the
-# submitting request's id, so the worker's spans and log lines join that request.
+# Kafka record headers of a job's messages (its work chunks and its dead letters): the job's W3C trace
+# context (traceparent, tracestate) and the submitting request's id, so the worker's spans and log
+# lines, and whoever reads the dead-letter topic, can find that request.
 Headers = list[tuple[str, bytes]]
 
 
-def chunk_headers(chunk: DueChunk) -> Headers:
-    headers = [(key, value.encode()) for key, value in chunk.trace_context.items() if key in TRACE_HEADERS]
-    if chunk.request_id:
-        headers.append((REQUEST_ID_HEADER, chunk.request_id.encode()))
+def context_headers(trace_context: Mapping[str, str], request_id: str) -> Headers:
+    headers = [(key, value.encode()) for key, value in trace_context.items() if key in TRACE_HEADERS]
+    if request_id:
+        headers.append((REQUEST_ID_HEADER, request_id.encode()))
     return headers
 
 
 def chunk_context(headers: Sequence[tuple[str, bytes]] | None) -> tuple[dict[str, str], str]:
-    """(trace context, request id) from a chunk's headers (chunk_headers'); empty for a message without."""
+    """(trace context, request id) from a message's headers (context_headers'); empty for one without."""
     trace_context: dict[str, str] = {}
     request_id = ""
     for key, value in headers or ():
@@ -228,7 +229,11 @@ class OutboxRelay:
         await self._send_all(
             self._settings.items_topic,
             [
-                (f"{c.job_id}:{c.item_indices[0]}:{sequence}".encode(), encode_chunk(c), chunk_headers(c))
+                (
+                    f"{c.job_id}:{c.item_indices[0]}:{sequence}".encode(),
+                    encode_chunk(c),
+                    context_headers(c.trace_context, c.request_id),
+                )
                 for c in chunks
             ],
         )
@@ -236,6 +241,10 @@ class OutboxRelay:
 
     async def _publish_dead_letters(self, letters: list[DeadLetter]) -> None:
         await self._send_all(
-            self._settings.dlq_topic, [(str(d.job_id).encode(), encode_dead_letter(d), []) for d in letters]
+            self._settings.dlq_topic,
+            [
+                (str(d.job_id).encode(), encode_dead_letter(d), context_headers(d.trace_context, d.request_id))
+                for d in letters
+            ],
         )
         DEAD_LETTERS.inc(len(letters))

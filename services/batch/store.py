@@ -137,6 +137,8 @@ class DeadLetter:
     error_code: int
     error_reason: str
     error_message: str
+    trace_context: dict[str, str] = field(default_factory=dict)  # the job's, as its work messages carry
+    request_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -453,12 +455,12 @@ class BatchStore:
         async with self._pool.connection() as conn, conn.transaction():
             cur = await conn.execute(
                 """SELECT i.job_id, i.item_index, i.item_id, j.tenant, j.model_id, j.version, r.attempts,
-                          r.error_code, r.error_reason, r.error_message
+                          r.error_code, r.error_reason, r.error_message, j.trace_context, j.request_id
                    FROM items i JOIN results r USING (job_id, item_index) JOIN jobs j USING (job_id)
                    WHERE i.dlq_due LIMIT %s FOR UPDATE OF i SKIP LOCKED""",
                 (limit,),
             )
-            letters = [DeadLetter(*r) for r in await cur.fetchall()]
+            letters = [DeadLetter(*r) for r in await cur.fetchall()]  # jsonb arrives as a dict
             if not letters:
                 return 0
             await publish(letters)

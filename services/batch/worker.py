@@ -65,7 +65,7 @@ class _JobWork:
     model_id: str
     version: str
     items: list[tuple[int, service_pb2.ModelInferRequest]]
-    # The submitting request's, from the chunk's Kafka headers (services/batch/outbox.py chunk_headers).
+    # The submitting request's, from the chunk's Kafka headers (services/batch/outbox.py context_headers).
     trace_context: dict[str, str] = field(default_factory=dict)
     request_id: str = ""
 

@@ -12,6 +12,7 @@ from google.protobuf import json_format
 from servegrid.gateway.v1 import gateway_pb2
 
 from services.cli.gateway import ApiKeyOpt, TargetOpt, TokenOpt, gateway
+from services.runtime.tensors import bare_data_hint
 
 
 def infer(
@@ -37,7 +38,7 @@ def infer(
     try:
         json_format.Parse(text, request)
     except json_format.ParseError as err:
-        raise typer.BadParameter(f"{input}: {err}") from None
+        raise typer.BadParameter(f"{input}: {bare_data_hint(text) or err}", param_hint="--input") from None
     request.model_id, request.version = model, version or request.version
     with gateway(target, token, api_key) as (stub, metadata):
         reply = stub.Infer(request, timeout=timeout_s, metadata=metadata)

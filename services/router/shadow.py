@@ -32,6 +32,7 @@ from services.router.settings import RouterSettings
 from services.router.table import CompiledRoute, RouteTable
 from services.runtime.channels import open_channel
 from services.runtime.errors import FailedPrecondition, abort_with
+from services.runtime.tracing import carried_metadata
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +175,11 @@ class ShadowComparator:
             message = service_pb2.ModelInferRequest.FromString(request)
             primary_version = metadata.get(VERSION_HEADER) or message.model_version
             sticky = (route.sticky_header, metadata[route.sticky_header]) if route.sticky_header in metadata else None
+            # The caller's request id and trace context go along: the re-asks show in its trace and logs.
+            carried = carried_metadata(metadata.items())
             primary, shadow = await asyncio.gather(
-                self._ask(route.model_id, primary_version, message, sticky),
-                self._ask(route.model_id, route.shadow.version_str, message, sticky),
+                self._ask(route.model_id, primary_version, message, sticky, carried),
+                self._ask(route.model_id, route.shadow.version_str, message, sticky, carried),
             )
             diff = compare(primary, shadow)
         except Exception as error:  # a shadow failure is recorded, never surfaced
@@ -201,6 +204,7 @@ class ShadowComparator:
         version: str,
         message: service_pb2.ModelInferRequest,
         sticky: tuple[str, str] | None,
+        carried: list[tuple[str, str]],
     ) -> service_pb2.ModelInferResponse:
         """One ModelInfer through the mesh. The version goes in the header only: the body names the model
         (as the header does; Envoy's Lua refuses a disagreement) and no version, so the Triton version the
@@ -209,7 +213,7 @@ class ShadowComparator:
         outgoing.CopyFrom(message)
         outgoing.model_name = model_id
         outgoing.ClearField("model_version")
-        headers = [(MODEL_HEADER, model_id), (SHADOW_COMPARE_HEADER, "1")]
+        headers = [(MODEL_HEADER, model_id), (SHADOW_COMPARE_HEADER, "1"), *carried]
         if version:
             headers.append((VERSION_HEADER, version))
         elif sticky is not None:

@@ -6,6 +6,7 @@ both accept the same tensors, refuse the same ones with the same field paths, an
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections.abc import Sequence
@@ -112,6 +113,21 @@ def validate(tensor: tensor_pb2.Tensor, where: str) -> list[tuple[str, str]]:
                 (f"{where}.data.{spec.field}", f"{spec.name} elements must be in [{spec.low}, {spec.high}]")
             )
     return problems
+
+
+def bare_data_hint(document: str) -> str:
+    """For JSON that protobuf refused as a request with `inputs`: when a tensor's `data` is a bare list
+    (KServe v2's JSON shape), the sentence saying where its values go instead; else ''."""
+    try:
+        inputs = json.loads(document).get("inputs")
+    except (ValueError, AttributeError):
+        return ""
+    for i, tensor in enumerate(inputs if isinstance(inputs, list) else []):
+        if isinstance(tensor, dict) and isinstance(tensor.get("data"), list):
+            spec = DATATYPES.get(str(tensor.get("datatype", "")).upper())
+            field = spec.field if spec else "fp32"
+            return f'inputs[{i}].data takes its values in the list its datatype names: {{"{field}": [...]}}'
+    return ""
 
 
 def _varint(value: int) -> bytes:

@@ -336,8 +336,10 @@ async def test_poison_item_fails_into_the_dead_letter_topic_and_the_rest_succeed
     # Structurally fine (63 values for shape [1, 63]) but the wrong shape for the model.
     items[poison].inputs[0].shape[:] = [1, 63]
     del items[poison].inputs[0].data.fp32[63:]
+    trace_id, request_id = uuid.uuid4().hex, f"poison-{uuid.uuid4().hex[:8]}"
+    submitted_by = [("traceparent", f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01"), ("x-request-id", request_id)]
     async with running(settings) as stub:
-        created = await stub.CreateBatchJob(create_request(items))
+        created = await stub.CreateBatchJob(create_request(items), metadata=submitted_by)
         final = await wait_for(stub, created.job.job_id)
         assert final.state == FAILED
         assert (final.succeeded_items, final.failed_items) == (299, 1)
@@ -358,6 +360,9 @@ async def test_poison_item_fails_into_the_dead_letter_topic_and_the_rest_succeed
         assert (letter["job_id"], letter["item_index"], letter["item_id"]) == (final.job_id, poison, f"img-{poison}")
         assert letter["error"]["reason"] == "INVALID_ITEM"
         assert "63" in letter["error"]["message"] or "shape" in letter["error"]["message"].lower()
+        # The letter leads back to the request that submitted the job: its trace and its request id.
+        headers = letter["kafka_headers"]
+        assert headers["x-request-id"] == request_id and headers["traceparent"].split("-")[1] == trace_id
 
         retried = await stub.RetryBatchJob(batch_pb2.RetryBatchJobRequest(tenant=TENANT, job_id=final.job_id))
         assert retried.requeued_items == 1
@@ -415,7 +420,8 @@ async def test_an_item_that_keeps_killing_its_worker_is_dead_lettered_after_max_
 async def _dead_letters(
     settings: BatchSettings, broker: KafkaBroker, schema: Schema, want: int
 ) -> list[dict[str, Any]]:
-    """The dead-letter topic's first `want` letters (fewer if 20 s pass without them), read from the start."""
+    """The dead-letter topic's first `want` letters (fewer if 20 s pass without them), read from the start;
+    each with its message's headers under "kafka_headers"."""
     consumer = AIOKafkaConsumer(
         settings.dlq_topic,
         bootstrap_servers=broker.bootstrap,
@@ -429,7 +435,9 @@ async def _dead_letters(
         async with asyncio.timeout(20):
             while len(letters) < want:
                 batch = await consumer.getmany(timeout_ms=1000)
-                letters += [json.loads(m.value) for ms in batch.values() for m in ms]
+                for message in (m for ms in batch.values() for m in ms):
+                    headers = {key: value.decode() for key, value in message.headers or ()}
+                    letters.append({**json.loads(message.value), "kafka_headers": headers})
     except TimeoutError:
         pass
     finally:

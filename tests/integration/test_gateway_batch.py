@@ -146,6 +146,10 @@ async def _both(relay: Relay, method: str, request: Any) -> tuple[tuple[Any, ...
     return _error(through), _error(direct)
 
 
+# KServe v2's JSON tensor (values straight in `data`): refused with where the values go, on every hop.
+BARE_DATA_LIST = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}\n'
+
+
 @pytest.mark.parametrize(
     ("method", "request_", "code", "reason"),
     [
@@ -162,6 +166,7 @@ async def _both(relay: Relay, method: str, request: Any) -> tuple[tuple[Any, ...
         ("CreateBatchJob", _create(idempotency_key=""), "INVALID_ARGUMENT", "INVALID_ARGUMENT"),
         ("CreateBatchJob", _create(items_ndjson=b"{not json}\n"), "INVALID_ARGUMENT", "INVALID_ITEM"),
         ("CreateBatchJob", _create(items_ndjson=b'{"inputs": "\xff\xfe"}\n'), "INVALID_ARGUMENT", "INVALID_ITEM"),
+        ("CreateBatchJob", _create(items_ndjson=BARE_DATA_LIST), "INVALID_ARGUMENT", "INVALID_ITEM"),
         ("CreateBatchJob", _create(priority=42), "INVALID_ARGUMENT", "INVALID_ARGUMENT"),
     ],
     ids=lambda value: value if isinstance(value, str) else None,
@@ -173,6 +178,8 @@ async def test_batch_errors_reach_the_caller_unchanged(
     assert through == direct
     assert (through[0].name, through[2]) == (code, reason)
     assert through[1] and not through[1].startswith("Unexpected")
+    if getattr(request_, "items_ndjson", b"") == BARE_DATA_LIST:
+        assert through[1].endswith('inputs[0].data takes its values in the list its datatype names: {"fp32": [...]}')
 
 
 async def test_cancelled_and_reused_jobs_keep_their_status_through_the_gateway(relay: Relay) -> None:

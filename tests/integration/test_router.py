@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from services.mesh.names import VERSION_HEADER, version_cluster
 from services.router.settings import RouterSettings
 from services.stack.triton import TritonInstance
+from tests.security.support import logged as access_logged
 from tests.support.polling import wait_until
 from tests.support.router_harness import DataPlane, route, write_routes
 
@@ -215,8 +217,9 @@ async def test_the_shadow_gets_every_sampled_request_and_the_router_compares_the
     request = service_pb2.ModelInferRequest(model_name="shadowed")
     request.inputs.add(name="pixels", datatype="FP32", shape=list(pixels.shape))
     request.raw_input_contents.append(pixels.tobytes())
-    for _ in range(20):
-        reply = await mesh.ModelInfer(request, timeout=10)
+    request_id = f"shadowed-{uuid.uuid4().hex[:8]}"
+    for i in range(20):
+        reply = await mesh.ModelInfer(request, timeout=10, metadata=[("x-request-id", request_id)] if i == 0 else None)
         assert reply.model_name == "shadowed"
     stats = plane.router.router.shadow.stats
 
@@ -230,6 +233,9 @@ async def test_the_shadow_gets_every_sampled_request_and_the_router_compares_the
     shadow = stats["shadowed"]
     assert shadow.errors == 0 and shadow.dropped == 0, shadow
     assert shadow.max_abs_diff == 0.0 and shadow.argmax_mismatches == 0  # the same Triton model both sides
+    # The comparison's two re-asks went through Envoy under the caller's request id (and trace).
+    asked = await asyncio.to_thread(access_logged, plane.envoy.process, request_id, 3)
+    assert len(asked) == 3 and {line["path"] for line in asked} == {"/inference.GRPCInferenceService/ModelInfer"}
 
 
 def test_routes_file_round_trips(tmp_path: Path) -> None:

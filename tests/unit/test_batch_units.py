@@ -11,7 +11,7 @@ from servegrid.common.v1 import tensor_pb2
 from tritonclient.grpc import service_pb2
 
 from services.batch.intake import new_job, storable_items
-from services.batch.outbox import chunk_context, chunk_headers, encode_chunk
+from services.batch.outbox import chunk_context, context_headers, encode_chunk
 from services.batch.progress import RateWindow, eta_seconds
 from services.batch.store import DueChunk, Job, retry_plan
 from services.batch.tensors import ModelShape, item_request, make_packs, response_tensors, unpack_response
@@ -130,11 +130,9 @@ def test_work_messages_name_items_only() -> None:
 
 
 def test_work_messages_carry_the_submits_trace_context_and_request_id_in_headers() -> None:
-    import uuid
 
     traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-    chunk = DueChunk(uuid.uuid4(), [0], {"traceparent": traceparent, "baggage": "x=1"}, "rid-1")
-    headers = chunk_headers(chunk)
+    headers = context_headers({"traceparent": traceparent, "baggage": "x=1"}, "rid-1")
     assert headers == [("traceparent", traceparent.encode()), ("x-request-id", b"rid-1")]  # W3C trace context only
     assert chunk_context(headers) == ({"traceparent": traceparent}, "rid-1")
     assert chunk_context(None) == ({}, "")  # a message published before the headers existed
@@ -167,3 +165,13 @@ def test_a_transient_failure_backs_off_doubling_to_the_cap_then_fails_for_good()
     given_up, again = retry_plan(transient, tries, max_attempts=5, backoff_s=0.5, backoff_max_s=1.5)
     assert again == [(0, 0.5), (1, 1.5)]  # 0.5 * 2**2 = 2.0, capped
     assert given_up == [(2, 14, "RETRIES_EXHAUSTED", "failed 5 times; last error: unavailable")]
+
+
+def test_a_bare_data_list_is_refused_with_where_its_values_go() -> None:
+    # KServe v2's JSON puts a tensor's values straight in `data`; servegrid's names the list.
+    line = b'{"inputs": [{"name": "x", "datatype": "INT64", "shape": [2], "data": [1, 2]}]}'
+    with pytest.raises(InvalidArgument) as error:
+        storable_items(create(items_ndjson=b"\n" + line), max_inline=10, max_items=10)
+    assert error.value.reason == "INVALID_ITEM"
+    hint = 'inputs[0].data takes its values in the list its datatype names: {"int64": [...]}'
+    assert str(error.value) == f"line 2: {hint}"

@@ -125,3 +125,14 @@ def test_shell_completion_can_be_installed() -> None:
     result = _run(["--help"], 200)
     assert result.exit_code == 0
     assert "--install-completion" in result.output and "--show-completion" in result.output
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_infer_with_a_bare_data_list_says_where_the_values_go(width: int, tmp_path: Any) -> None:
+    request = tmp_path / "request.json"
+    request.write_text('{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}')
+    result = _run(["infer", "affine", "--input", str(request)], width)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.replace("│", " ").split())  # the words inside rich's error box
+    assert "Traceback" not in text
+    assert 'inputs[0].data takes its values in the list its datatype names: {"fp32": [...]}' in text, text
