@@ -109,6 +109,7 @@ class AlertThresholds(_Strict):
     batch_lag_messages: int = Field(gt=0)
     batch_lag_for: str
     dlq_window: str
+    certificate_expiry_days: int = Field(gt=0)
 
 
 class SloFile(_Strict):
@@ -395,6 +396,19 @@ def operational_alerts(slos: SloFile) -> list[OperationalAlert]:
             f"backlog for {a.batch_lag_for}: jobs are late.",
         ),
         OperationalAlert(
+            "CertificateExpiring",
+            "(min by (job, instance) (servegrid_tls_certificate_expiry_timestamp_seconds) - time()) / 86400"
+            f" < {a.certificate_expiry_days}\nor\n"
+            f"min by (job, instance) (envoy_server_days_until_first_cert_expiring) < {a.certificate_expiry_days}",
+            "0s",
+            "ticket",
+            "The TLS certificate {{ $labels.job }} {{ $labels.instance }} uses expires within "
+            f"{a.certificate_expiry_days} days",
+            "{{ $labels.job }} {{ $labels.instance }} serves and calls with a certificate that expires within "
+            f"{a.certificate_expiry_days} days. Processes read their certificates when they start: a renewed "
+            "Secret reaches a pod when it restarts.",
+        ),
+        OperationalAlert(
             "DlqGrowth",
             f"sum(increase(servegrid_batch_dead_letters_total[{a.dlq_window}])) > 0",
             "0s",
@@ -578,9 +592,21 @@ def _quiet(name: str, eval_time: str) -> dict[str, Any]:
     return {"eval_time": eval_time, "alertname": name, "exp_alerts": []}
 
 
+def _merged(*expected: dict[str, Any]) -> dict[str, Any]:
+    """One alert_rule_test expecting every alert of `expected` (the same alert and time, other labels)."""
+    return {**expected[0], "exp_alerts": [a for e in expected for a in e["exp_alerts"]]}
+
+
+DAY = 86400
+
+
 def operational_tests(slos: SloFile) -> list[dict[str, Any]]:
     lag = slos.alerts.batch_lag_messages
     state = "servegrid_router_backend_state"
+    expiry, envoy_days = (
+        "servegrid_tls_certificate_expiry_timestamp_seconds",
+        "envoy_server_days_until_first_cert_expiring",
+    )
     return [
         {
             "name": "BackendDown: unhealthy on every router for a while; a drained backend is not down",
@@ -639,6 +665,32 @@ def operational_tests(slos: SloFile) -> list[dict[str, Any]]:
                 {"series": 'servegrid_batch_consumer_lag{instance="batch-0"}', "values": f"{lag * 60}-{lag}x59"},
             ],
             "alert_rule_test": [_quiet("BatchLag", "40m")],
+        },
+        {
+            "name": "CertificateExpiring: a service and an Envoy near expiry, then restarted with renewed ones",
+            "interval": "1m",
+            "input_series": [
+                # Unix time of notAfter; promtool's clock starts at 0. 30 days, 10 days, then 90 days.
+                {
+                    "series": f'{expiry}{{certificate="mesh", job="gateway", instance="gateway-0"}}',
+                    "values": f"{30 * DAY}x9 {10 * DAY}x20 {90 * DAY}x20",
+                },
+                {"series": f'{envoy_days}{{job="envoy", instance="envoy-0"}}', "values": "30x9 5x20 60x20"},
+                # An Envoy with no certificate reports 2^32 - 1 days.
+                {"series": f'{envoy_days}{{job="envoy", instance="envoy-1"}}', "values": "4294967295x50"},
+                {
+                    "series": f'{expiry}{{certificate="mesh", job="router", instance="router-0"}}',
+                    "values": f"{400 * DAY}x50",
+                },
+            ],
+            "alert_rule_test": [
+                _quiet("CertificateExpiring", "5m"),
+                _merged(
+                    _operational(slos, "CertificateExpiring", "20m", {"job": "envoy", "instance": "envoy-0"}),
+                    _operational(slos, "CertificateExpiring", "20m", {"job": "gateway", "instance": "gateway-0"}),
+                ),
+                _quiet("CertificateExpiring", "40m"),
+            ],
         },
         {
             "name": "DlqGrowth: three items dead-lettered",

@@ -39,6 +39,15 @@ COMPONENT_UP = Gauge(
     ["component"],
 )
 
+# Set when the port is bound: services load their certificate once, at start, so this is the one they
+# serve and call with until they restart (CertificateExpiring alerts on it). A plaintext process
+# exports no series, rather than a 0 that reads as long expired.
+TLS_CERTIFICATE_EXPIRY = Gauge(
+    "servegrid_tls_certificate_expiry_timestamp_seconds",
+    "When a certificate this process serves and calls with expires (notAfter), as a Unix time.",
+    ["certificate"],
+)
+
 
 def set_state(gauge: Gauge, states: Iterable[str], current: str, *labels: str) -> None:
     """A labelled state gauge: 1 on `current`'s series, 0 on every other state's (one series per state, so

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.runtime.health import HealthReporter
 from services.runtime.interceptors import RequestIdInterceptor, ServiceInterceptor
 from services.runtime.logs import setup_logging
-from services.runtime.metrics import serve_metrics
+from services.runtime.metrics import TLS_CERTIFICATE_EXPIRY, serve_metrics
 from services.runtime.peers import PeerAllowlist
 from services.runtime.reflection import enable_reflection
 from services.runtime.settings import ServiceSettings
@@ -190,6 +190,7 @@ class ServiceApp:
             port = server.add_insecure_port(address)
         else:
             port = server.add_secure_port(address, server_credentials(tls))
+            TLS_CERTIFICATE_EXPIRY.labels("mesh").set(tls.not_after())
         if port == 0:
             raise RuntimeError(f"could not bind {address}")
         return port

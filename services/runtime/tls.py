@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from cryptography import x509
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,11 @@ class CertFiles:
 
     def read(self) -> tuple[bytes, bytes, bytes]:
         return self.cert.read_bytes(), self.key.read_bytes(), self.ca.read_bytes()
+
+    def not_after(self) -> float:
+        """When the certificate stops being valid (its notAfter), as a Unix time."""
+        certificate = x509.load_pem_x509_certificate(self.cert.read_bytes())
+        return certificate.not_valid_after_utc.timestamp()
 
 
 def server_credentials(files: CertFiles) -> grpc.ServerCredentials:

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -32,6 +33,9 @@ CA_NAME = "ca"
 PUBLIC_NAME = "public"
 _CA_DAYS = 3650
 _LEAF_DAYS = 825
+# `generate` reissues what expires sooner than this (the CA too: then every certificate it signed), so a
+# stack restarted now and then never runs into an expiry.
+RENEW_BEFORE = datetime.timedelta(days=30)
 
 
 def files_for(directory: Path, component: str) -> CertFiles:
@@ -41,6 +45,23 @@ def files_for(directory: Path, component: str) -> CertFiles:
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
+
+
+def _expiring(path: Path) -> bool:
+    """Whether the certificate at `path` ends within RENEW_BEFORE."""
+    return x509.load_pem_x509_certificate(path.read_bytes()).not_valid_after_utc - _now() < RENEW_BEFORE
+
+
+def _current(files: CertFiles, ca: x509.Certificate) -> bool:
+    """Whether a component's certificate and key are there, signed by `ca` and not near their end (a CA
+    renewed or replaced since invalidates every certificate the old one signed)."""
+    if not (files.cert.exists() and files.key.exists()) or _expiring(files.cert):
+        return False
+    try:
+        x509.load_pem_x509_certificate(files.cert.read_bytes()).verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
@@ -61,14 +82,14 @@ def _subject_names(names: Iterable[str]) -> list[x509.GeneralName]:
     return out
 
 
-def _load_or_create_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey, bool]:
-    """The CA in `directory` (made when missing), and whether it was just made."""
+def _load_or_create_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The CA in `directory`, made when missing or near its end."""
     cert_path, key_path = directory / f"{CA_NAME}.crt", directory / f"{CA_NAME}.key"
-    if cert_path.exists() and key_path.exists():
+    if cert_path.exists() and key_path.exists() and not _expiring(cert_path):
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise ValueError(f"{key_path} is not an EC private key")
-        return x509.load_pem_x509_certificate(cert_path.read_bytes()), key, False
+        return x509.load_pem_x509_certificate(cert_path.read_bytes()), key
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "servegrid local CA")])
     cert = (
@@ -98,7 +119,7 @@ def _load_or_create_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCu
     )
     _write_key(key_path, key)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return cert, key, True
+    return cert, key
 
 
 def _issue(
@@ -129,15 +150,15 @@ def _issue(
 def generate(
     directory: Path, components: Sequence[str] = COMPONENTS, extra_names: Sequence[str] = LOCAL_NAMES
 ) -> dict[str, CertFiles]:
-    """Make the CA and each component's certificate under `directory`, keeping whatever already exists
-    (so running it again, as every `servegrid up` does, changes nothing); returns each component's files."""
+    """Make the CA and each component's certificate under `directory`, keeping whatever already exists and
+    is not near its end (so running it again, as every `servegrid up` does, changes nothing until a
+    certificate is within RENEW_BEFORE of expiry); returns each component's files."""
     directory.mkdir(parents=True, exist_ok=True)
-    ca, ca_key, new_ca = _load_or_create_ca(directory)
+    ca, ca_key = _load_or_create_ca(directory)
     out: dict[str, CertFiles] = {}
     for component in components:
         files = files_for(directory, component)
-        # A new CA invalidates every certificate the old one signed.
-        if new_ca or not (files.cert.exists() and files.key.exists()):
+        if not _current(files, ca):
             cert, key = _issue(component, extra_names, ca, ca_key)
             _write_key(files.key, key)
             files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -158,10 +179,10 @@ def generate_public(directory: Path, names: Sequence[str] = LOCAL_NAMES) -> Cert
     `names` (addresses clients dial). Kept while the CA and the names stay; reissued when either changes,
     so a new `SERVEGRID_STACK_HOST` is covered on the next `servegrid up`."""
     directory.mkdir(parents=True, exist_ok=True)
-    ca, ca_key, new_ca = _load_or_create_ca(directory)
+    ca, ca_key = _load_or_create_ca(directory)
     files = files_for(directory, PUBLIC_NAME)
     wanted = {str(ipaddress.ip_address(n)) if _is_ip(n) else n for n in names}
-    if new_ca or not (files.cert.exists() and files.key.exists()) or not wanted <= _names_of(files.cert):
+    if not _current(files, ca) or not wanted <= _names_of(files.cert):
         cert, key = _issue(PUBLIC_NAME, list(dict.fromkeys(names)), ca, ca_key, (ExtendedKeyUsageOID.SERVER_AUTH,))
         _write_key(files.key, key)
         files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))

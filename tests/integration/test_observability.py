@@ -247,6 +247,27 @@ def test_a_healthy_stack_fires_no_alert(prometheus: Prometheus, traffic: Traffic
     assert prometheus.query('ALERTS{alertstate="firing"}') == []
 
 
+def test_each_process_reports_when_its_certificate_expires(stack: LocalStack, prometheus: Prometheus) -> None:
+    """What CertificateExpiring reads: each service its own mesh certificate's notAfter, Envoy the days
+    left on the nearest of its certificates (real ones here: 2^32 - 1 would mean none)."""
+    from cryptography import x509
+
+    reported = {
+        s["metric"]["job"]: float(s["value"][1])
+        for s in prometheus.query('servegrid_tls_certificate_expiry_timestamp_seconds{certificate="mesh"}')
+    }
+    certificates = stack.home / "certs"
+    expected = {
+        name: x509.load_pem_x509_certificate(
+            (certificates / f"{name}.crt").read_bytes()
+        ).not_valid_after_utc.timestamp()
+        for name in METRICS_SERVICES
+    }
+    assert reported == expected
+    (envoy,) = prometheus.query("envoy_server_days_until_first_cert_expiring")
+    assert 0 < float(envoy["value"][1]) <= 825  # the local stack's certificates last 825 days
+
+
 def test_the_slis_see_the_traffic_and_the_objectives_reach_each_model(prometheus: Prometheus, traffic: Traffic) -> None:
     def by_model(expr: str) -> dict[str, float]:
         return {s["metric"]["model"]: float(s["value"][1]) for s in prometheus.query(expr)}

@@ -3,6 +3,7 @@ believes, what Envoy's bootstrap says with and without certificates, and what `s
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,35 @@ def test_a_new_ca_reissues_the_certificates_the_old_one_signed(tmp_path: Path) -
     certs.generate(tmp_path)
     assert (tmp_path / "gateway.crt").read_bytes() != old
     _load(tmp_path / "gateway.crt").verify_directly_issued_by(_load(tmp_path / "ca.crt"))
+
+
+def test_certificates_near_their_end_are_reissued_and_the_rest_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    certs.generate(tmp_path)
+    certs.generate_public(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    leaf_end = _load(tmp_path / "gateway.crt").not_valid_after_utc
+    # Three weeks before the leaves' end: they are reissued under the same CA, which has years left.
+    soon = leaf_end - datetime.timedelta(days=21)
+    monkeypatch.setattr(certs, "_now", lambda: soon)
+    certs.generate(tmp_path)
+    certs.generate_public(tmp_path)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert after["ca.crt"] == before["ca.crt"] and after["ca.key"] == before["ca.key"]
+    for name in ("gateway.crt", "gateway.key", "public.crt"):
+        assert after[name] != before[name], name
+    renewed = _load(tmp_path / "gateway.crt")
+    renewed.verify_directly_issued_by(_load(tmp_path / "ca.crt"))
+    assert renewed.not_valid_after_utc - soon > certs.RENEW_BEFORE
+    # Near the CA's own end: a new CA, and every certificate it signs reissued, the public one included.
+    ca_near_end = _load(tmp_path / "ca.crt").not_valid_after_utc - datetime.timedelta(days=1)
+    monkeypatch.setattr(certs, "_now", lambda: ca_near_end)
+    certs.generate(tmp_path)
+    certs.generate_public(tmp_path)
+    assert (tmp_path / "ca.crt").read_bytes() != before["ca.crt"]
+    for name in ("gateway.crt", "public.crt"):
+        _load(tmp_path / name).verify_directly_issued_by(_load(tmp_path / "ca.crt"))
 
 
 def test_the_operator_command_takes_components_and_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
