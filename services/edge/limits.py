@@ -24,8 +24,9 @@ class LimitPolicy:
     """The one place that maps a tenant and a route to the limits that govern them.
 
     Envoy's buckets are (tenant, route), route being the rate-limit name of the route (services/mesh/
-    routes.py: infer, gateway, admin, kserve). A bucket always draws on the tenant's limit (its
-    override, else the default), and also on a route limit when one names "tenant/route" or "route":
+    routes.py: infer, gateway, admin, kserve; and auth-token, which the edge charges itself: quota.py
+    DirectCharge). A bucket always draws on the tenant's limit (its override, else the default), and
+    also on a route limit when one names "tenant/route" or "route":
     hierarchical accounting, so a tenant's routes share its limit while one route can be held lower.
     """
 

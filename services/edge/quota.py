@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -51,6 +52,8 @@ from envoy.service.rate_limit_quota.v3 import rlqs_pb2 as pb
 
 from services.edge.limits import Limit, LimitPolicy, RedisQuotaLedger, Window, WindowClock, lease_floor
 from services.edge.metrics import count_quota, count_reported
+from services.mesh import replies
+from services.runtime.errors import ResourceExhausted
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +228,38 @@ class QuotaService:
 
     def book(self) -> LeaseBook:
         return LeaseBook(self.policy, self.ledger, self.windows, self.tuning)
+
+
+class DirectCharge:
+    """One request charged straight to its tenant's counters, for a route Envoy's quota filter cannot
+    count: the token exchange, whose tenant is known only once the edge has checked the key. It draws
+    on the same counters as Envoy's buckets (the tenant's limit, and `route`'s when one is set), and
+    fails open when Redis does, as the leases do."""
+
+    def __init__(self, service: QuotaService, route: str) -> None:
+        self.service = service
+        self.route = route
+
+    async def __call__(self, tenant: str) -> None:
+        limits = self.service.policy.limits_for(tenant, self.route)
+        if not limits:
+            return
+        window = self.service.windows.current()
+        try:
+            grant = await self.service.ledger.lease(window, limits, refund=0, want=1)
+        except Exception as error:  # Redis down or slow: fail open, and say so
+            log.warning("rate-limit counters unavailable (%r); the %s route fails open", error, self.route)
+            count_quota("fail_open")
+            return
+        if grant.tokens == 0:
+            count_quota("deny")
+            retry_after = max(1, math.ceil(window.seconds_left(self.service.windows.now())))
+            raise ResourceExhausted(
+                f"the tenant's request limit for this window is used up; retry in {retry_after} s",
+                reason=replies.RATE_LIMITED.reason,
+                metadata={"retry_after_s": str(retry_after)},
+            )
+        count_quota("lease")
 
 
 class RateLimitQuotaServicer:

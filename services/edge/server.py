@@ -12,9 +12,10 @@ from services.edge.authz import ApiKeyAuthorizer, AuthorizationServicer
 from services.edge.cache import KeyCache, redis_client
 from services.edge.keys import ApiKeyStore, open_pool
 from services.edge.limits import UNIT_SECONDS, LimitPolicy, RedisQuotaLedger, WindowClock
-from services.edge.quota import QuotaService, QuotaTuning, RateLimitQuotaServicer
+from services.edge.quota import DirectCharge, QuotaService, QuotaTuning, RateLimitQuotaServicer
 from services.edge.settings import EdgeSettings
 from services.edge.tokens import add_token_exchange
+from services.mesh import names
 from services.runtime import ServiceApp
 
 RLQS_SERVICE = rlqs_pb2.DESCRIPTOR.services_by_name["RateLimitQuotaService"].full_name
@@ -65,8 +66,9 @@ def build_app(settings: EdgeSettings) -> ServiceApp:
         passthrough_methods=[f"/{AUTHZ_SERVICE}/Check"],
     )
 
-    # API key → short-lived JWT, which Envoy then verifies itself (services/edge/tokens.py).
-    add_token_exchange(app, settings, store)
+    # API key → short-lived JWT, which Envoy then verifies itself (services/edge/tokens.py); each
+    # exchange counts against the key's tenant like any request (Envoy cannot: no tenant yet).
+    add_token_exchange(app, settings, store, DirectCharge(quota, names.EXCHANGE_ROUTE))
 
     async def open_store() -> None:
         await pool.open(wait=True, timeout=10)

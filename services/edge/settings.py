@@ -48,7 +48,8 @@ class EdgeSettings(ServiceSettings):
     route_limits: dict[str, int] = Field(
         default_factory=dict,
         description='Extra per-route limits, JSON keyed "route" or "tenant/route": {"infer": 50, "acme/infer": 500}. '
-        "Routes: infer, gateway, admin, kserve. A route's requests count against the tenant's limit too.",
+        "Routes: infer, gateway, admin, kserve, auth-token (token exchanges, charged by the edge). A route's requests "
+        "count against the tenant's limit too.",
     )
     quota_lease_fraction: float = Field(
         0.1,

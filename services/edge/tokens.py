@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -161,9 +161,14 @@ class TokenMinter:
 class TokenExchange:
     """The exchange itself, transport-agnostic: a presented key in, a token or a refusal out."""
 
-    def __init__(self, store: ApiKeyStore, minter: TokenMinter | None) -> None:
+    def __init__(
+        self, store: ApiKeyStore, minter: TokenMinter | None, charge: Callable[[str], Awaitable[None]] | None = None
+    ) -> None:
         self.store = store
         self.minter = minter
+        # Counts the exchange against the key's tenant (services/edge/quota.py DirectCharge); raises
+        # RESOURCE_EXHAUSTED when the tenant's limit is used up.
+        self.charge = charge
 
     async def exchange(self, api_key: str) -> AccessToken:
         if self.minter is None:
@@ -183,6 +188,8 @@ class TokenExchange:
         if not record.active:
             count_decision("token", "revoked")
             raise Unauthenticated(f"API key {record.key_id} has been revoked", reason="API_KEY_REVOKED")
+        if self.charge is not None:
+            await self.charge(record.tenant)
         count_decision("token", "ok")
         return self.minter.mint(record.tenant, f"apikey:{record.key_id}", record.roles)
 
@@ -222,10 +229,12 @@ def token_minter(settings: EdgeSettings) -> TokenMinter | None:
     return TokenMinter(key, settings.token_issuer, settings.token_audience, settings.token_ttl_s)
 
 
-def add_token_exchange(app: ServiceApp, settings: EdgeSettings, store: ApiKeyStore) -> None:
+def add_token_exchange(
+    app: ServiceApp, settings: EdgeSettings, store: ApiKeyStore, charge: Callable[[str], Awaitable[None]] | None
+) -> None:
     """Serve AuthService on the edge's server (through the runtime's interceptor: errors keep their
     ErrorInfo). Without a signing key it still answers, UNIMPLEMENTED, so clients fall back cleanly."""
-    servicer = AuthServicer(TokenExchange(store, token_minter(settings)))
+    servicer = AuthServicer(TokenExchange(store, token_minter(settings), charge))
     app.add_servicer(gateway_pb2_grpc.add_AuthServiceServicer_to_server, servicer, names.AUTH_SERVICE)
 
 

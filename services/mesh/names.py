@@ -131,6 +131,9 @@ RBAC_FILTER = "envoy.filters.http.rbac"
 # header through the tag filter's per-route config (a client's copy is removed first).
 RATELIMIT_TAG_FILTER = "servegrid.ratelimit_route"
 RATELIMIT_ROUTE_HEADER = "x-servegrid-ratelimit-route"
+# The token exchange's rate-limit route name. Envoy knows no tenant on that route (the key is checked by
+# the edge itself), so the edge charges each exchange to the key's tenant under this name.
+EXCHANGE_ROUTE = "auth-token"
 BUFFER_FILTER = "envoy.filters.http.buffer"
 TRANSCODER_FILTER = "envoy.filters.http.grpc_json_transcoder"
 # Counts every gRPC call per cluster by its grpc-status (the router's own stats see only HTTP 200 for a

@@ -237,16 +237,22 @@ def token_exchange_routes(rest_timeout_s: float = REST_TIMEOUT_S) -> list[Route]
 
     The listener strips x-api-key before any upstream (public_route_config); route-level headers are
     evaluated before the virtual host's, so the key is copied for the edge into EXCHANGE_KEY_HEADER
-    (scrubbed from clients like the identity headers). The routes carry the usual rate-limit actions."""
+    (scrubbed from clients like the identity headers). The routes carry the usual rate-limit tag, but
+    with no tenant header Envoy's quota filter leaves them alone: the edge charges each exchange to the
+    key's tenant itself (services/edge/quota.py DirectCharge)."""
     routes = [
         _api_route(
-            "auth-token",
+            names.EXCHANGE_ROUTE,
             {"path": f"/{names.AUTH_SERVICE}/CreateAccessToken", "grpc": {}},
             names.EDGE_CLUSTER,
             grpc=True,
         ),
         _api_route(
-            "auth-token", {"path": "/v1/auth:token"}, names.EDGE_CLUSTER, grpc=False, rest_timeout_s=rest_timeout_s
+            names.EXCHANGE_ROUTE,
+            {"path": "/v1/auth:token"},
+            names.EDGE_CLUSTER,
+            grpc=False,
+            rest_timeout_s=rest_timeout_s,
         ),
     ]
     for route in routes:  # fresh dicts per route (see _streaming)

@@ -28,13 +28,18 @@ pytestmark = pytest.mark.integration
 
 SUFFIX = secrets.token_hex(3)
 TENANT = f"tok-{SUFFIX}"
+# Its exchanges are limited to one a window (the edge's default unit: a minute).
+SPARING = f"sparing-{SUFFIX}"
 # No KServe call here: the router's backends need not exist.
 NO_TRITON = "127.0.0.1:1"
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, datastores: SessionDatastores) -> Iterator[EdgeStack]:
-    with edge_stack(tmp_path_factory.mktemp("edge-tokens"), datastores, NO_TRITON, {}) as running:
+    settings = {"SERVEGRID_EDGE_ROUTE_LIMITS": json.dumps({f"{SPARING}/{names.EXCHANGE_ROUTE}": 1})}
+    with edge_stack(
+        tmp_path_factory.mktemp("edge-tokens"), datastores, NO_TRITON, {}, edge_settings=settings
+    ) as running:
         yield running
 
 
@@ -185,6 +190,37 @@ def test_the_exchange_over_grpc(stack: EdgeStack) -> None:
     # An exchanged token carries the key's roles: the admin API opens for an admin key's token.
     admin = http("GET", f"{stack.envoy.url}/v1/admin/models", headers=bearer(reply.access_token))
     assert admin.status == 200, admin.body
+
+
+def test_exchanges_count_against_the_tenants_limits_and_a_refusal_says_when_to_retry(stack: EdgeStack) -> None:
+    _, api_key = stack.create_key(SPARING, "user")
+    replies = [exchange(stack.envoy, api_key) for _ in range(4)]
+    assert replies[0].status == 200, replies[0].body
+    # One exchange a minute: a window's end can fall between two of these calls at most once.
+    refused = next((reply for reply in replies[1:] if reply.status != 200), None)
+    assert refused is not None, [reply.status for reply in replies]
+    assert refused.status == 429 and reason(refused) == "RATE_LIMITED", refused.body
+    wait = int(refused.json()["details"][0]["metadata"]["retry_after_s"])
+    assert 1 <= wait <= 60 and f"retry in {wait} s" in refused.json()["message"]
+    # The same over gRPC: RESOURCE_EXHAUSTED with the ErrorInfo, relayed by Envoy unchanged.
+    with grpc.insecure_channel(stack.envoy.address) as channel:
+        stub = gateway_pb2_grpc.AuthServiceStub(channel)
+        errors = []
+        for _ in range(3):
+            try:
+                stub.CreateAccessToken(
+                    gateway_pb2.CreateAccessTokenRequest(), metadata=[("x-api-key", api_key)], timeout=10
+                )
+            except grpc.RpcError as caught:
+                errors.append(caught)
+                break
+    (refusal,) = errors
+    assert refusal.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refusal
+    _, info = status_details(refusal.trailing_metadata())
+    assert info is not None and info.reason == "RATE_LIMITED" and "retry_after_s" in info.metadata
+    # Another tenant's exchanges are not touched.
+    _, other = stack.create_key(f"other-{SUFFIX}", "user")
+    assert all(exchange(stack.envoy, other).status == 200 for _ in range(3))
 
 
 def test_a_revoked_key_stops_exchanging_at_once_and_its_token_lives_out_its_lifetime(stack: EdgeStack) -> None:

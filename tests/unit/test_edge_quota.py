@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from services.edge.limits import Grant, Limit, LimitPolicy, Window, WindowClock
-from services.edge.quota import Assignment, LeaseBook, QuotaTuning, Usage, response
+from services.edge.quota import Assignment, DirectCharge, LeaseBook, QuotaService, QuotaTuning, Usage, response
+from services.runtime.errors import ResourceExhausted
 
 BUCKET = (("route", "infer"), ("tenant", "acme"))
 
@@ -239,3 +240,40 @@ async def test_one_envoy_alone_gets_exactly_its_limit() -> None:
         if tick % 25 == 24:
             await envoy.report()
     assert envoy.total_allowed in (19, 20, 21)
+
+
+# --- the token exchange, charged by the edge itself -------------------------------------------------
+
+
+def _charge(limit: int, routes: dict[str, int], clock: Clock) -> tuple[DirectCharge, FakeLedger]:
+    ledger = FakeLedger()
+    service = QuotaService("servegrid", LimitPolicy(limit, {}, routes), ledger, WindowClock(3600, clock))  # type: ignore[arg-type]
+    return DirectCharge(service, "auth-token"), ledger
+
+
+async def test_an_exchange_spends_its_tenants_limit_and_is_refused_with_the_wait_when_none_is_left() -> None:
+    clock = Clock(3600.0 * 5 + 3000)  # 600 s before the window ends
+    charge, ledger = _charge(100, {"acme/auth-token": 2}, clock)
+    await charge("acme")
+    await charge("acme")
+    with pytest.raises(ResourceExhausted) as refused:
+        await charge("acme")
+    assert refused.value.reason == "RATE_LIMITED"
+    assert refused.value.metadata == {"retry_after_s": "600"}
+    assert "retry in 600 s" in refused.value.message
+    # The same counters as Envoy's buckets: the tenant's limit was drawn on twice.
+    assert ledger.counts[("t=acme", 5)] == 2
+    await charge("globex")  # another tenant has its own
+    clock.now += 600  # the next window
+    await charge("acme")
+
+
+async def test_an_exchange_fails_open_while_redis_is_down() -> None:
+    charge, ledger = _charge(1, {}, Clock(3600.0))
+    ledger.down = True
+    for _ in range(3):
+        await charge("acme")
+    ledger.down = False
+    await charge("acme")
+    with pytest.raises(ResourceExhausted):
+        await charge("acme")
