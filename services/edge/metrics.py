@@ -10,7 +10,7 @@ from prometheus_client import Counter
 DECISIONS = Counter(
     "servegrid_edge_decisions_total",
     "Edge decisions by kind (authz: an API-key check; token: an API key exchanged) and outcome "
-    "(ok, missing, invalid, revoked, error).",
+    "(ok, missing, invalid, revoked, error; limited: an exchange past the tenant's rate limit).",
     ["kind", "outcome"],
 )
 QUOTA_ASSIGNMENTS = Counter(
@@ -26,7 +26,10 @@ QUOTA_REQUESTS = Counter(
 )
 
 # Every (kind, outcome) the edge can decide, exported at 0 from the start.
-OUTCOMES = {"authz": ("ok", "missing", "invalid", "revoked", "error"), "token": ("ok", "invalid", "revoked")}
+OUTCOMES = {
+    "authz": ("ok", "missing", "invalid", "revoked", "error"),
+    "token": ("ok", "invalid", "revoked", "limited"),
+}
 _DECISIONS = {
     (kind, outcome): DECISIONS.labels(kind, outcome) for kind, outcomes in OUTCOMES.items() for outcome in outcomes
 }

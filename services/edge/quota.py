@@ -51,7 +51,7 @@ import grpc
 from envoy.service.rate_limit_quota.v3 import rlqs_pb2 as pb
 
 from services.edge.limits import Limit, LimitPolicy, RedisQuotaLedger, Window, WindowClock, lease_floor
-from services.edge.metrics import count_quota, count_reported
+from services.edge.metrics import count_decision, count_quota, count_reported
 from services.mesh import replies
 from services.runtime.errors import ResourceExhausted
 
@@ -234,7 +234,8 @@ class DirectCharge:
     """One request charged straight to its tenant's counters, for a route Envoy's quota filter cannot
     count: the token exchange, whose tenant is known only once the edge has checked the key. It draws
     on the same counters as Envoy's buckets (the tenant's limit, and `route`'s when one is set), and
-    fails open when Redis does, as the leases do."""
+    fails open when Redis does, as the leases do. A refusal counts as the exchange's decision
+    (`servegrid_edge_decisions_total{kind="token", outcome="limited"}`), not as a bucket assignment."""
 
     def __init__(self, service: QuotaService, route: str) -> None:
         self.service = service
@@ -249,17 +250,15 @@ class DirectCharge:
             grant = await self.service.ledger.lease(window, limits, refund=0, want=1)
         except Exception as error:  # Redis down or slow: fail open, and say so
             log.warning("rate-limit counters unavailable (%r); the %s route fails open", error, self.route)
-            count_quota("fail_open")
             return
         if grant.tokens == 0:
-            count_quota("deny")
+            count_decision("token", "limited")
             retry_after = max(1, math.ceil(window.seconds_left(self.service.windows.now())))
             raise ResourceExhausted(
                 f"the tenant's request limit for this window is used up; retry in {retry_after} s",
                 reason=replies.RATE_LIMITED.reason,
                 metadata={"retry_after_s": str(retry_after)},
             )
-        count_quota("lease")
 
 
 class RateLimitQuotaServicer:

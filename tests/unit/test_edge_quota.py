@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pytest
+from prometheus_client import REGISTRY
 
 from services.edge.limits import Grant, Limit, LimitPolicy, Window, WindowClock
 from services.edge.quota import Assignment, DirectCharge, LeaseBook, QuotaService, QuotaTuning, Usage, response
@@ -256,8 +257,11 @@ async def test_an_exchange_spends_its_tenants_limit_and_is_refused_with_the_wait
     charge, ledger = _charge(100, {"acme/auth-token": 2}, clock)
     await charge("acme")
     await charge("acme")
+    limited = {"kind": "token", "outcome": "limited"}
+    before = REGISTRY.get_sample_value("servegrid_edge_decisions_total", limited)
     with pytest.raises(ResourceExhausted) as refused:
         await charge("acme")
+    assert REGISTRY.get_sample_value("servegrid_edge_decisions_total", limited) == (before or 0) + 1
     assert refused.value.reason == "RATE_LIMITED"
     assert refused.value.metadata == {"retry_after_s": "600"}
     assert "retry in 600 s" in refused.value.message
