@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import socket
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ from servegrid.registry.v1 import registry_pb2_grpc as pb_grpc
 from services.registry.server import build_app
 from services.registry.settings import RegistrySettings
 from services.runtime.server import ServiceApp
+from services.stack.ports import free_port
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
@@ -53,12 +53,6 @@ async def timed(call: Callable[[], Awaitable[object]], n: int) -> list[float]:
     return samples
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def run(requests: int, writes: int) -> int:
     run_id = uuid.uuid4().hex[:10]
     base = RegistrySettings(
@@ -74,7 +68,7 @@ async def run(requests: int, writes: int) -> int:
         for settings in (
             base,
             base,
-            base.model_copy(update={"redis_url": f"redis://127.0.0.1:{_closed_port()}/0", "cache_retry_after_s": 3600}),
+            base.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0", "cache_retry_after_s": 3600}),
         ):
             app = build_app(settings)
             await app.start()
