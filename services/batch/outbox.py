@@ -45,7 +45,7 @@ def context_headers(trace_context: Mapping[str, str], request_id: str) -> Header
     return headers
 
 
-def chunk_context(headers: Sequence[tuple[str, bytes]] | None) -> tuple[dict[str, str], str]:
+def context_from_headers(headers: Sequence[tuple[str, bytes]] | None) -> tuple[dict[str, str], str]:
     """(trace context, request id) from a message's headers (context_headers'); empty for one without."""
     trace_context: dict[str, str] = {}
     request_id = ""

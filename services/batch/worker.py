@@ -31,7 +31,7 @@ from services.batch.metrics import (
     JOB_DURATION,
     PACK_SIZE,
 )
-from services.batch.outbox import chunk_context
+from services.batch.outbox import context_from_headers
 from services.batch.settings import BatchSettings
 from services.batch.store import BatchStore, Outcomes, PendingItem
 from services.batch.tensors import ModelShape, Pack, make_packs, unpack_response
@@ -182,7 +182,7 @@ class WorkerPool:
             except (ValueError, KeyError, TypeError):
                 log.error("dropping undecodable message", extra={"offset": message.offset})
                 continue
-            origins.setdefault(job_id, chunk_context(message.headers))
+            origins.setdefault(job_id, context_from_headers(message.headers))
             for index in indices:
                 keys[(job_id, index)] = None
         if not keys:

@@ -47,21 +47,22 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def _expiring(path: Path) -> bool:
-    """Whether the certificate at `path` ends within RENEW_BEFORE."""
-    return x509.load_pem_x509_certificate(path.read_bytes()).not_valid_after_utc - _now() < RENEW_BEFORE
+def _expiring(cert: x509.Certificate) -> bool:
+    """Whether `cert` ends within RENEW_BEFORE."""
+    return cert.not_valid_after_utc - _now() < RENEW_BEFORE
 
 
 def _current(files: CertFiles, ca: x509.Certificate) -> bool:
     """Whether a component's certificate and key are there, signed by `ca` and not near their end (a CA
     renewed or replaced since invalidates every certificate the old one signed)."""
-    if not (files.cert.exists() and files.key.exists()) or _expiring(files.cert):
+    if not (files.cert.exists() and files.key.exists()):
         return False
+    cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
     try:
-        x509.load_pem_x509_certificate(files.cert.read_bytes()).verify_directly_issued_by(ca)
+        cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
         return False
-    return True
+    return not _expiring(cert)
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
@@ -85,11 +86,13 @@ def _subject_names(names: Iterable[str]) -> list[x509.GeneralName]:
 def _load_or_create_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """The CA in `directory`, made when missing or near its end."""
     cert_path, key_path = directory / f"{CA_NAME}.crt", directory / f"{CA_NAME}.key"
-    if cert_path.exists() and key_path.exists() and not _expiring(cert_path):
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise ValueError(f"{key_path} is not an EC private key")
-        return x509.load_pem_x509_certificate(cert_path.read_bytes()), key
+    if cert_path.exists() and key_path.exists():
+        existing = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        if not _expiring(existing):
+            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise ValueError(f"{key_path} is not an EC private key")
+            return existing, key
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "servegrid local CA")])
     cert = (

@@ -28,6 +28,7 @@ import tritonclient.http as httpclient
 import yaml
 
 from tests.support.local_stack import METRICS_SERVICES, LocalStack, local_stack
+from tests.support.polling import wait_for
 from tests.support.processes import REPO
 from tests.support.prometheus import (
     MISSING,
@@ -38,7 +39,6 @@ from tests.support.prometheus import (
     metric_names,
     run_prometheus,
     scrape_config,
-    wait_until,
 )
 
 pytestmark = [
@@ -100,8 +100,11 @@ def prometheus(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory) -> I
         **{name: ("/metrics", [stack.metrics_address(name)]) for name in METRICS_SERVICES},
     }
     with run_prometheus(tmp_path_factory.mktemp("prometheus"), scrape_config(jobs, [RULES])) as server:
-        wait_until(
-            lambda: len(server.query("up == 1")) == len(jobs), 60, f"Prometheus to scrape all {len(jobs)} targets"
+        wait_for(
+            lambda: len(server.query("up == 1")) == len(jobs),
+            60,
+            poll_s=0.5,
+            detail=f"for Prometheus to scrape all {len(jobs)} targets",
         )
         yield server
 
@@ -165,12 +168,13 @@ def traffic(stack: LocalStack, prometheus: Prometheus, tmp_path_factory: pytest.
         version = stack.cli("models", "add-version", "digits", "--triton-model", "digits").strip()
         stack.cli("models", "promote", "digits", version, "--stage", "staging", "--load")
     stack.cli("models", "traffic", "digits", "--split", "1=50", "--split", "2=50", "--shadow", "3=1.0")
-    wait_until(
+    wait_for(
         lambda: bool(
             prometheus.query('envoy_cluster_membership_healthy{envoy_cluster_name="kserve|digits|v2|grpc"} > 0')
         ),
         60,
-        "the canary's cluster in Envoy",
+        poll_s=0.5,
+        detail="for the canary's cluster in Envoy",
     )
     for _ in range(40):
         sent.round()
@@ -204,7 +208,7 @@ def traffic(stack: LocalStack, prometheus: Prometheus, tmp_path_factory: pytest.
         "the objectives": "count(model:servegrid_slo_latency_threshold:seconds) >= 3",
     }
     for what, expr in checks.items():
-        wait_until(functools.partial(_has_data, prometheus, expr), 90, what)
+        wait_for(functools.partial(_has_data, prometheus, expr), 90, poll_s=0.5, detail=f"for {what}")
     return sent
 
 

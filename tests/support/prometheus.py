@@ -8,11 +8,10 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import yaml
 
 from services.stack.ports import free_port
+from tests.support.polling import wait_started
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
@@ -101,20 +101,13 @@ def run_prometheus(workdir: Path, config: str, timeout_s: float = 60) -> Iterato
             stderr=subprocess.STDOUT,
         )
     server = Prometheus(f"http://127.0.0.1:{port}", process, log_path)
+
+    def ready() -> bool:
+        with urllib.request.urlopen(f"{server.url}/-/ready", timeout=1) as reply:
+            return bool(reply.status == 200)
+
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"prometheus exited with {process.returncode}:\n{server.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{server.url}/-/ready", timeout=1) as reply:
-                    if reply.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"prometheus not ready in {timeout_s}s:\n{server.log_tail()}")
-            time.sleep(0.1)
+        wait_started(process, ready, name="prometheus", timeout_s=timeout_s, log_tail=server.log_tail)
         yield server
     finally:
         if process.poll() is None:
@@ -124,15 +117,6 @@ def run_prometheus(workdir: Path, config: str, timeout_s: float = 60) -> Iterato
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(5)
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.5) -> None:
-    """Poll `condition` until it holds; fail naming `what` after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(interval_s)
 
 
 _KEYWORDS = frozenset(

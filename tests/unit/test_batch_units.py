@@ -11,7 +11,7 @@ from servegrid.common.v1 import tensor_pb2
 from tritonclient.grpc import service_pb2
 
 from services.batch.intake import new_job, storable_items
-from services.batch.outbox import chunk_context, context_headers, encode_chunk
+from services.batch.outbox import context_from_headers, context_headers, encode_chunk
 from services.batch.progress import RateWindow, eta_seconds
 from services.batch.store import DueChunk, Job, retry_plan
 from services.batch.tensors import ModelShape, item_request, make_packs, response_tensors, unpack_response
@@ -134,8 +134,8 @@ def test_work_messages_carry_the_submits_trace_context_and_request_id_in_headers
     traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     headers = context_headers({"traceparent": traceparent, "baggage": "x=1"}, "rid-1")
     assert headers == [("traceparent", traceparent.encode()), ("x-request-id", b"rid-1")]  # W3C trace context only
-    assert chunk_context(headers) == ({"traceparent": traceparent}, "rid-1")
-    assert chunk_context(None) == ({}, "")  # a message published before the headers existed
+    assert context_from_headers(headers) == ({"traceparent": traceparent}, "rid-1")
+    assert context_from_headers(None) == ({}, "")  # a message published before the headers existed
 
 
 def test_rate_window_and_eta() -> None:
